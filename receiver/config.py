@@ -1,0 +1,229 @@
+"""The settings object: built from the environment once, validated once, then passed in.
+
+Nothing else in the package reads ``os.environ``. A bad value raises :class:`ConfigError` naming the
+variable and the fix; the CLI and the gunicorn entry point turn that into one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from .errors import ConfigError, UnsupportedDatabase
+
+DEFAULT_API_URL = "https://api.batchrouter.com"
+DEFAULT_STORAGE_URL = "./receiver-data/storage"
+DEFAULT_DATABASE_URL = "sqlite:///./receiver-data/receiver.db"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every knob of the receiver. Defaults are the embedded ones: SQLite and a local folder."""
+
+    api_key: str | None = None
+    api_url: str = DEFAULT_API_URL
+    storage_url: str = DEFAULT_STORAGE_URL
+    database_url: str = DEFAULT_DATABASE_URL
+    public_url: str | None = None
+    webhook_secrets: tuple[str, ...] = ()
+    artifact_hosts: tuple[str, ...] = ()
+    worker_concurrency: int = 4
+    port: int = 8000
+    #: Largest delivery body accepted, in bytes (413 above it).
+    max_body_bytes: int = 1024 * 1024
+    #: Seconds a claimed job stays ours without a heartbeat; a crashed worker's job returns after it.
+    lease_seconds: float = 30.0
+    #: Attempts before a job is `dead`.
+    max_attempts: int = 8
+    #: First retry delay and the cap of the exponential backoff, in seconds.
+    retry_base_seconds: float = 1.0
+    retry_cap_seconds: float = 60.0
+    #: How long a rotated-out webhook secret stays accepted (longer than BatchRouter's 24 h retries).
+    secret_grace_seconds: float = 48 * 3600.0
+    #: How long delivery records are kept for deduplication (BatchRouter retries for 24 h).
+    delivery_retention_days: int = 14
+    #: Artifact read timeout: a stalled host frees the download slot after this many seconds.
+    read_timeout_seconds: float = 60.0
+    connect_timeout_seconds: float = 10.0
+    #: Proxies in front of gunicorn whose X-Forwarded-* headers we trust (0: trust none).
+    trusted_proxies: int = 0
+    s3_sse: str | None = None
+    s3_kms_key_id: str | None = None
+    #: Ask S3 to verify a SHA-256 checksum of each part; some S3-compatible stores reject it.
+    s3_checksum: bool = True
+    #: Memory budget of one S3 streaming upload (parts buffered in flight), in bytes.
+    s3_buffer_bytes: int = 64 * 1024 * 1024
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, dotenv_path: str | os.PathLike[str] | None = ".env"
+    ) -> Settings:
+        """Read the environment (and a ``.env`` file, which the environment overrides)."""
+        env: dict[str, str] = {}
+        if dotenv_path is not None and Path(dotenv_path).is_file():
+            from dotenv import dotenv_values
+
+            env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+        env.update(os.environ if environ is None else environ)
+        return cls.from_mapping(env)
+
+    @classmethod
+    def from_mapping(cls, env: Mapping[str, str]) -> Settings:
+        def get(name: str) -> str | None:
+            value = env.get(name)
+            if value is None:
+                return None
+            value = value.strip()
+            return value or None
+
+        api_url = _validate_api_url(get("BATCHROUTER_API_URL") or DEFAULT_API_URL)
+        api_key = get("BATCHROUTER_API_KEY")
+        if api_key is not None and (not api_key.isprintable() or " " in api_key):
+            raise ConfigError("BATCHROUTER_API_KEY", "contains spaces or control characters; paste the key exactly")
+        storage_url = _validate_storage_url(get("RECEIVER_STORAGE_URL") or DEFAULT_STORAGE_URL)
+        database_url = _validate_database_url(get("DATABASE_URL") or DEFAULT_DATABASE_URL)
+        public_url = get("RECEIVER_PUBLIC_URL")
+        if public_url is not None and urlsplit(public_url).scheme not in ("http", "https"):
+            raise ConfigError("RECEIVER_PUBLIC_URL", "must be an https:// URL, e.g. https://hooks.example.com/hooks/batchrouter")
+        secrets = tuple(_split_list(env.get("RECEIVER_WEBHOOK_SECRET")))
+        for secret in secrets:
+            if not 8 <= len(secret) <= 256:
+                raise ConfigError("RECEIVER_WEBHOOK_SECRET", "each secret must be 8 to 256 characters (comma-separated list)")
+        hosts = tuple(_validate_host(h) for h in _split_list(env.get("RECEIVER_ARTIFACT_HOSTS")))
+        sse = get("RECEIVER_S3_SSE")
+        if sse is not None and sse not in ("AES256", "aws:kms"):
+            raise ConfigError("RECEIVER_S3_SSE", "must be AES256 or aws:kms")
+        kms_key = get("RECEIVER_S3_KMS_KEY_ID")
+        if kms_key is not None and sse != "aws:kms":
+            raise ConfigError("RECEIVER_S3_KMS_KEY_ID", "needs RECEIVER_S3_SSE=aws:kms")
+        return cls(
+            api_key=api_key,
+            api_url=api_url,
+            storage_url=storage_url,
+            database_url=database_url,
+            public_url=public_url,
+            webhook_secrets=secrets,
+            artifact_hosts=hosts,
+            worker_concurrency=_int(env, "RECEIVER_WORKER_CONCURRENCY", 4, 1, 256),
+            port=_int(env, "PORT", 8000, 1, 65535),
+            max_body_bytes=_int(env, "RECEIVER_MAX_BODY_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024),
+            lease_seconds=float(_int(env, "RECEIVER_LEASE_SECONDS", 30, 2, 3600)),
+            max_attempts=_int(env, "RECEIVER_MAX_ATTEMPTS", 8, 1, 1000),
+            retry_base_seconds=_float(env, "RECEIVER_RETRY_BASE_SECONDS", 1.0, 0.01, 3600),
+            retry_cap_seconds=_float(env, "RECEIVER_RETRY_CAP_SECONDS", 60.0, 0.01, 86400),
+            secret_grace_seconds=_float(env, "RECEIVER_SECRET_GRACE_HOURS", 48.0, 0.0, 24 * 365) * 3600,
+            delivery_retention_days=_int(env, "RECEIVER_DELIVERY_RETENTION_DAYS", 14, 7, 3650),
+            read_timeout_seconds=_float(env, "RECEIVER_READ_TIMEOUT_SECONDS", 60.0, 0.1, 3600),
+            connect_timeout_seconds=_float(env, "RECEIVER_CONNECT_TIMEOUT_SECONDS", 10.0, 0.1, 600),
+            trusted_proxies=_int(env, "RECEIVER_TRUSTED_PROXIES", 0, 0, 10),
+            s3_sse=sse,
+            s3_kms_key_id=kms_key,
+            s3_checksum=_bool(env, "RECEIVER_S3_CHECKSUM", True),
+            s3_buffer_bytes=_int(env, "RECEIVER_S3_BUFFER_MB", 64, 16, 4096) * 1024 * 1024,
+        )
+
+    def require_api_key(self) -> str:
+        """The API key, or a configuration error for the commands that need one."""
+        if not self.api_key:
+            raise ConfigError("BATCHROUTER_API_KEY", "is not set; create a key in the BatchRouter console and export it")
+        return self.api_key
+
+
+def _split_list(value: str | None) -> list[str]:
+    if not value:
+        return []
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be a whole number from {low} to {high}, not {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(name, f"must be a whole number from {low} to {high}, not {raw!r}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, f"must be a number from {low:g} to {high:g}, not {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(name, f"must be a number from {low:g} to {high:g}, not {raw!r}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f"must be true or false, not {raw!r}")
+
+
+def _validate_api_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("BATCHROUTER_API_URL", f"must be an https:// URL such as {DEFAULT_API_URL}")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ConfigError("BATCHROUTER_API_URL", "plain http is allowed only on loopback (the emulator); use https://")
+    return url.rstrip("/")
+
+
+def _validate_storage_url(url: str) -> str:
+    scheme = urlsplit(url).scheme
+    if scheme in ("", "file"):
+        return url
+    if scheme == "s3":
+        parts = urlsplit(url)
+        if not parts.netloc:
+            raise ConfigError("RECEIVER_STORAGE_URL", "an s3:// URL needs a bucket: s3://bucket/prefix")
+        return url
+    if len(scheme) == 1 and os.name == "nt":  # a drive letter
+        return url
+    raise ConfigError("RECEIVER_STORAGE_URL", f"scheme {scheme!r} is not supported; use a local path, file:// or s3://bucket/prefix")
+
+
+def _validate_database_url(url: str) -> str:
+    scheme = urlsplit(url).scheme.split("+")[0]
+    if scheme == "sqlite":
+        if not url.startswith("sqlite:///"):
+            raise ConfigError("DATABASE_URL", "a SQLite URL is sqlite:///relative/path.db or sqlite:////abs/path.db")
+        return url
+    if scheme in ("postgresql", "postgres"):
+        return url
+    raise UnsupportedDatabase("DATABASE_URL", f"{scheme or url!r} is not supported; use sqlite:///path.db or postgresql://…")
+
+
+def _validate_host(host: str) -> str:
+    if "/" in host or "@" in host or " " in host:
+        raise ConfigError("RECEIVER_ARTIFACT_HOSTS", f"{host!r} is not a host name or IP literal (no scheme, path or port)")
+    return host.strip("[]").lower()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,113 @@
+"""Where things live in storage, and the manifest that commits a batch.
+
+This is the layout downstream jobs read (contract.md, "Storage layout"); changing a key here breaks
+them. Hive-style `dt=`/`batch_id=` folders let DuckDB, Spark and Athena read the results in place.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Any
+
+from . import __version__
+from .errors import UnsafeBatchId
+
+#: A batch id is one path segment: letters, digits, `_`, `-`, `.` (not `.`/`..`), at most 200.
+_BATCH_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")
+
+RESULTS = "results"
+ERRORS = "errors"
+MANIFESTS = "manifests"
+
+
+def validate_batch_id(batch_id: object) -> str:
+    """Return `batch_id` if it is safe as a single storage path segment, else raise."""
+    if not isinstance(batch_id, str) or not _BATCH_ID.fullmatch(batch_id) or ".." in batch_id:
+        raise UnsafeBatchId(
+            "batch id must be 1-200 characters of letters, digits, '_', '-' and '.', with no '..'",
+            {"batch_id": ["not a safe batch id"]},
+        )
+    return batch_id
+
+
+def partition_date(stored_at: dt.datetime) -> str:
+    return stored_at.astimezone(dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def results_key(batch_id: str, day: str, suffix: str = ".jsonl") -> str:
+    """`results/dt=…/batch_id=…/results.jsonl` (or `.jsonl.gz` for a compressed artifact)."""
+    return f"{RESULTS}/dt={day}/batch_id={validate_batch_id(batch_id)}/results{suffix}"
+
+
+def errors_key(batch_id: str, day: str, suffix: str = ".jsonl") -> str:
+    return f"{ERRORS}/dt={day}/batch_id={validate_batch_id(batch_id)}/errors{suffix}"
+
+
+def manifest_key(batch_id: str) -> str:
+    return f"{MANIFESTS}/{validate_batch_id(batch_id)}.json"
+
+
+def part_key(final_key: str, job_token: str) -> str:
+    """The name a file has while it is written: hidden, and never ending in `.jsonl`/`.jsonl.gz`."""
+    folder, _, name = final_key.rpartition("/")
+    return f"{folder}/.{name}.{job_token}.part"
+
+
+def is_part_key(key: str) -> bool:
+    return key.rpartition("/")[2].startswith(".") and key.endswith(".part")
+
+
+def suffix_for(url_path: str, content_type: str | None, content_encoding: str | None = None) -> str:
+    """`.jsonl.gz` when the artifact is gzip (by its name or its Content-Type), else `.jsonl`.
+
+    A `Content-Encoding: gzip` artifact is decoded in transit by no one (we read raw bytes), so its
+    stored bytes are gzip too and keep the suffix that says so.
+    """
+    path = url_path.lower()
+    ctype = (content_type or "").lower()
+    if path.endswith(".gz") or "gzip" in ctype or (content_encoding or "").lower() == "gzip":
+        return ".jsonl.gz"
+    return ".jsonl"
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def rfc3339(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def build_manifest(
+    *,
+    batch_id: str,
+    status: str,
+    files: list[dict[str, Any]],
+    stored_at: dt.datetime,
+    event_ids: list[str],
+    source: str,
+    expected_items: int | None,
+    batch: dict[str, Any],
+) -> dict[str, Any]:
+    """The commit marker: written last, after every file it lists is whole at its final key.
+
+    `counts_match` compares the lines of the results file with the batch's item count; it is None
+    when BatchRouter gave no count or there is no results file.
+    """
+    results = [f for f in files if f["key"].startswith(RESULTS + "/")]
+    counts_match: bool | None = None
+    if expected_items is not None and results:
+        counts_match = results[0]["lines"] == expected_items
+    return {
+        "batch_id": batch_id,
+        "status": status,
+        "files": files,
+        "stored_at": rfc3339(stored_at),
+        "event_ids": sorted(set(event_ids)),
+        "source": source,
+        "expected_items": expected_items,
+        "counts_match": counts_match,
+        "batch": batch,
+        "receiver_version": __version__,
+    }
