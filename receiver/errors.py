@@ -159,6 +159,12 @@ class ArtifactMissing(TransferError):
     """The artifact host answered 404 for a URL the API just gave us."""
 
 
+class CorruptArtifact(TransferError):
+    """A gzip artifact whose bytes do not decompress (or end mid-stream): asking again will not help."""
+
+    transient = False
+
+
 # --- storage --------------------------------------------------------------------------------------
 
 
@@ -184,6 +190,10 @@ class AlreadyPublished(StorageError):
     """A manifest for this batch exists already: another worker or replica stored it first."""
 
 
+class ObjectTooLarge(StorageError):
+    """An object beyond what the store accepts (S3: 5 TiB, or more than 10,000 parts): never retried."""
+
+
 # --- worker ---------------------------------------------------------------------------------------
 
 
@@ -193,5 +203,9 @@ class BatchNotTerminal(ReceiverError):
     transient = True
 
 
-class LeaseLost(ReceiverError):
+class JobCancelled(ReceiverError):
+    """The worker is shutting down (SIGTERM): the job is given back, not failed."""
+
+
+class LeaseLost(JobCancelled):
     """Another worker took the job over because our lease ran out; stop without publishing."""

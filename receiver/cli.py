@@ -1,0 +1,332 @@
+"""The `receiver` command: Click commands over the same functions the service runs.
+
+Exit codes: 0 success, 1 the operation failed (the message says why), 2 usage or configuration.
+Settings are read before anything is logged, so a bad setting prints exactly one line.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__, layout
+from .config import Settings
+from .errors import ConfigError, ObjectNotFound, ReceiverError
+
+log = logging.getLogger(__name__)
+
+
+class ConfigurationError(click.ClickException):
+    """A bad setting: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"receiver: configuration error: {self.format_message()}", err=True)
+
+
+class Failure(click.ClickException):
+    """The operation failed (exit code 1)."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"receiver: {self.format_message()}", err=True)
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
+def _open_ledger(settings: Settings):
+    from .ledger import Ledger
+
+    ledger = Ledger(settings.database_url)
+    try:
+        ledger.create_schema()
+    except ReceiverError as exc:
+        raise Failure(str(exc)) from None
+    return ledger
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="receiver")
+def main() -> None:
+    """BatchRouter's delivery webhook: verify, record, fetch and store each batch exactly once."""
+
+
+# --- running ----------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--emulator", "with_emulator", is_flag=True, help="Also run a local BatchRouter emulator and point the receiver at it (no account needed).")
+@click.option("--emulator-port", default=8081, show_default=True, help="Port of the emulator started by --emulator.")
+def serve(with_emulator: bool, emulator_port: int) -> None:
+    """Run the web server (gunicorn) and the worker together, on the embedded defaults.
+
+    SQLite and a local folder unless DATABASE_URL / RECEIVER_STORAGE_URL say otherwise. Stops both on
+    SIGTERM or Ctrl-C, letting the worker give back its jobs.
+    """
+    settings = load_settings()
+    from .logs import configure_logging
+
+    configure_logging()
+    env = dict(os.environ)
+    children: list[subprocess.Popen[bytes]] = []
+    if with_emulator:
+        from .supervise import start_emulator_for_serve
+
+        env, emulator = start_emulator_for_serve(settings, env, emulator_port)
+        children.append(emulator)
+        settings = Settings.from_env(env)
+    _open_ledger(settings).close()  # create the schema once, before several processes race for it
+    web = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", "python:receiver.gunicorn_conf", "receiver.app:create_app()"], env=env
+    )
+    worker = subprocess.Popen([sys.executable, "-m", "receiver", "worker"], env=env)
+    children += [web, worker]
+    if with_emulator:
+        from .supervise import register_with_emulator
+
+        register_with_emulator(settings, f"http://127.0.0.1:{settings.port}/hooks/batchrouter")
+        click.echo(
+            f"receiver: serving on http://127.0.0.1:{settings.port} with the emulator on {settings.api_url}\n"
+            f"  complete a batch:  curl -s -XPOST {settings.api_url}/_emulator/batches -H 'content-type: application/json'"
+            " -d '{\"items\": 1000, \"status\": \"completed\", \"deliver\": true}'\n"
+            f"  results land in:   {settings.storage_url}/results/  (see `receiver ls`)",
+            err=True,
+        )
+    from .supervise import supervise
+
+    sys.exit(supervise(children))
+
+
+@main.command()
+def worker() -> None:
+    """Run the job runner alone (the Procfile's `worker:`)."""
+    settings = load_settings()
+    from .logs import configure_logging
+    from .worker import Worker
+
+    configure_logging()
+    ledger = _open_ledger(settings)
+    try:
+        runner = Worker.from_settings(settings, ledger)
+    except ConfigError as exc:
+        raise ConfigurationError(str(exc)) from None
+    runner.install_signal_handlers()
+    runner.run_forever()
+
+
+# --- operating ----------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("batch_ids", nargs=-1, required=True)
+def fetch(batch_ids: tuple[str, ...]) -> None:
+    """Fetch and store these batches now, in the foreground (backfill). Idempotent.
+
+    Exits 0 once every manifest exists, 1 if a batch cannot be stored (BatchRouter does not know it,
+    or it failed for good; the reason is printed).
+    """
+    settings = load_settings()
+    for batch_id in batch_ids:
+        try:
+            layout.validate_batch_id(batch_id)
+        except ReceiverError as exc:
+            raise click.BadParameter(f"{batch_id!r}: {exc}", param_hint="BATCH_ID") from None
+    from .logs import configure_logging
+    from .worker import Worker
+
+    configure_logging(logging.WARNING)
+    ledger = _open_ledger(settings)
+    try:
+        runner = Worker.from_settings(settings, ledger)
+    except ConfigError as exc:
+        raise ConfigurationError(str(exc)) from None
+    failed = [b for b in batch_ids if not _fetch_one(runner, b)]
+    if failed:
+        raise Failure(f"{len(failed)} of {len(batch_ids)} batches not stored: {', '.join(failed)}")
+
+
+def _fetch_one(runner: Any, batch_id: str) -> bool:
+    from .ledger import DEAD, STORED
+
+    runner.ledger.enqueue(batch_id, origin="fetch")
+    while True:
+        row = runner.ledger.job(batch_id)
+        if row["state"] == STORED:
+            click.echo(f"{batch_id}: stored ({row['batch_status']}) {row['manifest_key']}")
+            return True
+        if row["state"] == DEAD:
+            click.echo(f"{batch_id}: failed: {row['last_error']}", err=True)
+            return False
+        job = runner.ledger.claim(runner.owner, runner.settings.lease_seconds, batch_id=batch_id)
+        if job is None:  # another worker holds it, or its retry is not due yet
+            time.sleep(0.5)
+            continue
+        with _progress(batch_id) as progress:
+            runner.run_job(job, progress)
+
+
+class _progress:
+    """A progress bar for a long transfer, only when stdout is a terminal."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.bar: Any = None
+
+    def __enter__(self) -> Callable[[int, int | None], None] | None:
+        if not sys.stdout.isatty():
+            return None
+        return self.update
+
+    def update(self, done: int, total: int | None) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total or 0, label=self.label, show_pos=True).__enter__()
+            self.seen = 0
+        self.bar.update(done - self.seen)
+        self.seen = done
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+@main.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
+def list_batches(as_json: bool) -> None:
+    """Stored batches and jobs, with their status."""
+    settings = load_settings()
+    ledger = _open_ledger(settings)
+    rows = {row["batch_id"]: _public_job(row) for row in ledger.list_jobs(limit=100000)}
+    from .storage import open_storage
+
+    storage = open_storage(settings)
+    try:
+        for key in storage.list_keys(layout.MANIFESTS + "/"):
+            batch_id = key.rpartition("/")[2].removesuffix(".json")
+            if batch_id not in rows and key.endswith(".json"):
+                rows[batch_id] = {"batch_id": batch_id, "state": "stored", "manifest_key": key}
+    except ReceiverError as exc:
+        click.echo(f"receiver: storage not listed: {exc}", err=True)
+    if as_json:
+        click.echo(json.dumps(list(rows.values()), indent=2))
+        return
+    if not rows:
+        click.echo("no batches yet")
+        return
+    click.echo(f"{'BATCH':<32} {'STATE':<8} {'STATUS':<10} {'BYTES':>12} {'LINES':>9} {'STORED AT':<20} NOTE")
+    for row in rows.values():
+        note = row.get("last_error") or ("counts mismatch" if row.get("counts_match") is False else "")
+        click.echo(
+            f"{row['batch_id']:<32} {row['state']:<8} {row.get('batch_status') or '-':<10} "
+            f"{row.get('bytes') if row.get('bytes') is not None else '-':>12} {row.get('lines') if row.get('lines') is not None else '-':>9} "
+            f"{row.get('stored_at') or '-':<20} {note[:80]}"
+        )
+
+
+def _public_job(row: dict[str, Any]) -> dict[str, Any]:
+    out = {k: row[k] for k in ("batch_id", "state", "attempts", "batch_status", "manifest_key", "bytes", "lines", "expected_items", "counts_match", "last_error")}
+    out["stored_at"] = _iso(row["stored_at"])
+    out["updated_at"] = _iso(row["updated_at"])
+    return out
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@main.command()
+@click.argument("batch_id")
+def cat(batch_id: str) -> None:
+    """Stream a stored batch's results to stdout (exit 1 if it is not stored)."""
+    settings = load_settings()
+    try:
+        layout.validate_batch_id(batch_id)
+    except ReceiverError as exc:
+        raise click.BadParameter(str(exc), param_hint="BATCH_ID") from None
+    from .storage import open_storage
+
+    storage = open_storage(settings)
+    try:
+        manifest = json.loads(storage.get_bytes(layout.manifest_key(batch_id)))
+    except ObjectNotFound:
+        raise Failure(f"batch {batch_id} is not stored") from None
+    except ReceiverError as exc:
+        raise Failure(str(exc)) from None
+    results = [f for f in manifest.get("files", []) if f["key"].startswith(layout.RESULTS + "/")]
+    if not results:
+        raise Failure(f"batch {batch_id} is stored with status {manifest.get('status')!r} and has no results")
+    out = click.get_binary_stream("stdout")
+    try:
+        for block in storage.open_read(results[0]["key"]):
+            out.write(block)
+        out.flush()
+    except BrokenPipeError:  # `receiver cat X | head` is fine
+        sys.stderr.close()
+    except ReceiverError as exc:
+        raise Failure(str(exc)) from None
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
+def status(as_json: bool) -> None:
+    """Queue depth, retries, failures, count mismatches, the last delivery and the accepted secrets."""
+    settings = load_settings()
+    ledger = _open_ledger(settings)
+    now = time.time()
+    stats = ledger.stats(now)
+    secrets = ledger.secret_info(now)
+    stats["secrets"] = {
+        "stored": [
+            {"age_seconds": round(now - s.created_at), "expires_in_seconds": None if s.expires_at is None else round(s.expires_at - now)}
+            for s in secrets
+        ],
+        "from_environment": len(settings.webhook_secrets),
+    }
+    if as_json:
+        click.echo(json.dumps(stats, indent=2))
+        return
+    jobs = stats["jobs"]
+    click.echo(f"queue depth: {stats['queue_depth']} (queued {jobs['queued']}, retrying {stats['retrying']}, running {jobs['running']})")
+    click.echo(f"stored: {jobs['stored']}  dead: {jobs['dead']}  count mismatches: {stats['counts_mismatch']}")
+    last = stats["last_delivery"]
+    click.echo(
+        "last delivery: "
+        + (f"{_iso(last['received_at'])} {last['event_type']} {last['batch_id'] or ''}" if last else "none yet")
+    )
+    total = len(secrets) + len(settings.webhook_secrets)
+    click.echo(f"accepted webhook secrets: {total}" + ("  (every delivery gets 401 until `receiver register`)" if not total else ""))
+    for s in stats["secrets"]["stored"]:
+        expiry = "current" if s["expires_in_seconds"] is None else f"retiring in {s['expires_in_seconds'] // 3600}h{s['expires_in_seconds'] % 3600 // 60:02d}m"
+        click.echo(f"  stored secret, age {s['age_seconds'] // 3600}h{s['age_seconds'] % 3600 // 60:02d}m, {expiry}")
+    if settings.webhook_secrets:
+        click.echo(f"  {len(settings.webhook_secrets)} from RECEIVER_WEBHOOK_SECRET")
+    for row in stats["dead"]:
+        click.echo(f"dead: {row['batch_id']} after {row['attempts']} attempts: {row['last_error']}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.pass_context
+def emulator(ctx: click.Context) -> None:
+    """A local BatchRouter emulator for development and tests (`receiver emulator --help`)."""
+    from .emulator.__main__ import main as emulator_main
+
+    sys.exit(emulator_main(list(ctx.args)))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

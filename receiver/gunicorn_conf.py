@@ -1,0 +1,58 @@
+"""gunicorn settings for the hook (the root `gunicorn.conf.py` imports this module).
+
+Validated settings first: a bad value stops gunicorn with one line and exit code 2, before gunicorn
+logs anything. Worker class and counts come from the ingest benchmark (BENCHMARKS.md): on 2 cores,
+gthread with 2 processes x 8 threads roughly doubles sync workers' throughput (the handler waits on
+SQLite's fsync, which releases the GIL), at a similar p99.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+
+from receiver.config import Settings
+from receiver.errors import ConfigError
+
+try:
+    _settings = Settings.from_env()
+except ConfigError as _exc:
+    print(f"receiver: configuration error: {_exc}", file=sys.stderr)
+    sys.exit(2)
+
+bind = f"0.0.0.0:{_settings.port}"
+workers = 2
+worker_class = "gthread"
+threads = 8
+keepalive = 5
+backlog = 2048
+# Deliveries are answered in milliseconds; a worker stuck this long is restarted.
+timeout = 30
+graceful_timeout = 30
+# The ingest handler enforces its own body limit with a JSON 413; keep gunicorn's header limits.
+limit_request_line = 8190
+forwarded_allow_ips = "127.0.0.1,::1"
+
+# prometheus-client multiprocess mode: every worker writes its counters here, /metrics sums them.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="receiver-metrics-")
+
+
+def on_starting(server):  # noqa: ARG001
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith(".db"):
+            os.unlink(path)
+
+
+def child_exit(server, worker):  # noqa: ARG001
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):  # noqa: ARG001
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if os.path.basename(folder).startswith("receiver-metrics-"):
+        shutil.rmtree(folder, ignore_errors=True)

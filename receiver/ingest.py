@@ -1,0 +1,91 @@
+"""The hook: verify, validate, record, answer. No network I/O here.
+
+BatchRouter gives a short ack window (10 s in its older docs) and retries anything that is not a 2xx,
+so this handler only does what must happen before the 200: check the signature over the raw bytes,
+parse and validate, and commit the delivery (and its job) to the ledger. Downloads are the worker's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Blueprint, Response, current_app, jsonify, request
+
+from . import metrics
+from .errors import LedgerUnavailable, PayloadError, SignatureError
+from .ledger import Ledger
+from .schemas import parse_delivery
+from .signature import HEADER, verify
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("ingest", __name__)
+
+
+@bp.post("/hooks/batchrouter")
+def receive() -> tuple[Response, int]:
+    settings = current_app.config["RECEIVER_SETTINGS"]
+    ledger: Ledger = current_app.extensions["receiver.ledger"]
+
+    if not _is_json(request.mimetype):
+        return _answer("unsupported_media_type", "Content-Type must be application/json", 415)
+    length = request.content_length
+    if length is not None and length > settings.max_body_bytes:
+        return _answer("payload_too_large", f"body is over {settings.max_body_bytes} bytes", 413)
+    raw = request.stream.read(settings.max_body_bytes + 1)
+    if len(raw) > settings.max_body_bytes:
+        return _answer("payload_too_large", f"body is over {settings.max_body_bytes} bytes", 413)
+
+    try:
+        accepted = ledger.accepted_secrets() + settings.webhook_secrets
+    except LedgerUnavailable as exc:
+        log.error("ledger unavailable while reading secrets: %s", exc)
+        return _answer("ledger_unavailable", "the ledger cannot be read; retry later", 503)
+    try:
+        verify(request.headers.get(HEADER), raw, accepted)
+    except SignatureError as exc:
+        metrics.DELIVERIES.labels("unauthorized").inc()
+        return _answer("invalid_signature", str(exc), 401)
+
+    try:
+        body = json.loads(raw)
+        delivery = parse_delivery(body, raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        metrics.DELIVERIES.labels("invalid").inc()
+        return _answer("invalid_json", f"body is not valid JSON: {str(exc)[:200]}", 400)
+    except PayloadError as exc:
+        metrics.DELIVERIES.labels("invalid").inc()
+        return _answer("invalid_payload", str(exc), 400, errors=exc.errors)
+
+    try:
+        result = ledger.record_delivery(
+            event_id=delivery.event_id,
+            event_type=delivery.event_type,
+            batch_id=delivery.batch_id,
+            status=delivery.status,
+            terminal=delivery.terminal,
+        )
+    except LedgerUnavailable as exc:
+        log.error("delivery %s not recorded: %s", delivery.event_id, exc)
+        metrics.DELIVERIES.labels("unavailable").inc()
+        return _answer("ledger_unavailable", "the delivery could not be recorded; retry later", 503)
+
+    metrics.DELIVERIES.labels(result.outcome).inc()
+    log.info(
+        "delivery %s %s batch=%s: %s%s",
+        delivery.event_id,
+        delivery.event_type,
+        delivery.batch_id,
+        result.outcome,
+        " (job queued)" if result.job_queued else "",
+    )
+    return jsonify(status=result.outcome, event_id=delivery.event_id), 200
+
+
+def _is_json(mimetype: str) -> bool:
+    return mimetype == "application/json" or (mimetype.startswith("application/") and mimetype.endswith("+json"))
+
+
+def _answer(code: str, message: str, status: int, **extra: object) -> tuple[Response, int]:
+    return jsonify(error={"code": code, "message": message, **extra}), status

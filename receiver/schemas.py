@@ -1,0 +1,142 @@
+"""The delivery payload, validated with marshmallow: tolerant of what we ignore, strict on what we use.
+
+BatchRouter has documented two shapes (batchrouter-api-facts.md §3.3) and the current docs do not say
+which is live, so both are accepted:
+
+* the envelope ``{"id", "type", "created", "data": {"batch_id", "status", ...}}``;
+* the flat form ``{"event", "batch_id", "output_file_url", "error_file_url"}``.
+
+Unknown fields pass through untouched. What we act on — the event type, the batch id (which becomes a
+storage path segment), the status and the event id — is checked. A URL in the body is never used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any
+
+from marshmallow import INCLUDE, Schema, ValidationError, fields, validate, validates_schema
+
+from .errors import PayloadError, UnsafeBatchId
+from .layout import validate_batch_id
+
+#: Event types that mean the batch reached a terminal status (api-facts §3.3, §4; both spellings).
+TERMINAL_EVENTS = frozenset(
+    {"batch.completed", "batch.failed", "batch.cancelled", "batch.canceled", "batch.expired"}
+)
+#: Terminal statuses of GET /v1/batches/{id} (api-facts §4), with the US spelling seen on the wire.
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "canceled", "expired"})
+
+_SHORT = validate.Length(min=1, max=200)
+
+
+class _Inner(Schema):
+    """`data` of the envelope or the `batch` object: only the fields we read are typed."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    batch_id = fields.String(validate=_SHORT, allow_none=True)
+    id = fields.String(validate=_SHORT, allow_none=True)
+    status = fields.String(validate=_SHORT, allow_none=True)
+    state = fields.String(validate=_SHORT, allow_none=True)
+
+
+class DeliverySchema(Schema):
+    """Both delivery shapes in one schema; `load` returns a :class:`Delivery`."""
+
+    class Meta:
+        unknown = INCLUDE
+
+    id = fields.String(validate=_SHORT, allow_none=True)
+    event_id = fields.String(validate=_SHORT, allow_none=True)
+    type = fields.String(validate=_SHORT, allow_none=True)
+    event = fields.String(validate=_SHORT, allow_none=True)
+    batch_id = fields.String(validate=_SHORT, allow_none=True)
+    status = fields.String(validate=_SHORT, allow_none=True)
+    state = fields.String(validate=_SHORT, allow_none=True)
+    data = fields.Nested(_Inner, allow_none=True)
+    batch = fields.Nested(_Inner, allow_none=True)
+
+    @validates_schema
+    def _needs_an_event(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if not (data.get("type") or data.get("event") or _status(data)):
+            raise ValidationError("an event type ('type' or 'event') or a status is required", "type")
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """What ingest records of a delivery."""
+
+    event_id: str
+    event_type: str
+    batch_id: str | None
+    status: str | None
+    terminal: bool
+
+
+_schema = DeliverySchema()
+
+
+def parse_delivery(body: object, raw: bytes) -> Delivery:
+    """Validate a decoded JSON body; raise :class:`PayloadError` with field errors when it fails."""
+    if not isinstance(body, dict):
+        raise PayloadError("the body must be a JSON object", {"_schema": ["not a JSON object"]})
+    try:
+        data = _schema.load(body)
+    except ValidationError as exc:
+        raise PayloadError("the delivery failed validation", _jsonable(exc.messages)) from None
+
+    status = _status(data)
+    event_type = data.get("type") or data.get("event") or f"batch.{status}"
+    terminal = event_type.lower() in TERMINAL_EVENTS or (status or "").lower() in TERMINAL_STATUSES
+    batch_id = _batch_id(data)
+    if batch_id is not None:
+        try:
+            validate_batch_id(batch_id)
+        except UnsafeBatchId as exc:
+            raise PayloadError(str(exc), exc.errors) from None
+    elif terminal:
+        raise PayloadError(
+            "a terminal event needs a batch id ('data.batch_id', 'batch_id' or 'batch.id')",
+            {"batch_id": ["missing"]},
+        )
+    event_id = data.get("id") or data.get("event_id") or derived_event_id(batch_id, event_type, raw)
+    return Delivery(event_id=event_id, event_type=event_type, batch_id=batch_id, status=status, terminal=terminal)
+
+
+def derived_event_id(batch_id: str | None, event_type: str, raw: bytes) -> str:
+    """A deterministic id for a payload that has none, so its redeliveries deduplicate.
+
+    From the batch id and event type (contract.md); a body without a batch id (a non-terminal event
+    we only acknowledge) is identified by its bytes instead.
+    """
+    if batch_id is not None:
+        seed = f"{batch_id}\x00{event_type.lower()}".encode()
+    else:
+        seed = b"body\x00" + raw
+    return "derived_" + hashlib.sha256(seed).hexdigest()[:32]
+
+
+def _status(data: dict[str, Any]) -> str | None:
+    for holder in (data.get("data") or {}, data, data.get("batch") or {}):
+        value = holder.get("status") or holder.get("state")
+        if value:
+            return value
+    return None
+
+
+def _batch_id(data: dict[str, Any]) -> str | None:
+    inner = data.get("data") or {}
+    batch = data.get("batch") or {}
+    return inner.get("batch_id") or data.get("batch_id") or batch.get("id") or batch.get("batch_id")
+
+
+def _jsonable(messages: Any) -> Any:
+    """marshmallow's messages may key nested errors by int; JSON wants strings."""
+    if isinstance(messages, dict):
+        return {str(k): _jsonable(v) for k, v in messages.items()}
+    if isinstance(messages, list):
+        return [_jsonable(v) for v in messages]
+    return messages

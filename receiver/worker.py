@@ -1,0 +1,349 @@
+"""The worker: claim a job, confirm the batch, fetch, store, publish; retry or give up.
+
+It knows the ledger, the BatchRouter client, the downloader and storage; nothing of Flask. Each job
+runs under a lease that one heartbeat thread renews while downloads run, so a crashed worker's job is
+taken again once its lease runs out and a healthy slow download is never taken over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import random
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from . import layout
+from .client import ArtifactLinks, Batch, BatchRouterClient
+from .config import Settings
+from .errors import (
+    BatchNotTerminal,
+    JobCancelled,
+    LeaseLost,
+    LedgerUnavailable,
+    ReceiverError,
+)
+from .ledger import DEAD, STORED, Job, Ledger
+from .storage import Storage, Writer
+from .transfer import Downloader, TransferResult
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int | None], None]
+
+
+@dataclasses.dataclass
+class _Running:
+    """A job in hand: its cancel flag is set on SIGTERM (release) or when its lease is lost."""
+
+    job: Job
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
+    reason: str = ""
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        storage: Storage,
+        client: BatchRouterClient,
+        downloader: Downloader,
+        *,
+        owner: str | None = None,
+        poll_interval: float = 0.5,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.storage = storage
+        self.client = client
+        self.downloader = downloader
+        self.owner = owner or f"worker-{uuid.uuid4().hex[:12]}"
+        self.poll_interval = poll_interval
+        self.stopping = threading.Event()
+        self._running: dict[str, _Running] = {}
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(settings.worker_concurrency)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, ledger: Ledger | None = None) -> Worker:
+        from .netguard import URLPolicy
+        from .storage import open_storage
+
+        ledger = ledger or Ledger(settings.database_url)
+        return cls(
+            settings,
+            ledger,
+            open_storage(settings),
+            BatchRouterClient.from_settings(settings),
+            Downloader(
+                URLPolicy(settings.artifact_hosts),
+                connect_timeout=settings.connect_timeout_seconds,
+                read_timeout=settings.read_timeout_seconds,
+            ),
+        )
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def run_forever(self) -> None:
+        """Claim and run jobs until :meth:`stop`; then release what is in hand and return."""
+        log.info("worker %s started, %d downloads in flight at most", self.owner, self.settings.worker_concurrency)
+        heartbeat = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
+        heartbeat.start()
+        housekeeping_due = 0.0
+        with ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="job") as pool:
+            while not self.stopping.is_set():
+                if time.monotonic() >= housekeeping_due:
+                    self._housekeeping()
+                    housekeeping_due = time.monotonic() + 300
+                if not self._slots.acquire(timeout=self.poll_interval):
+                    continue
+                try:
+                    job = self.ledger.claim(self.owner, self.settings.lease_seconds)
+                except LedgerUnavailable as exc:
+                    log.error("cannot claim jobs: %s", exc)
+                    job = None
+                if job is None:
+                    self._slots.release()
+                    self.stopping.wait(self.poll_interval)
+                    continue
+                pool.submit(self._run_in_slot, job)
+            self._cancel_all("shutting down")
+        log.info("worker %s stopped", self.owner)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self._cancel_all("shutting down")
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: stop claiming, give back leases, abort unfinished uploads."""
+
+        def handle(signum: int, _frame: Any) -> None:
+            log.info("signal %d: releasing jobs in hand", signum)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+    def _run_in_slot(self, job: Job) -> None:
+        try:
+            self.run_job(job)
+        except Exception:  # never let one job kill the loop
+            log.exception("job %s crashed the worker thread", job.batch_id)
+        finally:
+            self._slots.release()
+
+    # --- one job ----------------------------------------------------------------------------------
+
+    def run_job(self, job: Job, progress: Progress | None = None) -> str:
+        """Run a claimed job to `stored`, `failed` (retry later), `dead`, or release it."""
+        running = _Running(job)
+        with self._lock:
+            self._running[job.batch_id] = running
+        try:
+            self._process(running, progress)
+            return STORED
+        except JobCancelled:
+            if running.reason == "lease lost":
+                log.warning("job %s: lease lost to another worker; dropped without publishing", job.batch_id)
+                return "lost"
+            self.ledger.release(job.batch_id, self.owner)
+            log.info("job %s released (%s)", job.batch_id, running.reason)
+            return "released"
+        except ReceiverError as exc:
+            return self._failed(job, exc)
+        except Exception as exc:  # a bug or an unmapped library error: retry, but say what it was
+            log.exception("job %s: unexpected error", job.batch_id)
+            return self._failed(job, exc)
+        finally:
+            with self._lock:
+                self._running.pop(job.batch_id, None)
+
+    def _failed(self, job: Job, exc: BaseException) -> str:
+        message = f"{type(exc).__name__}: {exc}"
+        transient = getattr(exc, "transient", True)
+        if transient and job.attempts < self.settings.max_attempts:
+            delay = getattr(exc, "retry_after", None)
+            if delay is None:
+                delay = min(self.settings.retry_cap_seconds, self.settings.retry_base_seconds * 2 ** (job.attempts - 1))
+                delay *= random.uniform(0.8, 1.2)
+            retry_at = time.time() + min(delay, 3600.0)
+        else:
+            retry_at = None
+        state = self.ledger.mark_failed(job.batch_id, self.owner, message, retry_at=retry_at)
+        if state == DEAD:
+            log.error("job %s dead after %d attempts: %s", job.batch_id, job.attempts, message)
+        else:
+            log.warning("job %s attempt %d failed, retry in %.1fs: %s", job.batch_id, job.attempts, retry_at - time.time(), message)
+        return state
+
+    def _process(self, running: _Running, progress: Progress | None) -> None:
+        job = running.job
+        batch_id = layout.validate_batch_id(job.batch_id)
+        manifest_key = layout.manifest_key(batch_id)
+
+        batch = self.client.get_batch(batch_id)
+        if not batch.terminal:
+            raise BatchNotTerminal(f"BatchRouter says batch {batch_id} is {batch.status!r}, not terminal yet")
+        if self.storage.exists(manifest_key):
+            self._adopt_existing(job, manifest_key)
+            return
+
+        stored_at = dt.datetime.fromtimestamp(job.planned_at or time.time(), dt.timezone.utc)
+        day = layout.partition_date(stored_at)
+        token = f"{self.owner[-12:]}-{job.attempts}"
+        files: list[dict[str, Any]] = []
+        if batch.completed:
+            links = self.client.get_artifact_links(batch_id)
+            files.append(self._download(running, links, "results", day, token, progress))
+            if links.errors_url:
+                files.append(self._download(running, links, "errors", day, token, progress))
+
+        self._check(running)
+        manifest = layout.build_manifest(
+            batch_id=batch_id,
+            status=batch.status,
+            files=files,
+            stored_at=stored_at,
+            event_ids=self.ledger.event_ids(batch_id),
+            source="artifact" if files else None,
+            expected_items=batch.expected_items,
+            batch=batch.raw,
+        )
+        body = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
+        if not self.storage.put_if_absent(manifest_key, body):
+            log.info("job %s: manifest already published by another worker", batch_id)
+            self._adopt_existing(job, manifest_key)
+            return
+        results = next((f for f in files if f["key"].startswith(layout.RESULTS + "/")), None)
+        self.ledger.mark_stored(
+            batch_id,
+            self.owner,
+            batch_status=batch.status,
+            manifest_key=manifest_key,
+            stored_at=stored_at.timestamp(),
+            bytes_=sum(f["bytes"] for f in files),
+            lines=results["lines"] if results else None,
+            expected_items=batch.expected_items,
+            counts_match=manifest["counts_match"],
+        )
+        if manifest["counts_match"] is False:
+            log.warning(
+                "batch %s stored with %s lines but BatchRouter counts %s items", batch_id, results and results["lines"], batch.expected_items
+            )
+        log.info("batch %s stored (%s, %d files)", batch_id, batch.status, len(files))
+
+    def _download(
+        self, running: _Running, links: ArtifactLinks, kind: str, day: str, token: str, progress: Progress | None
+    ) -> dict[str, Any]:
+        """Stream one artifact (results or errors) to its final key; returns its manifest entry."""
+        batch_id = running.job.batch_id
+        first = links.results_url if kind == "results" else links.errors_url
+        urls = iter([first])
+
+        def get_url() -> str:
+            # The first URL is the one just fetched; every later call (an expired URL) asks again.
+            url = next(urls, None)
+            if url is None:
+                fresh = self.client.get_artifact_links(batch_id)
+                url = fresh.results_url if kind == "results" else fresh.errors_url
+            if not url:
+                raise BatchNotTerminal(f"artifact-url no longer names a {kind} file for {batch_id}")
+            return url
+
+        key_for = layout.results_key if kind == "results" else layout.errors_key
+
+        def open_writer(suffix: str, size: int | None) -> Writer:
+            return self.storage.open_writer(key_for(batch_id, day, suffix), token=token, size_hint=size)
+
+        def on_progress(done: int, total: int | None) -> None:
+            self._check(running)
+            if progress is not None:
+                progress(done, total)
+
+        writer, result = self.downloader.fetch(get_url, open_writer, on_progress)
+        try:
+            self._check(running)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        return _file_entry(writer.key, result)
+
+    def _adopt_existing(self, job: Job, manifest_key: str) -> None:
+        """The batch is already published (an earlier attempt, or another worker): record it."""
+        manifest = json.loads(self.storage.get_bytes(manifest_key))
+        results = next((f for f in manifest.get("files", []) if f["key"].startswith(layout.RESULTS + "/")), None)
+        stored_at = dt.datetime.fromisoformat(manifest["stored_at"].replace("Z", "+00:00")).timestamp()
+        self.ledger.mark_stored(
+            job.batch_id,
+            self.owner,
+            batch_status=manifest.get("status", ""),
+            manifest_key=manifest_key,
+            stored_at=stored_at,
+            bytes_=sum(f.get("bytes", 0) for f in manifest.get("files", [])),
+            lines=results["lines"] if results else None,
+            expected_items=manifest.get("expected_items"),
+            counts_match=manifest.get("counts_match"),
+        )
+
+    def _check(self, running: _Running) -> None:
+        if running.cancel.is_set():
+            if running.reason == "lease lost":
+                raise LeaseLost(f"lease on {running.job.batch_id} lost")
+            raise JobCancelled(running.reason)
+
+
+    def _cancel_all(self, reason: str) -> None:
+        with self._lock:
+            for running in self._running.values():
+                running.reason = running.reason or reason
+                running.cancel.set()
+
+    # --- background duties ------------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        interval = max(0.5, self.settings.lease_seconds / 3)
+        while not self.stopping.wait(interval):
+            with self._lock:
+                batch_ids = list(self._running)
+            if not batch_ids:
+                continue
+            try:
+                lost = self.ledger.renew(batch_ids, self.owner, self.settings.lease_seconds)
+            except LedgerUnavailable as exc:
+                log.error("cannot renew leases: %s", exc)
+                continue
+            with self._lock:
+                for batch_id in lost:
+                    running = self._running.get(batch_id)
+                    if running is not None:
+                        running.reason = "lease lost"
+                        running.cancel.set()
+
+    def _housekeeping(self) -> None:
+        try:
+            removed = self.storage.cleanup_partials(
+                older_than_seconds=max(600.0, 4 * self.settings.lease_seconds + 2 * self.settings.read_timeout_seconds)
+            )
+            if removed:
+                log.info("removed %d abandoned partial uploads", removed)
+            pruned = self.ledger.prune_deliveries(self.settings.delivery_retention_days)
+            if pruned:
+                log.info("pruned %d delivery records older than %d days", pruned, self.settings.delivery_retention_days)
+        except ReceiverError as exc:
+            log.warning("housekeeping skipped: %s", exc)
+
+
+def _file_entry(key: str, result: TransferResult) -> dict[str, Any]:
+    return {"key": key, "bytes": result.bytes, "sha256": result.sha256, "lines": result.lines}
+
+
+__all__ = ["Worker", "Batch"]

@@ -1,0 +1,120 @@
+"""Pure functions: signatures, payload validation, settings, layout."""
+
+from __future__ import annotations
+
+import pytest
+
+from receiver import layout
+from receiver.config import Settings
+from receiver.errors import ConfigError, PayloadError, SignatureError, UnsafeBatchId, UnsupportedDatabase
+from receiver.schemas import parse_delivery
+from receiver.signature import sign, verify
+
+
+def test_signature_matches_nodes_hex_hmac():
+    # The worked example of GitHub's webhook docs: the same hex HMAC-SHA256 scheme as BatchRouter's.
+    assert sign("It's a Secret to Everybody", b"Hello, World!") == "757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+
+
+def test_signature_accepts_any_listed_secret_and_prefix():
+    body = b'{"a": 1}'
+    assert verify(sign("second-secret", body), body, ["first-secret", "second-secret"]) == "second-secret"
+    assert verify("sha256=" + sign("first-secret", body).upper(), body, ["first-secret"]) == "first-secret"
+
+
+@pytest.mark.parametrize("header", [None, "", "zz", "a" * 64, "x" * 64])
+def test_signature_refuses_missing_or_wrong(header):
+    with pytest.raises(SignatureError):
+        verify(header, b"{}", ["first-secret"])
+
+
+def test_no_secrets_means_nothing_verifies():
+    with pytest.raises(SignatureError):
+        verify(sign("s" * 10, b"{}"), b"{}", [])
+
+
+def test_envelope_and_flat_shapes():
+    env = parse_delivery({"id": "evt_1", "type": "batch.completed", "created": 1, "data": {"batch_id": "bat_1", "status": "completed", "x": [1]}}, b"")
+    assert (env.event_id, env.event_type, env.batch_id, env.terminal) == ("evt_1", "batch.completed", "bat_1", True)
+    flat = parse_delivery({"event": "batch.canceled", "batch_id": "bat_2", "output_file_url": None}, b"")
+    assert flat.terminal and flat.batch_id == "bat_2" and flat.event_id.startswith("derived_")
+    assert parse_delivery({"event": "batch.canceled", "batch_id": "bat_2"}, b"other bytes").event_id == flat.event_id
+    nested = parse_delivery({"type": "something.new", "batch": {"id": "bat_3", "state": "expired"}}, b"")
+    assert nested.terminal and nested.batch_id == "bat_3"
+    progress = parse_delivery({"type": "batch.progress", "data": {"batch_id": "bat_4", "status": "processing"}}, b"")
+    assert not progress.terminal
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        "text",
+        {},
+        {"type": "batch.completed"},
+        {"type": "batch.completed", "data": {"batch_id": "../x"}},
+        {"event": "batch.failed", "batch_id": "a/b"},
+        {"event": "batch.failed", "batch_id": "ok\n"},
+        {"type": 3, "data": {"batch_id": "bat_1"}},
+        {"type": "batch.completed", "data": "not an object"},
+        {"type": "x" * 300},
+    ],
+)
+def test_invalid_payloads_are_refused_with_a_reason(body):
+    with pytest.raises(PayloadError) as info:
+        parse_delivery(body, b"")
+    assert str(info.value)
+
+
+@pytest.mark.parametrize("batch_id", ["..", ".", "a/b", "a\\b", "", "x" * 201, "a\x00b", "-a", "a b", "..a"])
+def test_unsafe_batch_ids(batch_id):
+    with pytest.raises(UnsafeBatchId):
+        layout.validate_batch_id(batch_id)
+
+
+def test_layout_keys():
+    assert layout.results_key("bat_1", "2026-11-26") == "results/dt=2026-11-26/batch_id=bat_1/results.jsonl"
+    assert layout.results_key("bat_1", "2026-11-26", ".jsonl.gz").endswith("/results.jsonl.gz")
+    part = layout.part_key(layout.results_key("bat_1", "2026-11-26"), "w1-1")
+    assert part == "results/dt=2026-11-26/batch_id=bat_1/.results.jsonl.w1-1.part"
+    assert layout.is_part_key(part) and not part.endswith((".jsonl", ".jsonl.gz"))
+
+
+def test_settings_defaults_and_lists():
+    s = Settings.from_mapping({"RECEIVER_WEBHOOK_SECRET": " one secret! , two-secret ", "RECEIVER_ARTIFACT_HOSTS": "127.0.0.1, Files.Example.com"})
+    assert s.webhook_secrets == ("one secret!", "two-secret")
+    assert s.artifact_hosts == ("127.0.0.1", "files.example.com")
+    assert s.storage_url == "./receiver-data/storage" and s.database_url.startswith("sqlite:///")
+    assert Settings.from_mapping({"DATABASE_URL": "postgresql://u@h/db"}).database_url.startswith("postgresql")
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("RECEIVER_STORAGE_URL", "gs://bucket"),
+        ("RECEIVER_WORKER_CONCURRENCY", "0"),
+        ("PORT", "http"),
+        ("BATCHROUTER_API_URL", "ftp://x"),
+        ("BATCHROUTER_API_URL", "http://api.batchrouter.com"),
+        ("RECEIVER_WEBHOOK_SECRET", "short"),
+        ("RECEIVER_ARTIFACT_HOSTS", "https://files.example.com/"),
+        ("RECEIVER_S3_SSE", "rot13"),
+        ("RECEIVER_DELIVERY_RETENTION_DAYS", "1"),
+    ],
+)
+def test_bad_settings_name_the_variable(name, value):
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping({name: value})
+    assert info.value.variable == name
+
+
+def test_unsupported_database_is_a_config_error():
+    with pytest.raises(UnsupportedDatabase):
+        Settings.from_mapping({"DATABASE_URL": "mysql://x/y"})
+
+
+def test_dotenv_is_read_and_environment_wins(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("PORT=9001\nRECEIVER_WORKER_CONCURRENCY=7\n")
+    s = Settings.from_env({"PORT": "9002"}, dotenv_path=dotenv)
+    assert (s.port, s.worker_concurrency) == (9002, 7)
