@@ -182,8 +182,9 @@ class Ledger:
                     received_at=now,
                 )
                 .on_conflict_do_nothing(index_elements=["event_id"])
-            ).rowcount
-            if not inserted:
+                .returning(deliveries.c.event_id)
+            ).first()
+            if inserted is None:
                 return RecordResult("duplicate", False)
             if not terminal or batch_id is None:
                 return RecordResult(outcome, False)
@@ -211,7 +212,8 @@ class Ledger:
             set_={"state": QUEUED, "attempts": 0, "next_attempt_at": now, "updated_at": now, "last_error": None},
             where=jobs.c.state.in_(revive),
         )
-        return bool(conn.execute(stmt).rowcount)
+        # RETURNING, not rowcount: drivers disagree on rowcount for ON CONFLICT statements.
+        return conn.execute(stmt.returning(jobs.c.batch_id)).first() is not None
 
     # --- secrets ----------------------------------------------------------------------------------
 

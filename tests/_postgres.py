@@ -1,0 +1,59 @@
+"""A throwaway PostgreSQL cluster for the tests: initdb in a temporary folder, on a free port.
+
+Run as the `postgres` system user when the tests run as root (initdb refuses root). Skips when no
+PostgreSQL server binaries are installed (`.ci/run` installs them).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .conftest import free_port
+
+
+def _bindir() -> str | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return os.path.dirname(found[-1])
+    initdb = shutil.which("initdb")
+    return os.path.dirname(initdb) if initdb else None
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[str | None]:
+    """Yield a `postgresql://` URL of a fresh cluster, or None when PostgreSQL is not installed."""
+    bindir = _bindir()
+    if bindir is None:
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="receiver-pg-")
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data = os.path.join(folder, "data")
+    port = free_port()
+    subprocess.run(as_user + [f"{bindir}/initdb", "-D", data, "-U", "receiver", "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
+    subprocess.run(
+        as_user + [f"{bindir}/pg_ctl", "-D", data, "-l", os.path.join(folder, "log"), "-w", "-o",
+                   f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+        check=True, capture_output=True,
+    )
+    try:
+        url = f"postgresql://receiver@127.0.0.1:{port}/postgres"
+        deadline = time.monotonic() + 20
+        while subprocess.run([f"{bindir}/pg_isready", "-h", "127.0.0.1", "-p", str(port)], capture_output=True).returncode != 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError("PostgreSQL did not start")
+            time.sleep(0.2)
+        yield url
+    finally:
+        subprocess.run(as_user + [f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,123 @@
+"""The ledger's guarantees, on SQLite and on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import pytest
+
+from receiver.ledger import DEAD, FAILED, QUEUED, RUNNING, STORED, Ledger
+
+from ._postgres import postgres_cluster
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    with postgres_cluster() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger(request, tmp_path, pg_url):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/ledger.db"
+    else:
+        if pg_url is None:
+            pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
+        import sqlalchemy as sa
+
+        name = f"t{time.time_ns()}"
+        admin = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {name}"))
+        admin.dispose()
+        url = pg_url.rsplit("/", 1)[0] + "/" + name
+    led = Ledger(url)
+    led.create_schema()
+    yield led
+    led.close()
+
+
+def deliver(led, event_id, batch_id="bat_1", terminal=True):
+    return led.record_delivery(event_id=event_id, event_type="batch.completed", batch_id=batch_id, status="completed", terminal=terminal)
+
+
+def test_schema_creation_is_safe_when_processes_race(ledger):
+    others = [Ledger(ledger.url) for _ in range(6)]
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda led: led.create_schema(), others))
+    for led in others:
+        led.close()
+
+
+def test_concurrent_duplicates_record_once_and_queue_one_job(ledger):
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda _: deliver(ledger, "evt_same"), range(40)))
+    assert sorted(r.outcome for r in results) == ["accepted"] + ["duplicate"] * 39
+    assert sum(r.job_queued for r in results) == 1
+    assert deliver(ledger, "evt_other").outcome == "accepted"
+    assert len(ledger.list_jobs()) == 1
+
+
+def test_only_one_worker_claims_a_job(ledger):
+    for i in range(10):
+        deliver(ledger, f"evt_{i}", batch_id=f"bat_{i}")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        claims = list(pool.map(lambda i: ledger.claim(f"w{i}", 30), range(20)))
+    got = [c.batch_id for c in claims if c]
+    assert sorted(got) == sorted(f"bat_{i}" for i in range(10))
+
+
+def test_expired_lease_is_claimed_again_and_old_owner_cannot_finish(ledger):
+    deliver(ledger, "evt_1")
+    now = time.time()
+    first = ledger.claim("w1", 5, now=now)
+    assert ledger.claim("w2", 5, now=now + 1) is None
+    second = ledger.claim("w2", 5, now=now + 6)
+    assert second is not None and second.attempts == 2 and second.planned_at == first.planned_at
+    assert ledger.renew(["bat_1"], "w1", 5) == {"bat_1"}
+    assert not ledger.mark_stored("bat_1", "w1", batch_status="completed", manifest_key="m", stored_at=now,
+                                  bytes_=1, lines=1, expected_items=1, counts_match=True)
+    assert ledger.job("bat_1")["state"] == RUNNING
+
+
+def test_release_failed_dead_and_revival(ledger):
+    deliver(ledger, "evt_1")
+    job = ledger.claim("w1", 30)
+    ledger.release(job.batch_id, "w1")
+    row = ledger.job("bat_1")
+    assert (row["state"], row["attempts"], row["lease_owner"]) == (QUEUED, 0, None)
+    job = ledger.claim("w1", 30)
+    assert ledger.mark_failed("bat_1", "w1", "boom", retry_at=time.time() + 60) == FAILED
+    assert ledger.claim("w1", 30) is None  # not due yet
+    job = ledger.claim("w1", 30, now=time.time() + 61)
+    assert ledger.mark_failed("bat_1", "w1", "gave up", retry_at=None) == DEAD
+    assert ledger.stats()["dead"][0]["last_error"] == "gave up"
+    assert deliver(ledger, "evt_2").job_queued  # a new terminal event revives a dead job
+    job = ledger.claim("w1", 30)
+    assert ledger.mark_stored("bat_1", "w1", batch_status="completed", manifest_key="m", stored_at=time.time(),
+                              bytes_=10, lines=2, expected_items=3, counts_match=False)
+    assert not deliver(ledger, "evt_3").job_queued  # a stored batch is never queued again
+    assert not ledger.enqueue("bat_1")
+    stats = ledger.stats()
+    assert stats["jobs"][STORED] == 1 and stats["counts_mismatch"] == 1
+
+
+def test_secrets_rotate_with_a_grace_period(ledger):
+    now = time.time()
+    ledger.add_secret("first-secret", grace_seconds=100, now=now)
+    ledger.add_secret("second-secret", grace_seconds=100, now=now + 10)
+    assert ledger.accepted_secrets(now=now + 20) == ("second-secret", "first-secret")
+    ledger._secret_cache = None
+    assert ledger.accepted_secrets(now=now + 200) == ("second-secret",)
+    assert ledger.current_secret() == "second-secret"
+
+
+def test_delivery_records_are_pruned_but_jobs_kept(ledger):
+    old = time.time() - 20 * 86400
+    ledger.record_delivery(event_id="evt_old", event_type="batch.completed", batch_id="bat_1", status="completed", terminal=True, now=old)
+    assert ledger.prune_deliveries(14) == 1
+    assert ledger.job("bat_1") is not None
+    assert deliver(ledger, "evt_old").outcome == "accepted"  # forgotten, but the job row still dedups the batch
+    assert len(ledger.list_jobs()) == 1
