@@ -126,6 +126,14 @@ class Ledger:
         self._secret_cache: tuple[float, tuple[str, ...]] | None = None
         self._secret_cache_seconds = secret_cache_seconds
         self._lock = threading.Lock()
+        # Built once: ingest runs this per delivery, and constructing the statement each time
+        # costs more than SQLite's insert itself.
+        self._record_stmt = (
+            self._insert(deliveries)
+            .values({c: sa.bindparam(c) for c in ("event_id", "batch_id", "event_type", "status", "outcome", "received_at")})
+            .on_conflict_do_nothing(index_elements=["event_id"])
+            .returning(deliveries.c.event_id)
+        )
 
     # --- schema -----------------------------------------------------------------------------------
 
@@ -170,21 +178,16 @@ class Ledger:
         """
         now = time.time() if now is None else now
         outcome = "accepted" if terminal else "ignored"
+        params = {
+            "event_id": event_id,
+            "batch_id": batch_id,
+            "event_type": event_type,
+            "status": status,
+            "outcome": outcome,
+            "received_at": now,
+        }
         with self._begin() as conn:
-            inserted = conn.execute(
-                self._insert(deliveries)
-                .values(
-                    event_id=event_id,
-                    batch_id=batch_id,
-                    event_type=event_type,
-                    status=status,
-                    outcome=outcome,
-                    received_at=now,
-                )
-                .on_conflict_do_nothing(index_elements=["event_id"])
-                .returning(deliveries.c.event_id)
-            ).first()
-            if inserted is None:
+            if conn.execute(self._record_stmt, params).first() is None:
                 return RecordResult("duplicate", False)
             if not terminal or batch_id is None:
                 return RecordResult(outcome, False)
