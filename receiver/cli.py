@@ -328,5 +328,10 @@ def emulator(ctx: click.Context) -> None:
     sys.exit(emulator_main(list(ctx.args)))
 
 
+from .registration import register  # noqa: E402 - registration imports cli lazily, inside the command
+
+main.add_command(register)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

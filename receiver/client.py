@@ -1,0 +1,378 @@
+"""Every call the receiver makes to the BatchRouter API.
+
+One place owns the base URL, the bearer key, timeouts, the retry policy and the error envelope, and
+it tolerates the variants the sources disagree on (batchrouter-api-facts.md, sections 4, 6, 8):
+``status`` or ``state``, a ``{"batch": ...}`` wrapper or none, ``cancelled`` or ``canceled``.
+
+The key is attached here, to requests for ``api_url`` only, through this client's own connection
+pool. Nothing else (least of all an artifact download, which may be on the API's own host) ever
+sees it, and redirects are not followed, so it cannot be carried to another host.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import urllib3
+from urllib3.exceptions import HTTPError as _Urllib3Error
+
+from . import __version__
+from .errors import (
+    APIError,
+    APITransientError,
+    AuthenticationFailed,
+    BadRequest,
+    BatchNotFound,
+    Conflict,
+    InsufficientCredits,
+    PermissionDenied,
+    RateLimited,
+    UnexpectedResponse,
+)
+
+#: Terminal statuses: the documented four (facts §4, docs.batchrouter.com/guides/results/) plus
+#: ``canceled``, the spelling the operator's own tooling reads on the wire (facts §4, S6).
+TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "canceled", "expired"})
+
+#: Named exceptions by status, from the error table at docs.batchrouter.com/reference/errors/ (facts §8).
+_ERRORS_BY_STATUS: dict[int, type[APIError]] = {
+    400: BadRequest,
+    401: AuthenticationFailed,
+    402: InsufficientCredits,
+    403: PermissionDenied,
+    404: BatchNotFound,
+    409: Conflict,
+    429: RateLimited,
+}
+
+#: First retry delay, in seconds; it doubles per attempt up to `backoff_cap`, with jitter.
+_BACKOFF_BASE = 0.5
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch as `GET /v1/batches/{id}` returned it, with the variants settled."""
+
+    id: str
+    #: As BatchRouter spelled it (e.g. ``canceled``): the manifest records it verbatim.
+    status: str
+    terminal: bool
+    completed: bool
+    #: From ``item_count``, ``counts.total``, ``counts.items_total`` or ``items_total``, when given.
+    expected_items: int | None
+    #: The batch object as returned, unwrapped from ``{"batch": ...}``.
+    raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ArtifactLinks:
+    """The signed download links from `GET /v1/batches/{id}/artifact-url`."""
+
+    results_url: str
+    errors_url: str | None
+    expires_at: str | None
+
+
+class BatchRouterClient:
+    """A small, thread-safe client for the endpoints the receiver uses.
+
+    `retries` is the number of attempts (first try included) for idempotent requests on a 429, a 5xx,
+    a timeout or a dropped connection. Waits follow `Retry-After` when BatchRouter sends it, else
+    capped exponential backoff with jitter (docs.batchrouter.com/reference/errors/: "Honour
+    Retry-After when present; otherwise exponential backoff with jitter"). A `Retry-After` longer
+    than `backoff_cap` is raised at once as RateLimited, so the worker reschedules the job rather
+    than block a download slot.
+    """
+
+    def __init__(
+        self,
+        api_url: str,
+        api_key: str,
+        *,
+        timeout: float = 15,
+        retries: int = 3,
+        backoff_cap: float = 30.0,
+        user_agent: str = f"batchrouter-receiver/{__version__}",
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        self._api_key = api_key
+        self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
+        self._retries = max(1, retries)
+        self._backoff_cap = backoff_cap
+        self._user_agent = user_agent
+        # Our own pool: a bare PoolManager has no default headers and reads no proxy settings.
+        self._pool = urllib3.PoolManager(num_pools=4, maxsize=8)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> BatchRouterClient:
+        return cls(settings.api_url, settings.require_api_key())
+
+    def __enter__(self) -> BatchRouterClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._pool.clear()
+
+    # --- endpoints --------------------------------------------------------------------------------
+
+    def get_account(self) -> dict[str, Any]:
+        """`GET /v1/auth/account`: the account, including ``credit_balance`` (facts §1)."""
+        return _object(self._request("GET", "/v1/auth/account"), "account")
+
+    def get_batch(self, batch_id: str) -> Batch:
+        """`GET /v1/batches/{id}`: the authoritative status of a batch (facts §4)."""
+        body = self._request("GET", f"/v1/batches/{_segment(batch_id)}")
+        return _parse_batch(body, batch_id)
+
+    def get_artifact_links(self, batch_id: str) -> ArtifactLinks:
+        """`GET /v1/batches/{id}/artifact-url`: fresh signed links (facts §6).
+
+        The response fields are undocumented, so every plausible spelling is accepted.
+        """
+        body = self._request("GET", f"/v1/batches/{_segment(batch_id)}/artifact-url")
+        return _parse_artifact_links(body, batch_id)
+
+    def set_delivery_webhook(self, url: str, secret: str) -> dict[str, Any]:
+        """`PUT /v1/auth/account/delivery-webhook` with ``{"url", "secret"}`` (facts §2.1).
+
+        A PUT that sets a value is idempotent, so it is retried like a GET. The secret is kept out
+        of any error message, like the key.
+        """
+        answer = self._request(
+            "PUT", "/v1/auth/account/delivery-webhook", body={"url": url, "secret": secret}, secrets=(secret,)
+        )
+        return _object(answer, "delivery-webhook")
+
+    # --- transport --------------------------------------------------------------------------------
+
+    def _request(
+        self, method: str, path: str, *, body: dict[str, Any] | None = None, secrets: tuple[str, ...] = ()
+    ) -> Any:
+        """Send one request with retries; return the decoded JSON body (``{}`` for an empty one)."""
+        headers = {
+            "Authorization": f"Bearer {self._api_key}",
+            "Accept": "application/json",
+            "User-Agent": self._user_agent,
+        }
+        payload = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            payload = json.dumps(body).encode("utf-8")
+        hidden = (self._api_key, *secrets)
+        for attempt in range(1, self._retries + 1):
+            try:
+                response = self._pool.request(
+                    method,
+                    self.api_url + path,
+                    body=payload,
+                    headers=headers,
+                    timeout=self._timeout,
+                    retries=False,
+                    redirect=False,
+                )
+            except (_Urllib3Error, OSError) as exc:
+                error: APIError = APITransientError(
+                    _scrub(f"BatchRouter {method} {path} failed: {type(exc).__name__}: {exc}", hidden)
+                )
+            else:
+                if 200 <= response.status < 300:
+                    return _decode(response, method, path)
+                error = _error_from_response(response, method, path, hidden)
+            if not isinstance(error, APITransientError) or attempt == self._retries:
+                raise error
+            if error.retry_after is not None:
+                if error.retry_after > self._backoff_cap:
+                    raise error
+                delay = error.retry_after
+            else:
+                delay = min(self._backoff_cap, _BACKOFF_BASE * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --- parsing ---------------------------------------------------------------------------------------
+
+
+def _segment(batch_id: str) -> str:
+    """The batch id as one percent-encoded path segment: a ``/`` or ``?`` in it cannot change the path."""
+    return quote(batch_id, safe="")
+
+
+def _decode(response: Any, method: str, path: str) -> Any:
+    if not response.data.strip():
+        return {}
+    try:
+        return json.loads(response.data)
+    except ValueError:
+        raise UnexpectedResponse(
+            f"BatchRouter {method} {path} answered {response.status} with a body that is not JSON",
+            status=response.status,
+        ) from None
+
+
+def _object(body: Any, what: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise UnexpectedResponse(f"{what}: the answer is not a JSON object")
+    return body
+
+
+def _parse_batch(body: Any, requested_id: str) -> Batch:
+    """Settle the variants of a batch object (facts §4, §9): wrapper, ``status``/``state``, spelling."""
+    if not isinstance(body, dict):
+        raise UnexpectedResponse(f"batch {requested_id}: the answer is not a JSON object")
+    raw = body["batch"] if isinstance(body.get("batch"), dict) else body
+    status = raw.get("status") or raw.get("state")
+    if not isinstance(status, str) or not status.strip():
+        raise UnexpectedResponse(f"batch {requested_id}: the answer has no status")
+    batch_id = raw.get("id")
+    lowered = status.strip().lower()
+    return Batch(
+        id=batch_id if isinstance(batch_id, str) and batch_id else requested_id,
+        status=status,
+        terminal=lowered in TERMINAL_STATUSES,
+        completed=lowered == "completed",
+        expected_items=_expected_items(raw),
+        raw=raw,
+    )
+
+
+def _expected_items(raw: dict[str, Any]) -> int | None:
+    """The batch's item count, from the first of the documented and observed fields that is given.
+
+    ``item_count`` is documented (docs.batchrouter.com/guides/results/); ``counts.total`` is what the
+    operator's tooling reads (facts §4, S6); ``items_total`` is the older webhook docs' name (S4).
+    """
+    counts = raw.get("counts") if isinstance(raw.get("counts"), dict) else {}
+    for value in (raw.get("item_count"), counts.get("total"), counts.get("items_total"), raw.get("items_total")):
+        number = _count(value)
+        if number is not None:
+            return number
+    return None
+
+
+def _count(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return None
+
+
+_URL_KEYS = ("url", "download_url", "artifact_url", "signed_url")
+_ERRORS_URL_KEYS = ("error_file_url", "errors_url", "error_url", "exceptions_url")
+
+
+def _parse_artifact_links(body: Any, batch_id: str) -> ArtifactLinks:
+    """Find the links in any of the plausible shapes: flat, ``{"artifact": {...}}`` or ``{"data": {...}}``.
+
+    The artifact-url response is not documented (facts §6, §12 q9); the error file's name comes from
+    the older delivery payloads (``error_file_url``, S4) and the console's "exception file" wording (S3).
+    """
+    if not isinstance(body, dict):
+        raise UnexpectedResponse(f"artifact-url for batch {batch_id}: the answer is not a JSON object")
+    containers = [body] + [body[k] for k in ("artifact", "data") if isinstance(body.get(k), dict)]
+    for container in containers:
+        results_url = _first_string(container, _URL_KEYS)
+        if results_url is not None:
+            errors_url = _first_string(container, _ERRORS_URL_KEYS) or _first_string(body, _ERRORS_URL_KEYS)
+            expires_at = _first_string(container, ("expires_at",)) or _first_string(body, ("expires_at",))
+            return ArtifactLinks(results_url=results_url, errors_url=errors_url, expires_at=expires_at)
+    raise UnexpectedResponse(f"artifact-url for batch {batch_id}: the answer has no download URL")
+
+
+def _first_string(container: dict[str, Any], keys: tuple[str, ...]) -> str | None:
+    for key in keys:
+        value = container.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+
+def _error_from_response(response: Any, method: str, path: str, hidden: tuple[str, ...]) -> APIError:
+    """Turn a non-2xx answer into the named exception for its status (facts §8).
+
+    The envelope is ``{"error": {"code", "message", "details"}}``; a body that is not JSON (a proxy's
+    HTML page) still maps by status. Unknown 4xx codes are a plain APIError, as the docs advise:
+    "treat an unknown code as a generic failure for its status class".
+    """
+    status = response.status
+    code = message = details = None
+    try:
+        envelope = json.loads(response.data)
+    except ValueError:
+        envelope = None
+    if isinstance(envelope, dict) and isinstance(envelope.get("error"), dict):
+        error = envelope["error"]
+        code = error.get("code") if isinstance(error.get("code"), str) else None
+        message = error.get("message") if isinstance(error.get("message"), str) else None
+        details = error.get("details")
+    if 300 <= status < 400:
+        # Never followed: the bearer key must not travel to wherever the Location points.
+        cls: type[APIError] = UnexpectedResponse
+        message = "redirects from the API are not followed; check BATCHROUTER_API_URL"
+    elif status in _ERRORS_BY_STATUS:
+        cls = _ERRORS_BY_STATUS[status]
+    elif status >= 500 or status == 408:
+        cls = APITransientError
+    else:
+        cls = APIError
+    text = f"BatchRouter {method} {path} answered {status}"
+    if code:
+        text += f" ({code})"
+    if message:
+        text += f": {message}"
+    return cls(
+        _scrub(text, hidden),
+        status=status,
+        code=code,
+        details=details,
+        retry_after=parse_retry_after(response.headers.get("Retry-After")),
+    )
+
+
+def parse_retry_after(value: str | None, *, now: dt.datetime | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header: delta-seconds or an HTTP-date (RFC 9110 §10.2.3).
+
+    None when the header is absent or unreadable; never negative.
+    """
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        pass
+    else:
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return max(0.0, (when - now).total_seconds())
+
+
+def _scrub(text: str, hidden: tuple[str, ...]) -> str:
+    """`text` with every secret in `hidden` masked, in case a server or library echoes one back."""
+    for secret in hidden:
+        if secret:
+            text = text.replace(secret, "***")
+    return text

@@ -1,0 +1,78 @@
+"""Run the emulator as a real threaded HTTP server, in the foreground or on a thread for tests.
+
+Werkzeug's server is enough here: one thread per connection, so a stalled artifact download does not
+hold up API calls, and each response streams from a generator straight to the socket.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+from .app import EmulatorConfig, create_app
+
+
+class QuietRequestHandler(WSGIRequestHandler):
+    """A request handler that does not log every request (tests make thousands)."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass
+
+
+def make_emulator_server(config: EmulatorConfig, *, quiet: bool = False) -> BaseWSGIServer:
+    """Bind the emulator's server (port 0 picks a free port); the caller runs it."""
+    app = create_app(config)
+    return make_server(
+        config.host,
+        config.port,
+        app,
+        threaded=True,
+        request_handler=QuietRequestHandler if quiet else None,
+    )
+
+
+def server_url(server: BaseWSGIServer) -> str:
+    """The base URL a client on this machine uses to reach `server`."""
+    host = server.server_address[0]
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{server.server_port}"
+
+
+def serve(config: EmulatorConfig, *, quiet: bool = False) -> None:
+    """Serve until interrupted (Ctrl-C or SIGINT)."""
+    server = make_emulator_server(config, quiet=quiet)
+    print(f"BatchRouter emulator listening on {server_url(server)}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(server)
+
+
+def start_in_thread(
+    config: EmulatorConfig, *, quiet: bool = True
+) -> tuple[BaseWSGIServer, str]:
+    """Start a server on a daemon thread; return it and its base URL. Stop it with :func:`stop`."""
+    server = make_emulator_server(config, quiet=quiet)
+    thread = threading.Thread(
+        target=server.serve_forever,
+        kwargs={"poll_interval": 0.1},
+        name="emulator-server",
+        daemon=True,
+    )
+    thread.start()
+    return server, server_url(server)
+
+
+def stop(server: BaseWSGIServer) -> None:
+    """Stop serving, close the socket and give up the retries of pending deliveries."""
+    server.app.extensions["emulator"].deliverer.cancel_pending()
+    server.shutdown()
+    server.server_close()

@@ -1,0 +1,489 @@
+"""`receiver register`: point BatchRouter's delivery webhook at this receiver, and prove it works.
+
+The steps, each a line of the checklist the command prints:
+
+1. the API key is accepted (`GET /v1/auth/account`), the storage is writable, and an S3 bucket aborts
+   incomplete multipart uploads (a warning with the fix when it does not);
+2. the signing secret is stored in the ledger *before* BatchRouter learns it, so every instance
+   accepts a delivery signed with it from the moment BatchRouter starts using it;
+3. `PUT /v1/auth/account/delivery-webhook` with the URL and the secret (batchrouter-api-facts.md §2.1:
+   HTTPS only, secret 8–256 characters, private and metadata hosts refused);
+4. a signed self-test delivery is POSTed to the public URL, through whatever TLS front is there, and
+   the ledger is read back to confirm *this* receiver recorded it.
+
+Running it again is safe: without `--rotate` the current secret is sent again rather than replaced.
+With `--rotate` a new secret becomes current and the previous one stays accepted for
+`RECEIVER_SECRET_GRACE_HOURS` (48 h by default, longer than BatchRouter's 24 h of retries), so a
+delivery signed before the switch and retried after it still gets in.
+
+Secrets are never printed or logged: the only place they go is the ledger and the PUT body.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import logging
+import secrets as secrets_module
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import click
+import sqlalchemy as sa
+import urllib3
+from urllib3.exceptions import HTTPError as _Urllib3Error
+from urllib3.exceptions import MaxRetryError, NewConnectionError, SSLError
+
+from .config import Settings
+from .errors import APIError, AuthenticationFailed, BadRequest, ConfigError, ReceiverError, StorageError
+from .signature import HEADER, sign
+
+#: BatchRouter retries a delivery for 24 h (older docs: 8 tries over 24 h, api-facts §3); a grace
+#: period shorter than that rejects retries signed with the previous secret.
+BATCHROUTER_RETRY_WINDOW_SECONDS = 24 * 3600
+#: `secrets.token_urlsafe(32)` is 43 characters; the contract asks for at least 32.
+SECRET_BYTES = 32
+#: Web workers cache the accepted secrets for about a second (Ledger.accepted_secrets), so a 401 to
+#: the first self-test after a rotation is retried for this long before it counts as a refusal.
+SELF_TEST_SIGNATURE_WAIT_SECONDS = 6.0
+SELF_TEST_TIMEOUT_SECONDS = 10.0
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One line of the checklist."""
+
+    status: str  # OK, WARN or FAIL
+    label: str
+    detail: str = ""
+
+    def line(self) -> str:
+        return f"[{self.status:>4}] {self.label}" + (f": {self.detail}" if self.detail else "")
+
+
+@dataclasses.dataclass
+class Checklist:
+    """What `register` did, step by step; `failure` is the reason it stopped, if it did."""
+
+    steps: list[Step] = dataclasses.field(default_factory=list)
+    failure: str | None = None
+    #: A new secret was generated (first registration or --rotate).
+    minted: bool = False
+    #: How many previous secrets were moved into their grace period.
+    retired: int = 0
+    event_id: str | None = None
+    on_step: Callable[[Step], None] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None
+
+    def add(self, status: str, label: str, detail: str = "") -> Step:
+        step = Step(status, label, detail)
+        self.steps.append(step)
+        if self.on_step is not None:
+            self.on_step(step)
+        return step
+
+    def fail(self, label: str, detail: str) -> Checklist:
+        self.add(FAIL, label, detail)
+        self.failure = f"{label}: {detail}"
+        return self
+
+
+# --- the URL ------------------------------------------------------------------------------------------
+
+
+def validate_hook_url(url: str, *, insecure: bool, source: str = "--url") -> str:
+    """The URL BatchRouter will deliver to, or ConfigError naming `source` and the fix.
+
+    BatchRouter only delivers over HTTPS (api-facts §2.1). Plain http is allowed for a loopback host
+    with `insecure`, which is how the emulator is used in development.
+    """
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(source, "must be an https:// URL, e.g. https://hooks.example.com/hooks/batchrouter")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(source, "must not contain a user name or password")
+    if parts.fragment:
+        raise ConfigError(source, "must not contain a #fragment")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        raise ConfigError(source, "has an invalid port") from None
+    if parts.scheme == "http":
+        if not insecure:
+            raise ConfigError(source, "must be https:// (BatchRouter delivers over HTTPS only); --insecure allows http:// on loopback")
+        if not is_loopback(parts.hostname):
+            raise ConfigError(source, "must be https://; plain http:// is allowed only on a loopback host (localhost, 127.0.0.1, ::1) with --insecure")
+    return url.strip()
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# --- the steps ----------------------------------------------------------------------------------------
+
+
+def run(
+    settings: Settings,
+    url: str,
+    *,
+    rotate: bool = False,
+    ca_file: str | None = None,
+    on_step: Callable[[Step], None] | None = None,
+    client: Any = None,
+    ledger: Any = None,
+    storage: Any = None,
+) -> Checklist:
+    """Register `url` (already checked by :func:`validate_hook_url`) and return the checklist.
+
+    `client`, `ledger` and `storage` default to the ones `settings` describes; the caller closes
+    what it passes in, this function closes what it opens.
+    """
+    from .client import BatchRouterClient
+    from .ledger import Ledger
+    from .storage import open_storage
+
+    result = Checklist(on_step=on_step)
+    opened: list[Any] = []
+    try:
+        if client is None:
+            client = BatchRouterClient.from_settings(settings)
+            opened.append(client)
+        if not _check_key(client, result):
+            return result
+        if storage is None:
+            storage = open_storage(settings)
+            opened.append(storage)
+        if not _check_storage(storage, result):
+            return result
+        if ledger is None:
+            ledger = Ledger(settings.database_url)
+            opened.append(ledger)
+        try:
+            ledger.create_schema()
+            secret, minted, retired = _choose_secret(ledger, rotate, settings.secret_grace_seconds)
+        except ReceiverError as exc:
+            return result.fail("ledger", str(exc))
+        result.minted, result.retired = minted, retired
+        if not _put_webhook(client, url, secret, minted, result):
+            return result
+        _self_test(url, secret, ledger, ca_file, result)
+        return result
+    finally:
+        for thing in reversed(opened):
+            try:
+                thing.close()
+            except Exception:  # closing must not hide the checklist
+                pass
+
+
+def _check_key(client: Any, result: Checklist) -> bool:
+    try:
+        account = client.get_account()
+    except AuthenticationFailed:
+        result.fail("API key", "refused by BatchRouter (401): check BATCHROUTER_API_KEY, and that a test key goes with BATCHROUTER_API_URL=https://test.api.batchrouter.com")
+        return False
+    except APIError as exc:
+        result.fail("API key", f"could not be checked: {exc}")
+        return False
+    name = account.get("name") or account.get("id") or account.get("org_id")
+    result.add(OK, "API key accepted", f"account {name}" if isinstance(name, str) and name else "")
+    return True
+
+
+def _check_storage(storage: Any, result: Checklist) -> bool:
+    try:
+        storage.check()
+    except StorageError as exc:
+        result.fail("storage", f"not writable: {exc}")
+        return False
+    except Exception as exc:  # a misconfigured backend must not end in a traceback
+        result.fail("storage", f"not writable: {type(exc).__name__}: {exc}")
+        return False
+    result.add(OK, "storage writable", storage.url)
+    client = getattr(storage, "client", None)
+    bucket = getattr(storage, "bucket", None)
+    if client is not None and isinstance(bucket, str):
+        status, detail = check_s3_abort_rule(client, bucket, getattr(storage, "prefix", "") or "")
+        result.add(status, "bucket aborts incomplete multipart uploads", detail)
+    return True
+
+
+def check_s3_abort_rule(client: Any, bucket: str, prefix: str) -> tuple[str, str]:
+    """(OK or WARN, detail): whether a lifecycle rule aborts multipart uploads under `prefix`.
+
+    The receiver aborts its own uploads, but a killed process leaves parts that S3 bills for until
+    a lifecycle rule's AbortIncompleteMultipartUpload removes them (S3 User Guide, "Configuring a
+    bucket lifecycle configuration to delete incomplete multipart uploads"). Never fatal.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        config = client.get_bucket_lifecycle_configuration(Bucket=bucket)
+        rules = config.get("Rules", [])
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code != "NoSuchLifecycleConfiguration":
+            return WARN, f"could not read the lifecycle of bucket {bucket} ({code or exc}); it needs s3:GetLifecycleConfiguration to be checked"
+        rules = []
+    except BotoCoreError as exc:
+        return WARN, f"could not read the lifecycle of bucket {bucket}: {exc}"
+    for rule in rules:
+        if rule.get("Status") != "Enabled" or "AbortIncompleteMultipartUpload" not in rule:
+            continue
+        rule_prefix = _rule_prefix(rule)
+        if rule_prefix is not None and prefix.startswith(rule_prefix.rstrip("/")):
+            days = rule["AbortIncompleteMultipartUpload"].get("DaysAfterInitiation")
+            return OK, f"rule {rule.get('ID') or '(unnamed)'} aborts them after {days} day(s)"
+    scope = f"{prefix}/" if prefix else ""
+    fix = json.dumps(
+        {"Rules": [{"ID": "abort-incomplete-multipart-uploads", "Status": "Enabled", "Filter": {"Prefix": scope},
+                    "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}]},
+        separators=(",", ":"),
+    )
+    return WARN, (
+        f"no lifecycle rule of bucket {bucket} aborts incomplete multipart uploads"
+        f"{' under ' + scope if scope else ''}; parts of a killed upload are billed until one does. Fix: "
+        f"deploy infra/cloudformation/bucket.yaml, or add the rule (merged with any existing ones, since "
+        f"this call replaces them): aws s3api put-bucket-lifecycle-configuration --bucket {bucket} "
+        f"--lifecycle-configuration '{fix}'"
+    )
+
+
+def _rule_prefix(rule: dict[str, Any]) -> str | None:
+    """The key prefix a lifecycle rule applies to ('' for the whole bucket), None if it filters on
+    anything else (tags, sizes) and so may not cover our uploads."""
+    if "Filter" not in rule:
+        return rule.get("Prefix", "")  # the legacy top-level Prefix
+    flt = rule["Filter"] or {}
+    if "And" in flt:
+        inner = flt["And"]
+        if inner.get("Tags") or "ObjectSizeGreaterThan" in inner or "ObjectSizeLessThan" in inner:
+            return None
+        return inner.get("Prefix", "")
+    if set(flt) - {"Prefix"}:
+        return None
+    return flt.get("Prefix", "")
+
+
+def _choose_secret(ledger: Any, rotate: bool, grace_seconds: float) -> tuple[str, bool, int]:
+    """(secret, whether it is new, how many current secrets it retired).
+
+    Stored before BatchRouter hears of it; `add_secret` moves the previous current secret into its
+    grace period in the same transaction.
+    """
+    current = ledger.current_secret()
+    if current is not None and not rotate:
+        return current, False, 0
+    secret = secrets_module.token_urlsafe(SECRET_BYTES)
+    retired = sum(1 for info in ledger.secret_info() if info.expires_at is None)
+    ledger.add_secret(secret, grace_seconds=grace_seconds)
+    return secret, True, retired
+
+
+def _put_webhook(client: Any, url: str, secret: str, minted: bool, result: Checklist) -> bool:
+    try:
+        client.set_delivery_webhook(url, secret)
+    except AuthenticationFailed:
+        result.fail("webhook", "BatchRouter refused the API key (401) when setting the webhook")
+        return False
+    except BadRequest as exc:
+        result.fail("webhook", f"BatchRouter refused it (400): {_details(exc)}")
+        return False
+    except APIError as exc:
+        result.fail("webhook", f"not set: {exc}")
+        return False
+    note = "a new signing secret" if minted else "the current signing secret"
+    result.add(OK, "webhook set", f"{url}, with {note}")
+    return True
+
+
+def _details(exc: APIError) -> str:
+    details = exc.details
+    if isinstance(details, dict) and details:
+        return "; ".join(f"{field}: {reason}" for field, reason in details.items())
+    if isinstance(details, list) and details:
+        return "; ".join(str(d) for d in details)
+    return str(exc)
+
+
+# --- the self-test ------------------------------------------------------------------------------------
+
+
+def self_test_body(now: float | None = None) -> tuple[str, bytes]:
+    """A delivery in the envelope form with a unique id and a type nothing acts on (it is `ignored`)."""
+    event_id = "evt_selftest_" + secrets_module.token_hex(12)
+    body = {"id": event_id, "type": "receiver.selftest", "created": int(now or time.time()), "data": {}}
+    return event_id, json.dumps(body, separators=(",", ":")).encode()
+
+
+def _self_test(url: str, secret: str, ledger: Any, ca_file: str | None, result: Checklist) -> None:
+    event_id, body = self_test_body()
+    result.event_id = event_id
+    headers = {"Content-Type": "application/json", HEADER: sign(secret, body), "User-Agent": "batchrouter-receiver-register"}
+    # Certificates verified against the system store or --ca-file; redirects not followed, since
+    # BatchRouter is not documented to follow them either.
+    pool = urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=ca_file, retries=False)
+    timeout = urllib3.Timeout(connect=SELF_TEST_TIMEOUT_SECONDS, read=SELF_TEST_TIMEOUT_SECONDS)
+    secure = urlsplit(url).scheme == "https"
+    reach = "reachable over HTTPS" if secure else "reachable (plain http, --insecure)"
+    deadline = time.monotonic() + SELF_TEST_SIGNATURE_WAIT_SECONDS
+    try:
+        while True:
+            try:
+                response = pool.request("POST", url, body=body, headers=headers, timeout=timeout, redirect=False)
+            except (_Urllib3Error, OSError) as exc:
+                reason = exc.reason if isinstance(exc, MaxRetryError) and exc.reason is not None else exc
+                if isinstance(reason, NewConnectionError):  # drop urllib3's "HTTPConnection(host=…, port=…): "
+                    reason = str(reason).split("): ", 1)[-1]
+                if "CERTIFICATE_VERIFY_FAILED" in str(reason):  # an unknown CA, an expired or misnamed certificate
+                    result.fail(
+                        "certificate",
+                        f"the TLS certificate of {url} does not verify ({_short(reason)}); BatchRouter will refuse it too. "
+                        "Use a certificate from a public CA, or pass --ca-file for a private CA in a test setup",
+                    )
+                elif isinstance(reason, SSLError):
+                    result.fail("URL", f"the TLS handshake with {url} failed ({_short(reason)}); is HTTPS served on that port?")
+                else:
+                    result.fail("URL", f"{url} does not answer ({_short(reason)}); check DNS, the firewall and the TLS front")
+                return
+            if response.status == 401 and time.monotonic() < deadline:
+                time.sleep(0.5)  # another instance may still cache the previous secrets
+                continue
+            break
+    finally:
+        pool.clear()
+    status = response.status
+    if 300 <= status < 400:
+        result.fail("URL", f"{url} redirects ({status}) to {response.headers.get('Location')!r}; register the final URL")
+        return
+    if status == 401:
+        result.add(OK, reach, f"{url} answered")
+        result.fail(
+            "signature",
+            f"{url} answered 401 to a delivery signed with the registered secret: it reaches a receiver that does "
+            "not share this ledger (DATABASE_URL), or not a receiver at all",
+        )
+        return
+    if status != 200:
+        said = _short(response.data.decode("utf-8", "replace"))
+        if status >= 500:
+            hint = "the receiver or the proxy in front of it is failing (is gunicorn running? see /readyz on its port)"
+        else:
+            hint = "it is not this receiver's POST /hooks/batchrouter"
+        result.fail("URL", f"{url} answered {status} to the self-test delivery ({said}): {hint}")
+        return
+    result.add(OK, reach, f"{url} answered 200")
+    try:
+        answer = json.loads(response.data)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or answer.get("status") not in ("accepted", "ignored", "duplicate"):
+        result.fail("signature", f"{url} answered 200 but not as a receiver does ({_short(response.data.decode('utf-8', 'replace'))})")
+        return
+    try:
+        recorded = delivery_recorded(ledger, event_id)
+    except ReceiverError as exc:
+        result.fail("signature", f"the self-test could not be confirmed: {exc}")
+        return
+    if not recorded:
+        result.fail(
+            "signature",
+            f"{url} accepted the self-test, but this receiver's ledger has no record of it: the URL reaches "
+            "another receiver (a different DATABASE_URL)",
+        )
+        return
+    result.add(OK, "signature accepted", f"self-test delivery {event_id} recorded in the ledger")
+
+
+def delivery_recorded(ledger: Any, event_id: str) -> bool:
+    """Whether the ledger recorded a delivery with `event_id` (the web side wrote it before its 200)."""
+    from sqlalchemy.exc import DBAPIError
+
+    from .errors import LedgerUnavailable
+    from .ledger import deliveries
+
+    try:
+        with ledger.engine.connect() as conn:
+            found = conn.execute(sa.select(deliveries.c.event_id).where(deliveries.c.event_id == event_id)).first()
+    except DBAPIError as exc:
+        raise LedgerUnavailable(f"ledger unavailable: {str(getattr(exc, 'orig', exc)).splitlines()[0][:300]}") from None
+    return found is not None
+
+
+def _short(value: object, limit: int = 200) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--url", metavar="URL", help="Public HTTPS URL of this receiver's hook, e.g. https://hooks.example.com/hooks/batchrouter. Default: RECEIVER_PUBLIC_URL.")
+@click.option("--rotate", is_flag=True, help="Make a new signing secret current; the previous one stays accepted for RECEIVER_SECRET_GRACE_HOURS (default 48).")
+@click.option("--insecure", is_flag=True, help="Allow a plain http:// URL on a loopback host (the local emulator only).")
+@click.option(
+    "--ca-file",
+    type=click.Path(exists=True, dir_okay=False, readable=True),
+    help="PEM bundle to verify the URL's certificate during the self-test, for a private CA (e.g. Caddy's `tls internal`). BatchRouter itself needs a publicly trusted certificate.",
+)
+def register(url: str | None, rotate: bool, insecure: bool, ca_file: str | None) -> None:
+    """Point BatchRouter's delivery webhook at this receiver and prove a signed delivery gets in.
+
+    Checks the API key and the storage, stores the signing secret in the ledger (every instance
+    accepts it at once), sets the webhook with PUT /v1/auth/account/delivery-webhook, then sends a
+    signed self-test delivery to the URL and confirms this receiver recorded it. Prints a checklist;
+    exits 1 with the reason when a step fails, 2 for a bad URL or setting. Running it again is safe:
+    the current secret is kept unless --rotate is given. Secrets are never printed.
+    """
+    from .cli import ConfigurationError, Failure, load_settings
+    from .logs import configure_logging
+
+    settings = load_settings()
+    source = "--url" if url else "RECEIVER_PUBLIC_URL"
+    url = url or settings.public_url
+    if not url:
+        raise ConfigurationError("no URL to register: pass --url https://…/hooks/batchrouter or set RECEIVER_PUBLIC_URL")
+    try:
+        url = validate_hook_url(url, insecure=insecure, source=source)
+        settings.require_api_key()
+    except ConfigError as exc:
+        raise ConfigurationError(str(exc)) from None
+    configure_logging(logging.WARNING)  # the checklist is the output
+
+    def show(step: Step) -> None:
+        if step.status != FAIL:  # the failed step is the error message, on stderr
+            click.echo(step.line())
+
+    if rotate and settings.secret_grace_seconds < BATCHROUTER_RETRY_WINDOW_SECONDS:
+        show(Step(WARN, "grace period", f"RECEIVER_SECRET_GRACE_HOURS is {settings.secret_grace_seconds / 3600:g} h, shorter than "
+                                        "BatchRouter's 24 h of retries: a retried delivery signed with the previous secret may be refused"))
+    try:
+        result = run(settings, url, rotate=rotate, ca_file=ca_file, on_step=show)
+    except ConfigError as exc:
+        raise ConfigurationError(str(exc)) from None
+    except ReceiverError as exc:
+        raise Failure(str(exc)) from None
+    if not result.ok:
+        raise Failure(f"register failed: {result.failure}")
+    if not result.minted:
+        summary = "the current signing secret was kept (--rotate makes a new one)"
+    elif result.retired:
+        summary = f"a new signing secret is current; the previous one stays accepted for {settings.secret_grace_seconds / 3600:g} h"
+    else:
+        summary = "a new signing secret is current"
+    click.echo(f"registered {url}: {summary}")

@@ -1,0 +1,232 @@
+"""LocalStorage: a part file renamed into place, never visible half-written, named errors."""
+
+from __future__ import annotations
+
+import errno
+import gc
+import glob
+import hashlib
+import os
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from receiver import layout
+from receiver.errors import ObjectNotFound, StorageError, StoragePermissionError, StorageUnavailable
+from receiver.storage.local import LocalStorage, _storage_error
+
+KEY = "results/dt=2026-01-02/batch_id=b_1/results.jsonl"
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> LocalStorage:
+    return LocalStorage(str(tmp_path / "root"))
+
+
+def _layout_glob(root: str) -> list[str]:
+    return glob.glob(os.path.join(root, "results/dt=*/batch_id=*/*.jsonl*"))
+
+
+def test_round_trip_and_invisible_until_commit(storage: LocalStorage) -> None:
+    digest = hashlib.sha256()
+    writer = storage.open_writer(KEY, token="job-1", size_hint=3 * MiB)
+    for i in range(3):
+        block = bytes([i]) * MiB
+        digest.update(block)
+        writer.write(block)
+    # Mid-write: the part file sits next to the final key, hidden and not matching the layout's globs.
+    assert not storage.exists(KEY)
+    assert _layout_glob(storage.root) == []
+    assert list(storage.list_keys("results/")) == []
+    folder = os.path.dirname(storage.path_for(KEY))
+    (part,) = os.listdir(folder)
+    assert part == os.path.basename(layout.part_key(KEY, "job-1"))
+    assert layout.is_part_key(part) and not part.endswith((".jsonl", ".jsonl.gz"))
+
+    writer.commit()
+    assert writer.bytes_written == 3 * MiB
+    assert os.listdir(folder) == ["results.jsonl"]
+    assert hashlib.sha256(storage.get_bytes(KEY)).hexdigest() == digest.hexdigest()
+    assert hashlib.sha256(b"".join(storage.open_read(KEY))).hexdigest() == digest.hexdigest()
+    assert list(storage.list_keys("results/")) == [KEY]
+    writer.commit()  # idempotent
+
+
+def test_abort_removes_the_part_file_and_is_idempotent(storage: LocalStorage) -> None:
+    writer = storage.open_writer(KEY, token="t", size_hint=None)
+    writer.write(b"partial\n")
+    writer.abort()
+    writer.abort()
+    assert os.listdir(os.path.dirname(storage.path_for(KEY))) == []
+    with pytest.raises(ValueError):
+        writer.write(b"more")
+    with pytest.raises(ValueError):
+        writer.commit()
+
+
+def test_context_manager_aborts_on_error(storage: LocalStorage) -> None:
+    with pytest.raises(RuntimeError), storage.open_writer(KEY, token="t") as writer:
+        writer.write(b"x")
+        raise RuntimeError("download failed")
+    assert os.listdir(os.path.dirname(storage.path_for(KEY))) == []
+
+
+def test_dropped_writer_leaves_no_part_file(storage: LocalStorage) -> None:
+    writer = storage.open_writer(KEY, token="t")
+    writer.write(b"x" * 100)
+    folder = os.path.dirname(storage.path_for(KEY))
+    del writer
+    gc.collect()
+    assert os.listdir(folder) == []
+
+
+def test_compressed_part_never_matches_gz_glob(storage: LocalStorage) -> None:
+    key = KEY + ".gz"
+    writer = storage.open_writer(key, token="t")
+    writer.write(b"\x1f\x8b")
+    assert _layout_glob(storage.root) == []
+    writer.commit()
+    assert _layout_glob(storage.root) == [storage.path_for(key)]
+
+
+def test_put_if_absent_publishes_once(storage: LocalStorage) -> None:
+    key = layout.manifest_key("b_1")
+    assert storage.put_if_absent(key, b'{"first": true}') is True
+    assert storage.put_if_absent(key, b'{"second": true}') is False
+    assert storage.get_bytes(key) == b'{"first": true}'
+    assert os.listdir(os.path.dirname(storage.path_for(key))) == ["b_1.json"]  # no temp left behind
+
+
+def test_put_if_absent_at_the_root(storage: LocalStorage) -> None:
+    assert storage.put_if_absent("top.json", b"{}") is True
+    assert storage.put_if_absent("top.json", b"{}") is False
+    assert sorted(os.listdir(storage.root)) == ["top.json"]
+
+
+def test_cleanup_partials_by_age(storage: LocalStorage) -> None:
+    old = storage.open_writer(KEY, token="old")
+    old.write(b"x")
+    new = storage.open_writer(KEY.replace("b_1", "b_2"), token="new")
+    new.write(b"y")
+    done = storage.open_writer(KEY.replace("b_1", "b_3"), token="done")
+    done.write(b"z")
+    done.commit()
+    hour_ago = time.time() - 3600
+    os.utime(old.part_path, (hour_ago, hour_ago))
+
+    assert storage.cleanup_partials(older_than_seconds=600) == 1
+    assert not os.path.exists(old.part_path)
+    assert os.path.exists(new.part_path)
+    assert storage.cleanup_partials(older_than_seconds=0) == 1
+    assert storage.exists(KEY.replace("b_1", "b_3"))
+    assert storage.cleanup_partials() == 0
+
+
+def test_check_creates_the_root_and_leaves_nothing(tmp_path: Path) -> None:
+    storage = LocalStorage(str(tmp_path / "a" / "b"))
+    storage.check()
+    assert os.path.isdir(storage.root)
+    assert os.listdir(storage.root) == []
+
+
+def test_missing_keys(storage: LocalStorage) -> None:
+    with pytest.raises(ObjectNotFound):
+        storage.get_bytes("manifests/nope.json")
+    with pytest.raises(ObjectNotFound):
+        storage.open_read("manifests/nope.json")  # raised at once, not on first iteration
+    assert storage.exists("manifests/nope.json") is False
+    storage.delete("manifests/nope.json")
+
+
+def test_delete_and_list_prefix(storage: LocalStorage) -> None:
+    for key in ("manifests/a.json", "manifests/b.json", "results/x/results.jsonl"):
+        assert storage.put_if_absent(key, b"1")
+    assert sorted(storage.list_keys("manifests/")) == ["manifests/a.json", "manifests/b.json"]
+    assert sorted(storage.list_keys("manifests/a")) == ["manifests/a.json"]
+    assert len(list(storage.list_keys(""))) == 3
+    storage.delete("manifests/a.json")
+    assert sorted(storage.list_keys("manifests")) == ["manifests/b.json"]
+
+
+@pytest.mark.parametrize(
+    "key", ["../escape", "results/../../escape", "/etc/passwd", "a//b", "./a", "a/./b", "", "a\\..\\b", "a\x00b", "dir/"]
+)
+def test_keys_that_could_escape_are_refused(storage: LocalStorage, key: str) -> None:
+    with pytest.raises(ValueError):
+        storage.open_writer(key, token="t")
+    with pytest.raises(ValueError):
+        storage.put_if_absent(key, b"x")
+    with pytest.raises(ValueError):
+        storage.exists(key)
+
+
+def test_token_cannot_move_the_part_file(storage: LocalStorage) -> None:
+    with pytest.raises(ValueError):
+        storage.open_writer(KEY, token="../../x")
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        (errno.ENOSPC, StorageUnavailable),
+        (errno.EDQUOT, StorageUnavailable),
+        (errno.EIO, StorageUnavailable),
+        (errno.EACCES, StoragePermissionError),
+        (errno.EPERM, StoragePermissionError),
+        (errno.EROFS, StoragePermissionError),
+        (errno.ENAMETOOLONG, StorageError),
+    ],
+)
+def test_errno_mapping(code: int, cls: type[StorageError]) -> None:
+    error = _storage_error(OSError(code, os.strerror(code)), "/data/results.jsonl", "write")
+    assert type(error) is cls
+    assert "/data/results.jsonl" in str(error)
+
+
+# --- a real full and a real read-only file system (tmpfs; needs root and mount permission) --------
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    mount_point = tmp_path / f"tmpfs-{uuid.uuid4().hex[:8]}"
+    mount_point.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True, check=False
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_full_disk_is_transient_and_frees_the_space(tiny_tmpfs: Path) -> None:
+    storage = LocalStorage(str(tiny_tmpfs))
+    writer = storage.open_writer(KEY, token="t")
+    with pytest.raises(StorageUnavailable, match="ENOSPC"):
+        for _ in range(4):
+            writer.write(b"x" * MiB)
+        writer.commit()
+    assert not os.path.exists(writer.part_path)
+    assert not storage.exists(KEY)
+    writer.abort()  # the worker's cleanup after the failure: a no-op
+    storage.check()  # the space is back
+
+
+def test_read_only_file_system_is_a_permission_error(tiny_tmpfs: Path) -> None:
+    storage = LocalStorage(str(tiny_tmpfs))
+    storage.check()
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_tmpfs)], check=True)
+    with pytest.raises(StoragePermissionError, match="EROFS") as info:
+        storage.open_writer(KEY, token="t")
+    assert str(tiny_tmpfs) in str(info.value)
+    with pytest.raises(StoragePermissionError):
+        storage.put_if_absent("manifests/x.json", b"{}")
+    with pytest.raises(StoragePermissionError):
+        storage.check()
