@@ -31,7 +31,10 @@ timeout = 30
 graceful_timeout = 30
 # The ingest handler enforces its own body limit with a JSON 413; keep gunicorn's header limits.
 limit_request_line = 8190
-forwarded_allow_ips = "127.0.0.1,::1"
+# X-Forwarded-* is trusted by the app itself, and only from RECEIVER_TRUSTED_PROXIES hops
+# (werkzeug's ProxyFix); gunicorn must not trust it on its own, or any client could claim https.
+forwarded_allow_ips = ""
+secure_scheme_headers: dict[str, str] = {}
 
 # prometheus-client multiprocess mode: every worker writes its counters here, /metrics sums them.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -14,8 +14,6 @@ The web side and the worker side meet only here.
 from __future__ import annotations
 
 import dataclasses
-import json
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -125,7 +123,6 @@ class Ledger:
         self.dialect = self.engine.dialect.name
         self._secret_cache: tuple[float, tuple[str, ...]] | None = None
         self._secret_cache_seconds = secret_cache_seconds
-        self._lock = threading.Lock()
         # Built once: ingest runs this per delivery, and constructing the statement each time
         # costs more than SQLite's insert itself.
         self._record_stmt = (
@@ -407,6 +404,12 @@ class Ledger:
             rows = conn.execute(sa.select(jobs).order_by(jobs.c.created_at.desc()).limit(limit)).mappings()
             return [dict(r) for r in rows]
 
+    def has_delivery(self, event_id: str) -> bool:
+        """Whether a delivery with this event id was recorded (register's self-test asks this)."""
+        with self._connect() as conn:
+            found = conn.execute(sa.select(deliveries.c.event_id).where(deliveries.c.event_id == event_id)).first()
+        return found is not None
+
     def event_ids(self, batch_id: str) -> list[str]:
         with self._connect() as conn:
             return list(
@@ -542,6 +545,3 @@ def _create_engine(url: str, busy_timeout_seconds: float) -> Engine:
         return sa.create_engine(url, pool_size=8, max_overflow=24, pool_pre_ping=True)
     raise UnsupportedDatabase("DATABASE_URL", "use sqlite:///path.db or postgresql://…")
 
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True)

@@ -32,7 +32,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import click
-import sqlalchemy as sa
 import urllib3
 from urllib3.exceptions import HTTPError as _Urllib3Error
 from urllib3.exceptions import MaxRetryError, NewConnectionError, SSLError
@@ -411,17 +410,7 @@ def _self_test(url: str, secret: str, ledger: Any, ca_file: str | None, result: 
 
 def delivery_recorded(ledger: Any, event_id: str) -> bool:
     """Whether the ledger recorded a delivery with `event_id` (the web side wrote it before its 200)."""
-    from sqlalchemy.exc import DBAPIError
-
-    from .errors import LedgerUnavailable
-    from .ledger import deliveries
-
-    try:
-        with ledger.engine.connect() as conn:
-            found = conn.execute(sa.select(deliveries.c.event_id).where(deliveries.c.event_id == event_id)).first()
-    except DBAPIError as exc:
-        raise LedgerUnavailable(f"ledger unavailable: {str(getattr(exc, 'orig', exc)).splitlines()[0][:300]}") from None
-    return found is not None
+    return ledger.has_delivery(event_id)
 
 
 def _short(value: object, limit: int = 200) -> str:

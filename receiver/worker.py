@@ -198,6 +198,7 @@ class Worker:
 
         stored_at = dt.datetime.fromtimestamp(job.planned_at or time.time(), dt.timezone.utc)
         day = layout.partition_date(stored_at)
+        self._clean_earlier_attempts(batch_id, day)
         token = f"{self.owner[-12:]}-{job.attempts}"
         files: list[dict[str, Any]] = []
         if batch.completed:
@@ -277,6 +278,22 @@ class Worker:
             raise
         return _file_entry(writer.key, result)
 
+    def _clean_earlier_attempts(self, batch_id: str, day: str) -> None:
+        """Remove what an earlier attempt at this batch left (a part file, a multipart upload).
+
+        We hold the lease, so no live writer owns them: a worker that lost its lease stops at its
+        next progress check and its commit then fails. Without this a killed attempt's leftovers
+        would wait for the periodic sweep."""
+        for key in (layout.results_key(batch_id, day), layout.errors_key(batch_id, day)):
+            folder = key.rpartition("/")[0] + "/"
+            try:
+                removed = self.storage.cleanup_partials(0, prefix=folder)
+            except ReceiverError as exc:
+                log.warning("job %s: could not clean an earlier attempt's leftovers: %s", batch_id, exc)
+                continue
+            if removed:
+                log.info("job %s: removed %d leftovers of an earlier attempt", batch_id, removed)
+
     def _adopt_existing(self, job: Job, manifest_key: str) -> None:
         """The batch is already published (an earlier attempt, or another worker): record it."""
         manifest = json.loads(self.storage.get_bytes(manifest_key))
@@ -299,7 +316,6 @@ class Worker:
             if running.reason == "lease lost":
                 raise LeaseLost(f"lease on {running.job.batch_id} lost")
             raise JobCancelled(running.reason)
-
 
     def _cancel_all(self, reason: str) -> None:
         with self._lock:

@@ -51,7 +51,8 @@ class Service:
     def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
         self.name = name
         self.args = args
-        self.env = env
+        # Children import this checkout, whichever copy of the package pip installed.
+        self.env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
         self.log_path = log_dir / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.logs: list[Path] = []

@@ -77,9 +77,9 @@ class Storage(abc.ABC):
         """Raise StorageError unless the storage is reachable and writable (for /readyz)."""
 
     @abc.abstractmethod
-    def cleanup_partials(self, older_than_seconds: float = 0) -> int:
+    def cleanup_partials(self, older_than_seconds: float = 0, *, prefix: str = "") -> int:
         """Delete temporary objects (and abort multipart uploads) left by crashed writers under our
-        root, older than the given age. Returns how many were removed."""
+        root (or under `prefix` within it), older than the given age. Returns how many were removed."""
 
     def close(self) -> None:
         """Release connections and thread pools."""

@@ -215,11 +215,12 @@ class LocalStorage(Storage):
         finally:
             _unlink_quietly(probe)
 
-    def cleanup_partials(self, older_than_seconds: float = 0) -> int:
+    def cleanup_partials(self, older_than_seconds: float = 0, *, prefix: str = "") -> int:
         """Delete part files (`layout.is_part_key`) whose mtime is older than the given age."""
         cutoff = time.time() - older_than_seconds
         removed = 0
-        for dirpath, _dirnames, filenames in os.walk(self.root):
+        top = self.path_for(prefix.rstrip("/")) if prefix else self.root
+        for dirpath, _dirnames, filenames in os.walk(top):
             for name in filenames:
                 if not layout.is_part_key(name):
                     continue

@@ -386,7 +386,7 @@ class S3Storage(Storage):
         with self._errors("DeleteObject", probe):
             self.client.delete_object(Bucket=self.bucket, Key=probe)
 
-    def cleanup_partials(self, older_than_seconds: float = 0) -> int:
+    def cleanup_partials(self, older_than_seconds: float = 0, *, prefix: str = "") -> int:
         """Abort multipart uploads under the prefix initiated more than `older_than_seconds` ago.
 
         The backstop for writers that died without aborting (a kill -9, a lost machine); the bucket's
@@ -396,7 +396,7 @@ class S3Storage(Storage):
         paginator = self.client.get_paginator("list_multipart_uploads")
         removed = 0
         with self._errors("ListMultipartUploads"):
-            pages = list(paginator.paginate(Bucket=self.bucket, Prefix=self._root()))
+            pages = list(paginator.paginate(Bucket=self.bucket, Prefix=self._root() + prefix))
         for page in pages:
             for upload in page.get("Uploads", []):
                 if upload["Initiated"] > cutoff:
