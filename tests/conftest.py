@@ -213,7 +213,7 @@ def secret(receiver_env: dict[str, str], emulator: Emulator, web: Web) -> str:
 def run_cli(env: dict[str, str], *args: str, timeout: float = 120, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [sys.executable, "-m", "receiver", *args],
-        env=env,
+        env={**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))},
         capture_output=True,
         timeout=timeout,
         input=input,
