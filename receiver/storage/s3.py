@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import boto3
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -76,6 +77,9 @@ READ_TIMEOUT = 60.0
 MAX_ATTEMPTS = 8
 #: How long abort() waits for part uploads already on the wire before AbortMultipartUpload.
 ABORT_WAIT_SECONDS = 30.0
+#: The readiness probe's client: one attempt, short timeouts, so /readyz answers well within a load
+#: balancer's health-check timeout (and gunicorn's 30 s) while S3 is down, instead of retrying.
+PROBE_TIMEOUT = 3.0
 #: Blocks yielded by open_read.
 READ_BLOCK_SIZE = 1 * MiB
 
@@ -159,7 +163,7 @@ def make_client(
     endpoint_url: str | None = None,
     region_name: str | None = None,
     checksum: bool = True,
-    max_attempts: int = MAX_ATTEMPTS,
+    max_attempts: int | None = None,
     connect_timeout: float = CONNECT_TIMEOUT,
     read_timeout: float = READ_TIMEOUT,
     max_pool_connections: int = MAX_POOL_CONNECTIONS,
@@ -170,7 +174,13 @@ def make_client(
     Its own Session: boto3's default session is not thread-safe to create clients from. With
     `checksum=False` the client also stops botocore's default CRC32 checksums (botocore >= 1.36 sends
     them "when_supported"), which some S3-compatible stores reject like the SHA-256 ones.
+
+    Attempts per request: `max_attempts`, else the standard AWS_MAX_ATTEMPTS (or `max_attempts` in
+    ~/.aws/config), else MAX_ATTEMPTS.
     """
+    core = botocore.session.get_session()
+    if max_attempts is None:
+        max_attempts = core.get_config_variable("max_attempts") or MAX_ATTEMPTS
     options: dict[str, Any] = {
         "retries": {"mode": "standard", "max_attempts": max_attempts},
         "connect_timeout": connect_timeout,
@@ -181,7 +191,7 @@ def make_client(
     if not checksum:
         options["request_checksum_calculation"] = "when_required"
         options["response_checksum_validation"] = "when_required"
-    session = boto3.session.Session()
+    session = boto3.session.Session(botocore_session=core)
     return session.client("s3", endpoint_url=endpoint_url, region_name=region_name, config=Config(**options))
 
 
@@ -228,6 +238,7 @@ class S3Storage(Storage):
         self.client = client if client is not None else make_client(checksum=checksum)
         #: False once the store answered 501 to If-None-Match (see put_if_absent).
         self._conditional_writes = True
+        self._probe_client: Any = None
 
     def __repr__(self) -> str:
         return f"S3Storage({self.url!r})"
@@ -290,11 +301,11 @@ class S3Storage(Storage):
             self._put(full, data)
         return True
 
-    def _put(self, full_key: str, data: bytes, **extra: Any) -> dict[str, Any]:
+    def _put(self, full_key: str, data: bytes, client: Any = None, **extra: Any) -> dict[str, Any]:
         params = {"Bucket": self.bucket, "Key": full_key, "Body": data, **self._object_args(full_key), **extra}
         if self.checksum:
             params["ChecksumAlgorithm"] = "SHA256"
-        return self.client.put_object(**params)
+        return (client or self.client).put_object(**params)
 
     def _object_args(self, full_key: str) -> dict[str, str]:
         """Arguments of PutObject and CreateMultipartUpload (not UploadPart): encryption and type."""
@@ -376,15 +387,27 @@ class S3Storage(Storage):
         ListObjectsV2 with the prefix stands in for HeadBucket: HeadBucket is authorised as
         s3:ListBucket without an s3:prefix, which the least-privilege policy
         (infra/cloudformation/bucket.yaml) rightly does not grant. Both prove the bucket exists.
+
+        Without retries (PROBE_TIMEOUT), when this storage made its own client.
         """
+        client = self._probe()
         root = self._root()
         with self._errors("ListObjectsV2"):
-            self.client.list_objects_v2(Bucket=self.bucket, Prefix=root, MaxKeys=1)
+            client.list_objects_v2(Bucket=self.bucket, Prefix=root, MaxKeys=1)
         probe = f"{root}{PROBE_FOLDER}/{uuid.uuid4().hex}"
         with self._errors("PutObject", probe):
-            self._put(probe, b"ok\n")
+            self._put(probe, b"ok\n", client)
         with self._errors("DeleteObject", probe):
-            self.client.delete_object(Bucket=self.bucket, Key=probe)
+            client.delete_object(Bucket=self.bucket, Key=probe)
+
+    def _probe(self) -> Any:
+        if not self._own_client:
+            return self.client
+        if self._probe_client is None:
+            self._probe_client = make_client(
+                checksum=self.checksum, max_attempts=1, connect_timeout=PROBE_TIMEOUT, read_timeout=PROBE_TIMEOUT, max_pool_connections=2
+            )
+        return self._probe_client
 
     def cleanup_partials(self, older_than_seconds: float = 0, *, prefix: str = "") -> int:
         """Abort multipart uploads under the prefix initiated more than `older_than_seconds` ago.
@@ -416,6 +439,8 @@ class S3Storage(Storage):
     def close(self) -> None:
         if self._own_client:
             self.client.close()
+            if self._probe_client is not None:
+                self._probe_client.close()
 
     # --- errors -----------------------------------------------------------------------------------
 
