@@ -1,0 +1,498 @@
+"""It loses nothing: load, chaos and hostile-input suites against real processes (issue 5).
+
+Each suite starts its own stack (the emulator, gunicorn with the production settings, `receiver
+worker` processes) on loopback, drives it from outside and checks the invariants of design.md on
+what an operator can observe: answers, the ledger, the storage, the emulator's counters, the logs.
+
+Sizes come from RELIABILITY_SCALE (`ci`, the default, or `full`, the issue's sizes); the figures of
+each run are printed and, with RELIABILITY_FIGURES=path, collected in a JSON file (RELIABILITY.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from receiver.layout import is_part_key
+
+from ._reliability import (
+    SIZE,
+    DiskOutage,
+    Sender,
+    children_of,
+    kill,
+    ledger_query,
+    new_api_key,
+    new_secret,
+    parallel,
+    receiver_env,
+    record_figures,
+    register_webhook,
+    secret_leaks,
+    signed,
+    start_emulator,
+    start_web,
+    start_worker,
+    store_secret,
+    wait_jobs_settled,
+    walk_files,
+)
+from .conftest import run_cli, wait_for
+from .test_pipeline import file_sha256 as sha256_file
+
+_BATCH_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")
+
+
+def _results_files(storage: Path, batch_id: str) -> list[Path]:
+    return sorted(storage.glob(f"results/dt=*/batch_id={batch_id}/results*"))
+
+
+def _check_stored_once(storage: Path, batch_id: str, expected: dict[str, Any]) -> dict[str, Any]:
+    """The batch has one manifest and one whole results file whose bytes match the emulator's."""
+    manifest = json.loads((storage / "manifests" / f"{batch_id}.json").read_text())
+    files = _results_files(storage, batch_id)
+    assert len(files) == 1, f"{batch_id}: {len(files)} results files"
+    [entry] = [f for f in manifest["files"] if f["key"].startswith("results/")]
+    assert storage / entry["key"] == files[0]
+    assert entry["sha256"] == expected["sha256"] == sha256_file(files[0]), batch_id
+    assert entry["bytes"] == expected["bytes"] == files[0].stat().st_size, batch_id
+    return manifest
+
+
+# --- load -------------------------------------------------------------------------------------------
+
+
+def test_load_every_batch_stored_once_no_5xx_nothing_lost(tmp_path: Path) -> None:
+    """N deliveries at C connections, a third duplicates (at once and later), for B batches."""
+    n_total, n_batches, connections = SIZE["deliveries"], SIZE["batches"], SIZE["connections"]
+    n_dups = n_total // 3
+    n_distinct = n_total - n_dups
+    assert n_distinct >= 2 * n_batches
+
+    api_key, secret = new_api_key(), new_secret()
+    emulator = start_emulator(tmp_path, api_key)
+    env = receiver_env(tmp_path, emulator.url, api_key, RECEIVER_WORKER_CONCURRENCY="8")
+    store_secret(env, secret)
+    web = start_web(env, tmp_path)
+    workers = [start_worker(env, tmp_path, f"worker-{i}") for i in range(2)]
+    storage = tmp_path / "storage"
+    hook = f"http://127.0.0.1:{env['PORT']}/hooks/batchrouter"
+    try:
+        # Batches of different sizes, so a results file stored under the wrong batch would not match.
+        created = parallel(
+            lambda i: emulator.create_batch(id=f"bat_load_{i:05d}", items=10 + i % 53, line_bytes=160, status="processing"),
+            range(n_batches),
+        )
+        batch_ids = [b["id"] for b in created]
+        completions = parallel(lambda b: emulator.complete(b, deliver=False), batch_ids)
+
+        # The distinct events: each batch's completion (envelope), a progress event, and as many
+        # more (flat-form completions, whose id is derived, and more progress) as the size asks.
+        distinct = []
+        for batch_id, sent in zip(batch_ids, completions):
+            distinct.append(signed(secret, sent["body"].encode(), event_id=sent["event_id"], batch_id=batch_id))
+            distinct.append(_progress(secret, batch_id, 1))
+        extra = 0
+        while len(distinct) < n_distinct:
+            batch_id = batch_ids[(extra // 2) % n_batches]
+            if extra % 2 == 0:
+                distinct.append(signed(secret, {"event": "batch.completed", "batch_id": batch_id}, batch_id=batch_id))
+            else:
+                distinct.append(_progress(secret, batch_id, 2 + extra))
+            extra += 1
+        assert len({d.body for d in distinct}) == n_distinct
+        rng = random.Random(5)
+        rng.shuffle(distinct)
+        # Half the duplicates go right next to their original (two connections send them at once),
+        # the other half in a second wave after the first has been answered.
+        originals = rng.sample(distinct, n_dups) if n_dups <= len(distinct) else [rng.choice(distinct) for _ in range(n_dups)]
+        concurrent, later = originals[: n_dups // 2], originals[n_dups // 2 :]
+        first_wave = []
+        pair = set(map(id, concurrent))
+        for d in distinct:
+            first_wave.append(d)
+            if id(d) in pair:
+                first_wave.append(d)
+        later_wave = list(later)
+        rng.shuffle(later_wave)
+
+        sender = Sender(hook, connections)
+        started = time.monotonic()
+        answers = sender.send(first_wave)
+        answers += sender.send(later_wave)
+        ack_seconds = time.monotonic() - started
+
+        statuses = Counter(a.status for a in answers)
+        assert statuses == Counter({200: n_total}), statuses
+        outcomes: dict[bytes, list[str]] = {}
+        for a in answers:
+            outcomes.setdefault(a.delivery.body, []).append(json.loads(a.body)["status"])
+        # Each distinct event is recorded once: one accepted/ignored answer, the rest duplicates.
+        for body, seen in outcomes.items():
+            firsts = [s for s in seen if s != "duplicate"]
+            assert len(firsts) == 1, (body[:80], seen)
+        event_ids = {json.loads(a.body)["event_id"] for a in answers}
+        assert len(event_ids) == len(outcomes) == n_distinct
+
+        # Nothing lost: every acknowledged event id is in the ledger.
+        recorded = {row[0] for row in ledger_query(env, "SELECT event_id FROM deliveries")}
+        lost = event_ids - recorded
+        assert not lost, f"{len(lost)} acknowledged deliveries are not in the ledger"
+
+        states = wait_jobs_settled(env, batch_ids, timeout=60 + n_batches * 0.5, settled=("stored",))
+        stored_seconds = time.monotonic() - started
+        assert len(states) == n_batches
+
+        expected = parallel(lambda b: emulator.expected(b)["results"], batch_ids)
+        for batch_id, want in zip(batch_ids, expected):
+            _check_stored_once(storage, batch_id, want)
+        downloads = emulator.stats()["artifact_requests"]
+        assert {b: downloads.get(b) for b in batch_ids} == {b: 1 for b in batch_ids}
+        assert not [p for p in walk_files(storage) if p.name.endswith(".part")]
+        web_log = web.output()
+        assert "Traceback" not in web_log and "WORKER TIMEOUT" not in web_log
+    finally:
+        for w in workers:
+            w.stop()
+        web.stop()
+        emulator.service.stop()
+    assert not secret_leaks([tmp_path], [], [secret, api_key])
+    record_figures(
+        "load",
+        {
+            "deliveries_sent": n_total,
+            "distinct_events": n_distinct,
+            "duplicates_concurrent": len(concurrent),
+            "duplicates_later": len(later),
+            "batches": n_batches,
+            "connections": connections,
+            "answers_by_status": {str(k): v for k, v in statuses.items()},
+            "answers_5xx": sum(v for k, v in statuses.items() if k >= 500),
+            "resent_after_connection_error": sum(a.retries for a in answers),
+            "lost": len(lost),
+            "batches_stored": sum(1 for s, _ in states.values() if s == "stored"),
+            "duplicates_stored": sum(len(_results_files(storage, b)) - 1 for b in batch_ids),
+            "artifact_downloads": sum(downloads.get(b, 0) for b in batch_ids),
+            "seconds_to_acknowledge_all": round(ack_seconds, 1),
+            "deliveries_per_second": round(n_total / ack_seconds),
+            "seconds_until_all_stored": round(stored_seconds, 1),
+        },
+    )
+
+
+def _progress(secret: str, batch_id: str, n: int):
+    return signed(
+        secret,
+        {
+            "id": f"evt_progress_{batch_id}_{n}",
+            "type": "batch.progress",
+            "created": int(time.time()),
+            "data": {"batch_id": batch_id, "status": "processing", "items_completed": n},
+        },
+        batch_id=batch_id,
+    )
+
+
+# --- chaos ------------------------------------------------------------------------------------------
+
+#: Faults the emulator injects, one drawn per batch (None: no fault). `after_bytes` is drawn per batch.
+_FAULTS: list[dict[str, Any] | None] = [
+    None,
+    None,
+    {"target": "artifact", "kind": "drop"},
+    {"target": "artifact", "kind": "truncate"},
+    {"target": "artifact", "kind": "429", "retry_after": 1},
+    {"target": "artifact", "kind": "500"},
+    {"target": "artifact", "kind": "503", "count": 2},
+    {"target": "artifact", "kind": "expired"},
+    # Longer than the read timeout set below: the download must give the slot up and resume.
+    {"target": "artifact", "kind": "stall", "stall_seconds": 5},
+    {"target": "api", "kind": "429", "retry_after": 1, "count": 2},
+    {"target": "api", "kind": "503", "count": 2},
+    {"target": "api", "kind": "drop", "after_bytes": 20},
+]
+
+
+class _Chaos:
+    """Kills gunicorn workers and `receiver worker` processes at random moments, and takes the
+    storage away for a while, on a thread of its own until stopped."""
+
+    def __init__(self, web: Any, workers: list[Any], outage: Any, rng: random.Random) -> None:
+        self.web, self.workers, self.outage, self.rng = web, workers, outage, rng
+        self.stop = threading.Event()
+        self.counts: Counter[str] = Counter()
+        self.errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._outages: list[threading.Thread] = []
+
+    def storage_outage(self) -> None:
+        """Take the storage away now, for a few seconds, on a thread of its own."""
+
+        def run() -> None:
+            try:
+                self.outage.fail()
+                seconds = self.rng.uniform(3, 6)
+                self.counts["storage_outages"] += 1
+                self.counts["storage_outage_seconds"] += round(seconds)
+                time.sleep(seconds)
+            except BaseException as exc:  # noqa: BLE001
+                self.errors.append(exc)
+            finally:
+                self.outage.heal()
+
+        thread = threading.Thread(target=run, daemon=True)
+        self._outages.append(thread)
+        thread.start()
+
+    def __enter__(self) -> _Chaos:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self._thread.join()
+        for t in self._outages:
+            t.join()
+        if self.errors:
+            raise self.errors[0]
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.wait(self.rng.uniform(0.3, 1.5)):
+                roll = self.rng.random()
+                if roll < 0.5:
+                    pids = children_of(self.web.proc.pid)
+                    if pids and kill(self.rng.choice(pids)):
+                        self.counts["gunicorn_workers_killed"] += 1
+                else:
+                    victim = self.rng.choice(self.workers)
+                    victim.kill()
+                    self.counts["receiver_workers_killed"] += 1
+                    self.stop.wait(self.rng.uniform(0, 1.0))
+                    victim.start()
+        except BaseException as exc:  # noqa: BLE001 - raised in the test's thread on exit
+            self.errors.append(exc)
+
+
+class _S3Outage:
+    """The S3 endpoint goes away: every connection through the proxy is reset until heal()."""
+
+    kind = "s3-endpoint-down"
+
+    def __init__(self, proxy: Any) -> None:
+        self.proxy = proxy
+
+    def fail(self) -> None:
+        self.proxy.fail()
+
+    def heal(self) -> None:
+        self.proxy.heal()
+
+
+@pytest.mark.parametrize("storage_kind", ["local", "s3"])
+def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Path, storage_kind: str) -> None:
+    import contextlib
+
+    n_batches = SIZE["chaos_batches"]
+    rng = random.Random(f"chaos-{storage_kind}-{n_batches}")
+    api_key, secret = new_api_key(), new_secret()
+    overrides = {
+        "RECEIVER_READ_TIMEOUT_SECONDS": "1.5",
+        "RECEIVER_LEASE_SECONDS": "4",
+        "RECEIVER_MAX_ATTEMPTS": "5",
+        "RECEIVER_WORKER_CONCURRENCY": "4",
+    }
+    with contextlib.ExitStack() as stack:
+        s3 = None
+        if storage_kind == "s3":
+            from ._moto import AWS_TEST_ENV, FlakyProxy, aws_test_env, moto_server
+
+            stack.enter_context(aws_test_env())
+            endpoint = stack.enter_context(moto_server())
+            proxy = stack.enter_context(FlakyProxy.to(endpoint))
+            import boto3
+
+            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            s3.create_bucket(Bucket="chaos")
+            overrides.update(AWS_TEST_ENV)
+            overrides.update(
+                {"RECEIVER_STORAGE_URL": "s3://chaos/receiver", "AWS_ENDPOINT_URL_S3": proxy.url,
+                 "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+            )
+            outage: Any = _S3Outage(proxy)
+        else:
+            outage = DiskOutage(tmp_path / "storage", size_mb=64 + n_batches)
+            stack.callback(outage.close)
+
+        emulator = start_emulator(tmp_path, api_key)
+        stack.callback(emulator.service.stop)
+        env = receiver_env(tmp_path, emulator.url, api_key, **overrides)
+        store_secret(env, secret)
+        web = start_web(env, tmp_path)
+        stack.callback(web.stop)
+        workers = [start_worker(env, tmp_path, f"worker-{i}") for i in range(2)]
+        for w in workers:
+            stack.callback(w.stop)
+        register_webhook(emulator, api_key, f"http://127.0.0.1:{env['PORT']}/hooks/batchrouter", secret)
+
+        # A few batches are doomed: the API fails them until the end, so they must end `dead`
+        # with a reason, and `receiver fetch` must recover them once the API is back.
+        n_doomed = max(2, n_batches // 40)
+        injected: Counter[str] = Counter()
+        batches = []
+        for i in range(n_batches):
+            spec = {"id": f"bat_chaos_{i:04d}", "items": rng.randint(300, 3000), "line_bytes": 256, "status": "processing"}
+            if i % 7 == 3:
+                spec["error_items"] = rng.randint(1, 20)
+            if i % 11 == 5:
+                spec["gzip"] = True
+            if i % 13 == 6:
+                spec["ranges"] = False
+            emulator.create_batch(**spec)
+            size = spec["items"] * 256
+            if i < n_doomed:
+                emulator.fault(batch_id=spec["id"], target="api", kind="503", count=100_000)
+                injected["api-503-until-fetch"] += 1
+            else:
+                fault = rng.choice(_FAULTS)
+                if fault is not None:
+                    fault = dict(fault)
+                    if fault["kind"] in ("drop", "truncate", "stall") and fault["target"] == "artifact":
+                        fault["after_bytes"] = rng.randint(1, max(1, size // 2))
+                    emulator.fault(batch_id=spec["id"], **fault)
+                    injected[f"{fault['target']}-{fault['kind']}"] += 1
+            batches.append(spec["id"])
+
+        started = time.monotonic()
+        outage_at = {n_batches // 3, 2 * n_batches // 3} if n_batches >= 100 else {n_batches // 3}
+        with _Chaos(web, workers, outage, rng) as chaos:
+            for i, batch_id in enumerate(batches):
+                if i in outage_at:
+                    chaos.storage_outage()
+                # Two signed deliveries of the same event at once, retried by the emulator like
+                # BatchRouter when a killed gunicorn worker drops the connection.
+                emulator.complete(batch_id, copies=2)
+                time.sleep(rng.uniform(0, 0.2))
+            # Keep the chaos going while the backlog drains, then let it settle.
+            wait_for(
+                lambda: chaos.errors or chaos.counts["receiver_workers_killed"] >= 3 and chaos.counts["gunicorn_workers_killed"] >= 3,
+                timeout=300, interval=0.5, what="chaos to have struck",
+            )
+        chaos_seconds = time.monotonic() - started
+        for w in workers:
+            if w.proc is None:
+                w.start()
+
+        states = wait_jobs_settled(env, batches, timeout=120 + n_batches * 2)
+        dead = {b: e for b, (s, e) in states.items() if s == "dead"}
+        assert set(batches[:n_doomed]) <= set(dead), "the doomed batches should have ended dead"
+        for batch_id, reason in dead.items():
+            assert reason, f"{batch_id} is dead without a reason"
+        doomed_reason = dead[batches[0]]
+        assert "503" in doomed_reason or "unavailable" in doomed_reason.lower(), doomed_reason
+
+        requests.delete(f"{emulator.url}/_emulator/faults", timeout=10).raise_for_status()
+        fetched = run_cli(env, "fetch", *sorted(dead), timeout=600)
+        assert fetched.returncode == 0, fetched.stderr.decode()[-2000:]
+        states = wait_jobs_settled(env, batches, timeout=60, settled=("stored",))
+        total_seconds = time.monotonic() - started
+
+        # Every delivery was finally acknowledged, never with a 5xx, and is in the ledger.
+        deliveries = emulator.stats()["deliveries"]
+        finals = [d for d in deliveries if d["final"]]
+        assert len(finals) == 2 * n_batches and all(d["ok"] for d in finals)
+        five_xx = [d for d in deliveries if d["status"] is not None and d["status"] >= 500]
+        assert not five_xx, five_xx[:3]
+        recorded = {row[0] for row in ledger_query(env, "SELECT event_id FROM deliveries")}
+        assert {d["event_id"] for d in finals} <= recorded
+
+        # Every batch stored once, whole and correct; nothing partial left anywhere.
+        keys = _all_keys(tmp_path / "storage", s3)
+        assert not [k for k in keys if is_part_key(k) or k.endswith(".part")]
+        if s3 is not None:
+            assert s3.list_multipart_uploads(Bucket="chaos").get("Uploads", []) == []
+        duplicates = 0
+        for batch_id in batches:
+            expected = emulator.expected(batch_id)
+            manifest = json.loads(_read(tmp_path / "storage", s3, f"manifests/{batch_id}.json"))
+            assert manifest["status"] == "completed"
+            results = [k for k in keys if k.startswith("results/") and f"/batch_id={batch_id}/" in k]
+            duplicates += len(results) - 1
+            assert len(results) == 1, (batch_id, results)
+            wanted = {"results/": expected["results"], "errors/": expected["errors"]}
+            assert len(manifest["files"]) == (2 if expected["errors"] else 1)
+            for entry in manifest["files"]:
+                want = wanted[entry["key"][: entry["key"].index("/") + 1]]
+                data = _read(tmp_path / "storage", s3, entry["key"])
+                assert entry["sha256"] == want["sha256"] == hashlib.sha256(data).hexdigest(), entry["key"]
+        stray = [k for k in keys if not k.startswith(("results/", "errors/", "manifests/"))]
+        assert not stray, stray[:5]
+        attempts = Counter(row[0] for row in ledger_query(env, "SELECT attempts FROM jobs"))
+        web_log = web.output()
+        assert "Traceback" not in web_log
+        stats = emulator.stats()
+        failures = _worker_failures(workers)
+        logs_text = [fetched.stdout.decode(), fetched.stderr.decode()]
+    assert not secret_leaks([tmp_path], logs_text, [secret, api_key])
+    assert stats["artifact_requests_with_authorization"] == 0
+    record_figures(
+        f"chaos-{storage_kind}",
+        {
+            "batches": n_batches,
+            "storage": storage_kind,
+            "storage_outage_kind": outage.kind,
+            "faults_injected": dict(injected),
+            "faults_injected_total": sum(injected.values()),
+            **dict(chaos.counts),
+            "deliveries_sent": 2 * n_batches,
+            "delivery_attempts": len(deliveries),
+            "delivery_attempts_without_answer": sum(1 for d in deliveries if d["status"] is None),
+            "answers_5xx": len(five_xx),
+            "batches_stored": sum(1 for s, _ in states.values() if s == "stored"),
+            "duplicates_stored": duplicates,
+            "dead_before_fetch": len(dead),
+            "recovered_by_fetch": len(dead),
+            "partial_files_left": 0,
+            "incomplete_multipart_uploads": 0 if s3 is not None else None,
+            "worker_failures_by_error": failures,
+            "job_attempts_histogram": {str(k): v for k, v in sorted(attempts.items())},
+            "seconds_of_chaos": round(chaos_seconds, 1),
+            "seconds_until_all_stored": round(total_seconds, 1),
+        },
+    )
+
+
+def _all_keys(root: Path, s3: Any) -> list[str]:
+    if s3 is None:
+        return [str(p.relative_to(root)) for p in walk_files(root)]
+    keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket="chaos", Prefix="receiver/"):
+        keys += [o["Key"].removeprefix("receiver/") for o in page.get("Contents", [])]
+    return keys
+
+
+def _read(root: Path, s3: Any, key: str) -> bytes:
+    if s3 is None:
+        return (root / key).read_bytes()
+    return s3.get_object(Bucket="chaos", Key=f"receiver/{key}")["Body"].read()
+
+
+def _worker_failures(workers: list[Any]) -> dict[str, int]:
+    """What the workers logged going wrong, by error class (and in-download resumes), from their logs."""
+    counts: Counter[str] = Counter()
+    for w in workers:
+        text = w.output()
+        counts.update(f"job attempt: {m}" for m in re.findall(r"attempt \d+ failed, retry in [-\d.]+s: (\w+)", text))
+        counts.update(f"dead: {m}" for m in re.findall(r"dead after \d+ attempts: (\w+)", text))
+        counts.update(f"resumed: {m}" for m in re.findall(r"artifact download: .*?(stalled past the read timeout|closed the connection|answered \d+|cannot reach|broke off)", text))
+    return dict(counts)
