@@ -28,7 +28,22 @@ TERMINAL_EVENTS = frozenset(
 #: Terminal statuses of GET /v1/batches/{id} (api-facts §4), with the US spelling seen on the wire.
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "canceled", "expired"})
 
-_SHORT = validate.Length(min=1, max=200)
+
+def _recordable(value: str) -> None:
+    """A string the ledger can store on SQLite and PostgreSQL alike: valid Unicode, no NUL.
+
+    JSON allows lone surrogates (``"\\ud800"``) and ``"\\u0000"``; neither encodes to UTF-8 text in
+    the database, and failing there would answer 503, which BatchRouter retries for a day.
+    """
+    if "\x00" in value:
+        raise ValidationError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError("must be valid Unicode (no lone surrogates)") from None
+
+
+_SHORT = validate.And(validate.Length(min=1, max=200), _recordable)
 
 
 class _Inner(Schema):

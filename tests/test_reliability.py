@@ -496,3 +496,388 @@ def _worker_failures(workers: list[Any]) -> dict[str, int]:
         counts.update(f"dead: {m}" for m in re.findall(r"dead after \d+ attempts: (\w+)", text))
         counts.update(f"resumed: {m}" for m in re.findall(r"artifact download: .*?(stalled past the read timeout|closed the connection|answered \d+|cannot reach|broke off)", text))
     return dict(counts)
+
+
+# --- hostile input ----------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_FUZZ = settings(
+    max_examples=SIZE["fuzz_examples"],
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+_ANSWERS = {200, 400, 401, 413, 415}
+
+
+class _Hostile:
+    """One running service for the hostile-input tests: emulator, gunicorn, a worker."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.api_key, self.secret = new_api_key(), new_secret()
+        self.emulator = start_emulator(tmp, self.api_key)
+        self.env = receiver_env(tmp, self.emulator.url, self.api_key)
+        store_secret(self.env, self.secret)
+        self.web = start_web(self.env, tmp)
+        self.worker = start_worker(self.env, tmp)
+        self.url = f"http://127.0.0.1:{self.env['PORT']}"
+        self.hook = f"{self.url}/hooks/batchrouter"
+        self.storage = tmp / "storage"
+        self.http = requests.Session()
+        self.outputs: list[str] = []
+        self.answers: Counter[int] = Counter()
+        #: Batch ids of signed terminal deliveries answered 200: the only jobs that may exist.
+        self.signed_batches: set[str] = set()
+        self.boots = self.web.output().count("Booting worker")
+
+    def post(self, body: bytes, headers: dict[str, str]) -> requests.Response:
+        r = self.http.post(self.hook, data=body, headers=headers, timeout=60)
+        self.answers[r.status_code] += 1
+        assert r.status_code in _ANSWERS, (r.status_code, body[:200], headers, r.text[:300])
+        return r
+
+    def post_signed(self, payload: Any, content_type: str = "application/json") -> requests.Response:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        from receiver.signature import sign
+
+        r = self.post(body, {"Content-Type": content_type, "X-BatchRouter-Signature": sign(self.secret, body)})
+        return r
+
+    def assert_healthy(self) -> None:
+        assert requests.get(f"{self.url}/healthz", timeout=10).status_code == 200
+        ready = requests.get(f"{self.url}/readyz", timeout=10)
+        assert ready.status_code == 200, ready.text
+        log = self.web.output()
+        assert "Traceback" not in log, log[log.index("Traceback") - 500 :][:3000]
+        # No gunicorn worker died or was restarted on the way (a crash would boot a new one).
+        assert log.count("Booting worker") == self.boots
+
+    def stop(self) -> None:
+        self.worker.stop()
+        self.web.stop()
+        self.emulator.service.stop()
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory):
+    stack = _Hostile(tmp_path_factory.mktemp("hostile"))
+    yield stack
+    stack.stop()
+    leaks = secret_leaks([stack.tmp], stack.outputs, [stack.secret, stack.api_key])
+    assert not leaks, leaks
+    record_figures("hostile", {"answers_by_status": {str(k): v for k, v in sorted(stack.answers.items())},
+                               "answers_5xx": sum(v for k, v in stack.answers.items() if k >= 500),
+                               "requests": sum(stack.answers.values())})
+
+
+_json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=40)
+)
+_json = st.recursive(
+    _json_leaf,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=30,
+)
+_delivery_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.one_of(st.text(max_size=60), st.integers(), st.none()),
+        "type": st.sampled_from(["batch.completed", "batch.failed", "batch.progress", "batch.canceled", "x"]) | st.text(max_size=20),
+        "event": st.sampled_from(["batch.completed", "batch.expired"]) | _json,
+        "batch_id": st.from_regex(_BATCH_ID, fullmatch=True) | st.text(max_size=30) | _json,
+        "status": st.sampled_from(["completed", "processing", "failed"]) | _json,
+        "data": st.fixed_dictionaries({}, optional={"batch_id": st.text(max_size=30) | _json, "status": _json}) | _json,
+        "batch": _json,
+        "extra": _json,
+    },
+)
+_encodings = st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-32", "latin-1"])
+_content_types = st.sampled_from(
+    ["application/json", "application/json; charset=utf-16", "application/cloudevents+json", "APPLICATION/JSON",
+     "text/plain", "text/json", "", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+     "application/json; charset=ebcdic", "application/jsonx"]
+) | st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40).map(str.strip)
+_header_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=20).filter(
+    lambda n: n.lower() not in ("content-length", "transfer-encoding", "host", "connection", "expect", "content-type")
+)
+_headers = st.dictionaries(
+    _header_names, st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60).map(str.strip), max_size=4
+)
+
+
+def test_fuzzed_requests_never_get_5xx_and_unsigned_ones_are_refused(hostile: _Hostile) -> None:
+    from receiver.signature import sign
+
+    @_FUZZ
+    @given(
+        body=st.one_of(
+            st.binary(max_size=3000),
+            st.tuples(_delivery_like, _encodings).map(lambda t: json.dumps(t[0], ensure_ascii=False).encode(t[1], "replace")),
+            _json.map(lambda v: json.dumps(v).encode()),
+        ),
+        content_type=_content_types,
+        headers=_headers,
+        signing=st.sampled_from(["right", "right", "none", "wrong", "prefixed", "upper", "garbage"]),
+    )
+    def check(body: bytes, content_type: str, headers: dict[str, str], signing: str) -> None:
+        sent = {**headers, "Content-Type": content_type}
+        good = sign(hostile.secret, body)
+        sent["X-BatchRouter-Signature"] = {
+            "right": good,
+            "none": None,
+            "wrong": sign(hostile.secret + "x", body),
+            "prefixed": "sha256=" + good,
+            "upper": good.upper(),
+            "garbage": "zz" * 32,
+        }[signing]
+        if sent["X-BatchRouter-Signature"] is None:
+            del sent["X-BatchRouter-Signature"]
+        r = hostile.post(body, sent)
+        is_signed = signing in ("right", "prefixed", "upper")
+        if not is_signed:
+            assert r.status_code in (401, 413, 415), (r.status_code, body[:100])
+        if r.status_code == 200:
+            answer = r.json()
+            assert answer["status"] in ("accepted", "duplicate", "ignored")
+            assert ledger_query(hostile.env, "SELECT 1 FROM deliveries WHERE event_id = ?", (answer["event_id"],))
+            doc = json.loads(body)
+            for holder in (doc.get("data") if isinstance(doc.get("data"), dict) else {}, doc, doc.get("batch") if isinstance(doc.get("batch"), dict) else {}):
+                for key in ("batch_id", "id"):
+                    if isinstance(holder.get(key), str) and _BATCH_ID.fullmatch(holder[key]):
+                        hostile.signed_batches.add(holder[key])
+        elif r.status_code != 200:
+            assert r.json()["error"]["message"]
+
+    check()
+    # Nothing unsigned became a job: every job's batch id came in a signed, accepted delivery.
+    jobs = {row[0] for row in ledger_query(hostile.env, "SELECT batch_id FROM jobs")}
+    assert jobs <= hostile.signed_batches
+    hostile.assert_healthy()
+
+
+def test_hostile_encodings_nesting_and_sizes(hostile: _Hostile) -> None:
+    limit = 1024 * 1024
+    cases: list[tuple[bytes, str, set[int]]] = [
+        # Deep nesting, at the top and inside a field the schema reads.
+        (b"[" * 200_000 + b"]" * 200_000, "application/json", {400}),
+        (b'{"a":' * 100_000 + b"1" + b"}" * 100_000, "application/json", {400}),
+        (b'{"type":"batch.progress","data":' + b'{"x":' * 50_000 + b"1" + b"}" * 50_000 + b"}", "application/json", {400}),
+        (b'{"type":"batch.progress","data":{"batch_id":' + b"[" * 50_000 + b"]" * 50_000 + b"}}", "application/json", {400}),
+        # Numbers Python refuses or cannot represent.
+        (b'{"type":"batch.progress","n":' + b"9" * 5000 + b"}", "application/json", {400, 200}),
+        (b'{"type":"batch.progress","n":1e999999}', "application/json", {200}),
+        (b'{"type":"batch.progress","n":NaN}', "application/json", {200, 400}),
+        # Strings that are not valid Unicode, and NUL bytes, in the fields we record.
+        (b'{"id":"evt_\\ud800","type":"batch.progress"}', "application/json", {200, 400}),
+        (b'{"id":"evt_ok","type":"batch.\\udfff"}', "application/json", {200, 400}),
+        (b'{"id":"evt_\\u0000nul","type":"batch.progress"}', "application/json", {200, 400}),
+        (b'{"type":"batch.completed","data":{"batch_id":"bat_\\ud800"}}', "application/json", {400}),
+        # Encodings: UTF-16/32 with and without BOM, a lying charset, invalid UTF-8.
+        ('{"id":"evt_utf16","type":"batch.progress"}'.encode("utf-16"), "application/json", {200, 400}),
+        ('{"id":"evt_utf32","type":"batch.progress"}'.encode("utf-32"), "application/json", {200, 400}),
+        ('{"id":"evt_bom","type":"batch.progress"}'.encode("utf-8-sig"), "application/json", {200, 400}),
+        ('{"id":"evt_latin","type":"batch.prögress"}'.encode("latin-1"), "application/json; charset=utf-8", {400}),
+        (b"\xc0\xaf\xed\xa0\x80", "application/json", {400}),
+        (b"", "application/json", {400}),
+        # The limit: just under is read, just over is refused.
+        (b'{"type":"batch.progress","pad":"' + b"x" * (limit - 40) + b'"}', "application/json", {200}),
+        (b'{"type":"batch.progress","pad":"' + b"x" * limit + b'"}', "application/json", {413}),
+        (b"x" * (20 * limit), "application/json", {413}),
+        (b'{"type":"batch.progress"}', "text/plain", {415}),
+        (b'{"type":"batch.progress"}', "application/xml", {415}),
+    ]
+    for body, content_type, allowed in cases:
+        r = hostile.post_signed(body, content_type)
+        assert r.status_code in allowed, (body[:60], r.status_code, r.text[:300])
+        if r.status_code == 200:
+            assert ledger_query(hostile.env, "SELECT 1 FROM deliveries WHERE event_id = ?", (r.json()["event_id"],))
+    # A body over the limit without a Content-Length (chunked) is refused too, and not read whole.
+    from receiver.signature import sign
+
+    chunks = (b"x" * 65536 for _ in range(40))
+    r = hostile.http.post(hostile.hook, data=chunks, headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign(hostile.secret, b"")}, timeout=60)
+    hostile.answers[r.status_code] += 1
+    assert r.status_code == 413
+    # A Content-Length that lies (longer than the body, then the client closes) gets no 5xx either.
+    raw = _raw_request(hostile, b'{"type":"batch.progress"}', declared=5000, close_early=True)
+    assert not raw.startswith(b"HTTP/1.1 5"), raw[:200]
+    hostile.assert_healthy()
+
+
+def _raw_request(hostile: _Hostile, body: bytes, *, declared: int | None = None, trickle: float = 0.0, close_early: bool = False) -> bytes:
+    """One POST over a raw socket, optionally trickled byte by byte; returns what came back."""
+    import socket
+
+    from receiver.signature import sign
+
+    head = (
+        f"POST /hooks/batchrouter HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"X-BatchRouter-Signature: {sign(hostile.secret, body)}\r\nContent-Length: {declared if declared is not None else len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", int(hostile.env["PORT"])), timeout=60) as sock:
+        if trickle:
+            for i in range(len(head + body)):
+                sock.sendall((head + body)[i : i + 1])
+                time.sleep(trickle)
+        else:
+            sock.sendall(head + body)
+        if close_early:
+            sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def test_slow_clients_are_answered_and_do_not_stop_the_service(hostile: _Hostile) -> None:
+    """A few clients trickle their request a byte at a time; the rest of the service carries on."""
+    n_slow = 4  # below gunicorn's threads: each slow request holds one (see RELIABILITY.md)
+    results: dict[int, bytes] = {}
+
+    def slow(i: int) -> None:
+        body = json.dumps({"id": f"evt_slow_{i}", "type": "batch.progress", "data": {"batch_id": f"bat_slow_{i}"}}).encode()
+        results[i] = _raw_request(hostile, body, trickle=0.01)
+
+    threads = [threading.Thread(target=slow, args=(i,)) for i in range(n_slow)]
+    for t in threads:
+        t.start()
+    # While they trickle, ordinary deliveries and health checks are answered.
+    answered = 0
+    while any(t.is_alive() for t in threads):
+        r = hostile.post_signed({"id": f"evt_during_{answered}", "type": "batch.progress"})
+        assert r.status_code == 200
+        answered += 1
+        assert requests.get(f"{hostile.url}/healthz", timeout=10).status_code == 200
+        time.sleep(0.1)
+    for t in threads:
+        t.join()
+    assert answered > 0
+    for i in range(n_slow):
+        assert results[i].startswith(b"HTTP/1.1 200"), results[i][:200]
+    hostile.assert_healthy()
+
+
+_dangerous = st.lists(
+    st.sampled_from(list("abc019_-.") + ["/", "\\", "..", "%2e", "%2f", "\x00", "\n", " ", ":", "~", "\u2024", "\uff0e", "\u2215", "é", "$", "*", "?"]),
+    max_size=16,
+).map("".join) | st.sampled_from(["..", ".", "../etc", "..\\..\\x", "a/../../b", "/etc/passwd", "~root", "a" * 201, ".hidden", "x/..", "%2e%2e", "..."])
+
+
+def test_batch_ids_that_could_escape_the_storage_root_are_refused(hostile: _Hostile) -> None:
+    before = {p for p in hostile.tmp.parent.rglob("*") if not p.is_relative_to(hostile.tmp)}
+
+    @_FUZZ
+    @given(batch_id=_dangerous, shape=st.sampled_from(["envelope", "flat", "batch"]))
+    def check(batch_id: str, shape: str) -> None:
+        payload = {
+            "envelope": {"id": "evt_" + secrets_hex(), "type": "batch.completed", "data": {"batch_id": batch_id, "status": "completed"}},
+            "flat": {"event": "batch.completed", "batch_id": batch_id},
+            "batch": {"id": "evt_" + secrets_hex(), "type": "batch.completed", "batch": {"id": batch_id, "status": "completed"}},
+        }[shape]
+        r = hostile.post_signed(payload)
+        safe = bool(_BATCH_ID.fullmatch(batch_id)) and ".." not in batch_id
+        if safe:
+            assert r.status_code == 200, (batch_id, r.text)
+            hostile.signed_batches.add(batch_id)
+        else:
+            assert r.status_code == 400, (batch_id, r.status_code, r.text)
+
+    check()
+    # A real batch next to them is stored: the check below would see files if any were written.
+    real = hostile.emulator.create_batch(items=5, status="completed")["id"]
+    hostile.post_signed({"id": "evt_real", "type": "batch.completed", "data": {"batch_id": real, "status": "completed"}})
+    hostile.signed_batches.add(real)
+    wait_for(lambda: (hostile.storage / "manifests" / f"{real}.json").exists(), timeout=60, what="the real batch")
+    time.sleep(2)  # let the worker try the others (BatchRouter does not know them: they end dead)
+    for path in walk_files(hostile.storage):
+        rel = path.relative_to(hostile.storage)
+        assert rel.parts[0] in ("results", "errors", "manifests"), rel
+        if rel.parts[0] != "manifests":
+            assert rel.parts[1].startswith("dt=") and rel.parts[2].startswith("batch_id="), rel
+    after = {p for p in hostile.tmp.parent.rglob("*") if not p.is_relative_to(hostile.tmp)}
+    assert after == before
+    # Inside the stack's own folder, only its logs, ledger, metrics and the storage root.
+    for path in walk_files(hostile.tmp):
+        rel = path.relative_to(hostile.tmp)
+        assert rel.parts[0] in ("storage", "metrics") or rel.suffix == ".log" or rel.name.startswith("receiver.db"), rel
+    hostile.assert_healthy()
+
+
+def secrets_hex() -> str:
+    import secrets
+
+    return secrets.token_hex(8)
+
+
+# --- artifact URLs that point inside the network ----------------------------------------------------
+
+
+def test_artifact_urls_and_redirects_into_the_network_are_refused_unless_allowlisted(tmp_path: Path) -> None:
+    """A hostile or broken artifact-url answer cannot make the worker fetch internal addresses."""
+    from ._httpservers import Artifact, ArtifactServer, Canned, Fault, LiveServer, ScriptedServer
+
+    body = b"".join(b'{"n":%d}\n' % i for i in range(50))
+    canary = ArtifactServer({"/a.jsonl": Artifact(body)})
+    origin = ArtifactServer({"/a.jsonl": Artifact(body)})
+    api = ScriptedServer()
+    api_key = new_api_key()
+    with LiveServer(canary) as canary_srv, LiveServer(origin) as origin_srv, LiveServer(api) as api_srv:
+        port = canary_srv.port
+        internal = [
+            "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+            "https://169.254.169.254/latest/meta-data/",
+            "https://[fd00:ec2::254]/latest/meta-data/",
+            f"https://localhost:{port}/a.jsonl",
+            f"http://localhost:{port}/a.jsonl",
+            f"https://127.0.0.2:{port}/a.jsonl",
+            f"https://[::1]:{port}/a.jsonl",
+            f"https://[::ffff:127.0.0.1]:{port}/a.jsonl",
+            "https://10.0.0.1/a.jsonl",
+            "https://172.16.5.4/a.jsonl",
+            "https://192.168.1.10/a.jsonl",
+            "https://100.64.0.1/a.jsonl",
+            "https://0.0.0.0/a.jsonl",
+            f"https://user:pw@127.0.0.1:{port}/a.jsonl",
+            "file:///etc/passwd",
+        ]
+        cases = [(f"bat_ssrf_{i:02d}", url, None) for i, url in enumerate(internal)]
+        # The artifact host itself is allowed (listed), and redirects into the network.
+        cases += [(f"bat_ssrf_redirect_{i:02d}", f"{origin_srv.url}/a.jsonl", url) for i, url in enumerate(internal[:9])]
+        for batch_id, url, redirect in cases:
+            api.on("GET", f"/v1/batches/{batch_id}", Canned(200, {"id": batch_id, "status": "completed", "item_count": 50}))
+            api.on("GET", f"/v1/batches/{batch_id}/artifact-url", Canned(200, {"url": url}))
+        env = receiver_env(tmp_path, api_srv.url, api_key, RECEIVER_ARTIFACT_HOSTS="127.0.0.1", RECEIVER_MAX_ATTEMPTS="2")
+        outputs = []
+        for batch_id, url, redirect in cases:
+            if redirect is not None:
+                origin.faults.append(Fault("redirect", status=302, location=redirect))
+            done = run_cli(env, "fetch", batch_id, timeout=120)
+            outputs += [done.stdout.decode(), done.stderr.decode()]
+            assert done.returncode == 1, (url, redirect, done.stdout, done.stderr)
+            state, reason = ledger_query(env, "SELECT state, last_error FROM jobs WHERE batch_id = ?", (batch_id,))[0]
+            assert state == "dead" and reason and "UnsafeURL" in reason, (url, redirect, reason)
+            assert f"{batch_id}: failed: UnsafeURL" in done.stderr.decode()
+        # Nothing ever reached the canary, and nothing was stored.
+        assert canary.seen == []
+        assert not (tmp_path / "storage" / "manifests").exists()
+        status = run_cli(env, "status")
+        outputs += [status.stdout.decode(), status.stderr.decode()]
+        lines = status.stdout.decode().splitlines()
+        assert f"dead: {len(cases)}" in lines[1]
+        assert all("UnsafeURL" in line for line in lines if line.startswith("dead: bat_"))
+
+        # Listed, the same loopback host is fetched: the refusals above were the policy's doing.
+        listed = receiver_env(tmp_path, api_srv.url, api_key, RECEIVER_ARTIFACT_HOSTS="127.0.0.1,localhost")
+        api.on("GET", "/v1/batches/bat_ssrf_listed", Canned(200, {"id": "bat_ssrf_listed", "status": "completed", "item_count": 50}))
+        api.on("GET", "/v1/batches/bat_ssrf_listed/artifact-url", Canned(200, {"url": f"http://localhost:{port}/a.jsonl"}))
+        done = run_cli(listed, "fetch", "bat_ssrf_listed", timeout=120)
+        outputs += [done.stdout.decode(), done.stderr.decode()]
+        assert done.returncode == 0, done.stderr
+        assert len(canary.seen) == 1 and "Authorization" not in canary.seen[0].headers
+    assert not secret_leaks([tmp_path], outputs, [api_key])
+    record_figures("ssrf", {"artifact_urls_refused": len(internal), "redirects_refused": len(cases) - len(internal),
+                            "connections_to_internal_canary": 0, "allowlisted_control_stored": True})
