@@ -72,7 +72,9 @@ def receive() -> tuple[Response, int]:
         return _answer("ledger_unavailable", "the delivery could not be recorded; retry later", 503)
 
     metrics.DELIVERIES.labels(result.outcome).inc()
-    log.info(
+    # One line per delivery that starts work or repeats one; the progress events we only acknowledge
+    # are counted in metrics and logged at debug: a line each cost ~10% of ingest's CPU (BENCHMARKS.md).
+    (log.debug if result.outcome == "ignored" else log.info)(
         "delivery %s %s batch=%s: %s%s",
         delivery.event_id,
         delivery.event_type,

@@ -1,0 +1,205 @@
+"""Ingest: signed deliveries per second and time to the 200, against a minimal HMAC-only reference.
+
+    flock /tmp/receiver-bench.lock python bench/bench_ingest.py [--connections 16,64,256]
+
+For each connection count, the same load goes to two gunicorn servers started with the production
+settings (`receiver.gunicorn_conf`): the reference (bench/reference_app.py: verify the HMAC, answer
+200, record nothing) and the receiver (verify, validate, commit to the SQLite ledger, answer 200).
+They are measured alternately, `--repeats` times each, and the median run is reported, so a burst of
+other work on the shared machine hits both sides alike.
+
+The load follows docs/benchmarks.md: distinct signed `batch.progress` deliveries in the envelope form
+(unique event ids, so every one is a new ledger row; no downloads), after a warm-up, over keep-alive
+connections from an asyncio client on the same machine. `--gunicorn-args` overrides the production
+settings for both servers (e.g. `"-k sync -w 4"`), which is how the worker class was chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._harness import Proc, machine, median, percentile, receiver_env, start_gunicorn, write_json  # noqa: E402
+from receiver.signature import HEADER, sign  # noqa: E402
+
+SECRET = "bench-secret-" + "s" * 24
+
+
+def build_requests(host: str, count: int, tag: str) -> list[bytes]:
+    """`count` distinct signed `batch.progress` deliveries as raw HTTP/1.1 keep-alive requests."""
+    out = []
+    for i in range(count):
+        body = json.dumps(
+            {
+                "id": f"evt_{tag}_{i:06d}",
+                "type": "batch.progress",
+                "created": int(time.time()),
+                "data": {
+                    "batch_id": f"bat_{tag}_{i % 500:04d}",
+                    "status": "processing",
+                    "items_total": 1000,
+                    "items_completed": i % 1000,
+                    "items_failed": 0,
+                    "cost_usd": "2.4137",
+                    "output_file_url": None,
+                },
+            },
+            separators=(",", ":"),
+        ).encode()
+        head = (
+            f"POST /hooks/batchrouter HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{HEADER}: {sign(SECRET, body)}\r\nUser-Agent: bench\r\n\r\n"
+        ).encode()
+        out.append(head + body)
+    return out
+
+
+async def _one_connection(host: str, port: int, todo: list[bytes], latencies: list[float], failures: list[str]) -> None:
+    reader = writer = None
+    while todo:
+        request = todo.pop()
+        if writer is None:
+            reader, writer = await asyncio.open_connection(host, port)
+        start = time.perf_counter()
+        try:
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length, close = 0, False
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"connection" and value.strip().lower() == b"close":
+                    close = True
+            await reader.readexactly(length)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            failures.append(type(exc).__name__)
+            writer.close()
+            reader = writer = None
+            continue
+        latencies.append(time.perf_counter() - start)
+        status = int(head[9:12])
+        if status != 200:
+            failures.append(str(status))
+        if close:  # a sync worker closes after every response: reconnect, as a client must
+            writer.close()
+            reader = writer = None
+    if writer is not None:
+        writer.close()
+
+
+async def _drive(url: str, requests: list[bytes], connections: int) -> dict[str, float]:
+    host, port = url.removeprefix("http://").split(":")
+    todo = list(reversed(requests))
+    latencies: list[float] = []
+    failures: list[str] = []
+    start = time.perf_counter()
+    await asyncio.gather(*(_one_connection(host, int(port), todo, latencies, failures) for _ in range(connections)))
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "requests": len(requests),
+        "seconds": elapsed,
+        "per_second": len(requests) / elapsed,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "max_ms": latencies[-1] * 1000 if latencies else float("nan"),
+        "failures": len(failures),
+        "failure_kinds": sorted(set(failures)),
+    }
+
+
+def run_load(url: str, connections: int, count: int, warmup: int) -> dict[str, float]:
+    tag = uuid.uuid4().hex[:10]
+    host = url.removeprefix("http://")
+    asyncio.run(_drive(url, build_requests(host, warmup, tag + "w"), connections))
+    return asyncio.run(_drive(url, build_requests(host, count, tag), connections))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--connections", default="16,64,256", help="comma-separated connection counts")
+    parser.add_argument("--requests", type=int, default=3000, help="measured deliveries per run (default 3000)")
+    parser.add_argument("--warmup", type=int, default=300, help="deliveries sent before each measured run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side and connection count; the median is reported")
+    parser.add_argument("--gunicorn-args", default="", help="extra gunicorn arguments for both servers, e.g. '-k sync -w 4'")
+    parser.add_argument("--only", choices=("both", "receiver", "reference"), default="both")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    connection_counts = [int(c) for c in args.connections.split(",")]
+    extra = shlex.split(args.gunicorn_args)
+
+    report: dict = {"machine": machine(), "gunicorn_args": args.gunicorn_args or "(production settings)", "runs": []}
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        work = Path(tmp)
+        env = receiver_env(work)
+        from receiver.ledger import Ledger
+
+        ledger = Ledger(env["DATABASE_URL"])
+        ledger.create_schema()
+        ledger.add_secret(SECRET, grace_seconds=3600)  # as `receiver register` stores it
+        ledger.close()
+        servers: dict[str, tuple[Proc, str]] = {}
+        try:
+            if args.only in ("both", "reference"):
+                servers["reference"] = start_gunicorn(
+                    "bench.reference_app:create_app()", {**env, "RECEIVER_WEBHOOK_SECRET": SECRET}, work, "reference", extra
+                )
+            if args.only in ("both", "receiver"):
+                servers["receiver"] = start_gunicorn("receiver.app:create_app()", env, work, "receiver", extra)
+            time.sleep(1.2)  # the receiver's secret cache
+            for connections in connection_counts:
+                samples: dict[str, list[dict]] = {name: [] for name in servers}
+                for _ in range(args.repeats):
+                    for name, (_proc, url) in servers.items():
+                        samples[name].append(run_load(url, connections, args.requests, args.warmup))
+                row = {"connections": connections}
+                for name, runs in samples.items():
+                    rate = median([r["per_second"] for r in runs])
+                    best = min(runs, key=lambda r: abs(r["per_second"] - rate))
+                    row[name] = {**best, "all_per_second": [round(r["per_second"]) for r in runs]}
+                if "reference" in row and "receiver" in row:
+                    row["ratio"] = row["receiver"]["per_second"] / row["reference"]["per_second"]
+                report["runs"].append(row)
+                _print_row(row)
+        finally:
+            for proc, _url in servers.values():
+                proc.stop()
+        if "receiver" in servers:
+            import sqlite3
+
+            with sqlite3.connect(work / "receiver.db") as db:
+                report["receiver_rows"] = db.execute("SELECT count(*) FROM deliveries").fetchone()[0]
+    expected = len(connection_counts) * args.repeats * (args.requests + args.warmup)
+    if "receiver_rows" in report:
+        print(f"receiver ledger rows: {report['receiver_rows']} (expected {expected})")
+    write_json(args.json, report)
+    return 0
+
+
+def _print_row(row: dict) -> None:
+    parts = [f"{row['connections']:>4} conns"]
+    for name in ("reference", "receiver"):
+        if name in row:
+            r = row[name]
+            parts.append(
+                f"{name}: {r['per_second']:7.0f}/s p50 {r['p50_ms']:6.1f} ms p99 {r['p99_ms']:6.1f} ms"
+                f" fail {r['failures']} {r['all_per_second']}"
+            )
+    if "ratio" in row:
+        parts.append(f"ratio {row['ratio']:.2f}")
+    print(" | ".join(parts), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
