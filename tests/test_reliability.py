@@ -26,6 +26,7 @@ import requests
 from receiver.layout import is_part_key
 
 from ._reliability import (
+    SCALE,
     SIZE,
     DiskOutage,
     Sender,
@@ -49,6 +50,9 @@ from ._reliability import (
 )
 from .conftest import run_cli, wait_for
 from .test_pipeline import file_sha256 as sha256_file
+
+# The full size runs for many minutes; the CI size stays within the default per-test limit.
+pytestmark = pytest.mark.timeout(300 if SCALE == "ci" else 3600)
 
 _BATCH_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}")
 
@@ -325,8 +329,10 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
             s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
             s3.create_bucket(Bucket="chaos")
             overrides.update(AWS_TEST_ENV)
+            # Two attempts per S3 request (botocore's own retries would ride out a short outage
+            # unseen): the outage reaches the worker, which must abort and retry the upload.
             overrides.update(
-                {"RECEIVER_STORAGE_URL": "s3://chaos/receiver", "AWS_ENDPOINT_URL_S3": proxy.url,
+                {"RECEIVER_STORAGE_URL": "s3://chaos/receiver", "AWS_ENDPOINT_URL_S3": proxy.url, "AWS_MAX_ATTEMPTS": "2",
                  "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
             )
             outage: Any = _S3Outage(proxy)
@@ -358,6 +364,8 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
                 spec["gzip"] = True
             if i % 13 == 6:
                 spec["ranges"] = False
+            if s3 is not None and i % 10 == 9:
+                spec["items"] = 40_000  # 10 MB: a multipart upload of two parts
             emulator.create_batch(**spec)
             size = spec["items"] * 256
             if i < n_doomed:
@@ -442,6 +450,8 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
         assert "Traceback" not in web_log
         stats = emulator.stats()
         failures = _worker_failures(workers)
+        # The storage outage reached the workers (and they got over it: everything is stored).
+        assert any("StorageUnavailable" in k for k in failures), failures
         logs_text = [fetched.stdout.decode(), fetched.stderr.decode()]
     assert not secret_leaks([tmp_path], logs_text, [secret, api_key])
     assert stats["artifact_requests_with_authorization"] == 0
@@ -453,6 +463,7 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
             "storage_outage_kind": outage.kind,
             "faults_injected": dict(injected),
             "faults_injected_total": sum(injected.values()),
+            "multipart_batches": sum(1 for i in range(n_batches) if s3 is not None and i % 10 == 9),
             **dict(chaos.counts),
             "deliveries_sent": 2 * n_batches,
             "delivery_attempts": len(deliveries),
