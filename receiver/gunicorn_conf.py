@@ -1,9 +1,26 @@
 """gunicorn settings for the hook (the root `gunicorn.conf.py` imports this module).
 
 Validated settings first: a bad value stops gunicorn with one line and exit code 2, before gunicorn
-logs anything. Worker class and counts come from the ingest benchmark (BENCHMARKS.md): on 2 cores,
-gthread with 2 processes x 8 threads roughly doubles sync workers' throughput (the handler waits on
-SQLite's fsync, which releases the GIL), at a similar p99.
+logs anything.
+
+Worker class and counts: gthread, 2 processes x 8 threads, chosen from `bench/bench_ingest.py` on the
+2-core machine (BENCHMARKS.md, "Ingest"; 64 keep-alive connections, durable deliveries/s against the
+HMAC-only reference under the same settings, one run, 2026-11-27):
+
+    gthread 2x8   1,142/s  p99  85 ms   (reference 2,242/s)   <- chosen
+    gthread 4x8   1,085/s  p99 119 ms
+    gthread 2x16    936/s  p99 149 ms
+    gthread 2x32    880/s  p99 190 ms
+    sync -w 2       921/s  p99 177 ms
+    sync -w 4       914/s  p99 149 ms
+    sync -w 8       796/s  p99 219 ms
+
+Why: each delivery waits for an fsync (SQLite, synchronous=FULL) before its 200. With threads, the
+deliveries that arrive during one commit share the next (the ledger's group commit), so one fsync
+serves several; a sync worker commits one delivery per fsync and closes every connection (no
+keep-alive). Two processes match the two cores; more threads than 8 or more processes only add GIL
+and lock contention (lower throughput, higher p99). gthread also keeps a slow client from holding a
+whole process, which a sync worker would.
 """
 
 import os

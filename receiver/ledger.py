@@ -702,7 +702,12 @@ class _SQLiteGroupCommit:
             else:
                 firsts[item.params[0]] = item
         unique = list(firsts.values())
-        conn.execute("BEGIN IMMEDIATE")
+        # Progress events only, in one statement: a single statement is its own transaction in
+        # autocommit mode (atomic, and durable at its end with synchronous=FULL), so BEGIN and
+        # COMMIT, two more GIL round trips, are not needed.
+        alone = len(unique) <= self.ROWS_PER_INSERT and not any(item.queue_batch for item in unique)
+        if not alone:
+            conn.execute("BEGIN IMMEDIATE")
         try:
             inserted: set[str] = set()
             for start in range(0, len(unique), self.ROWS_PER_INSERT):
@@ -718,7 +723,8 @@ class _SQLiteGroupCommit:
                     batch_id, now = item.params[1], item.params[5]
                     queued = bool(conn.execute(self.QUEUE_JOB, (batch_id, now)).fetchall())
                     item.result = RecordResult("accepted", queued)
-            conn.execute("COMMIT")
+            if not alone:
+                conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 try:
