@@ -1,6 +1,6 @@
 """Run the local benchmarks one after another and keep their figures.
 
-    flock /tmp/receiver-bench.lock python bench/run_all.py [--out bench-results]
+    flock /tmp/receiver-bench.lock python bench/run_all.py [--out bench/out]
 
 Runs bench_ingest.py, bench_stream_local.py and bench_many.py with their defaults (the sizes in
 BENCHMARKS.md), printing each one's table and writing `<out>/<name>.json`. Take the lock around this
@@ -20,7 +20,7 @@ SCRIPTS = ("bench_ingest", "bench_stream_local", "bench_many")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="bench-results", help="folder for the JSON figures")
+    parser.add_argument("--out", default=str(HERE / "out"), help="folder for the JSON figures (default bench/out, git-ignored)")
     parser.add_argument("--only", choices=SCRIPTS, action="append", help="run only these (repeatable)")
     args = parser.parse_args(argv)
     out = Path(args.out)
