@@ -559,10 +559,12 @@ class _SQLiteGroupCommit:
 
     What ingest promises is unchanged: each delivery and its job are in a committed transaction
     (synchronous=FULL) before `record` returns, so before the 200; deduplication is still the primary
-    key with ON CONFLICT, a duplicate inside one group included; a failed commit fails every delivery
-    of the group (each gets a 503 and BatchRouter retries). It speaks sqlite3 directly. The SQL below
-    is the SQLite form of `_record_stmt` and `Ledger._queue(revive=(DEAD,))`; tests/test_ledger.py
-    holds both paths to the same behaviour.
+    key with ON CONFLICT, a duplicate inside one group included. When the database fails (locked past
+    the busy timeout, disk full) every delivery of the group gets LedgerUnavailable, so a 503, and
+    BatchRouter retries; any other failure is retried one delivery at a time, so that only the one at
+    fault fails. It speaks sqlite3 directly: the SQL below is the SQLite form of `_record_stmt` and
+    `Ledger._queue(revive=(DEAD,))`, which PostgreSQL still runs; tests/test_ledger.py runs the same
+    tests on both.
     """
 
     #: Rows per multi-row INSERT: 6 parameters each stays far below SQLite's 32,766 variables.

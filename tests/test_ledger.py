@@ -121,3 +121,21 @@ def test_delivery_records_are_pruned_but_jobs_kept(ledger):
     assert ledger.job("bat_1") is not None
     assert deliver(ledger, "evt_old").outcome == "accepted"  # forgotten, but the job row still dedups the batch
     assert len(ledger.list_jobs()) == 1
+
+
+def test_a_delivery_the_ledger_cannot_store_fails_alone(ledger):
+    if ledger.dialect != "sqlite":
+        pytest.skip("SQLite's group commit: deliveries of several threads share one transaction")
+    from receiver.errors import LedgerUnavailable
+
+    def one(i):
+        event_id = "evt_bad\udc00" if i == 5 else f"evt_{i}"
+        try:
+            return deliver(ledger, event_id, batch_id=f"bat_{i}").outcome
+        except LedgerUnavailable:
+            return "unavailable"
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        outcomes = list(pool.map(one, range(12)))
+    assert outcomes == ["accepted"] * 5 + ["unavailable"] + ["accepted"] * 6
+    assert len(ledger.list_jobs()) == 11
