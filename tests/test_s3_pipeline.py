@@ -402,3 +402,16 @@ def test_bucket_from_the_cloudformation_template_stores_a_batch(emulator, web, s
     key = assert_results_match(s3, bucket, manifest, emulator.expected(batch_id)["results"], prefix="batchrouter/prod")
     assert s3.head_object(Bucket=bucket, Key=key)["ServerSideEncryption"] == "AES256"
     assert incomplete_uploads(s3, bucket) == []
+
+
+def test_sigterm_mid_upload_aborts_the_multipart_upload_and_releases_the_job(emulator, web, secret, s3, bucket, receiver_env, tmp_path):
+    batch_id = emulator.create_batch(items=40_000, line_bytes=1000)["id"]
+    emulator.fault(batch_id=batch_id, target="artifact", kind="stall", after_bytes=20 * MB, stall_seconds=2)
+    worker = Service("worker-a", [sys.executable, "-m", "receiver", "worker"], receiver_env, tmp_path).start()
+    emulator.complete(batch_id)
+    wait_for(lambda: incomplete_uploads(s3, bucket), timeout=60, interval=0.05, what="a multipart upload")
+    assert worker.stop() == 0
+    assert incomplete_uploads(s3, bucket) == []
+    released = job(receiver_env, batch_id)
+    assert released["state"] == "queued" and released["lease_owner"] is None
+    assert s3_manifest(s3, bucket, batch_id) is None
