@@ -49,6 +49,9 @@ class Settings:
     #: Artifact read timeout: a stalled host frees the download slot after this many seconds.
     read_timeout_seconds: float = 60.0
     connect_timeout_seconds: float = 10.0
+    #: The hook's deadline for each read from a client: a client that stalls mid-request frees its
+    #: gunicorn thread after this many seconds instead of holding it for ever.
+    client_timeout_seconds: float = 10.0
     #: Proxies in front of gunicorn whose X-Forwarded-* headers we trust (0: trust none).
     trusted_proxies: int = 0
     s3_sse: str | None = None
@@ -123,6 +126,7 @@ class Settings:
             delivery_retention_days=_int(env, "RECEIVER_DELIVERY_RETENTION_DAYS", 14, 7, 3650),
             read_timeout_seconds=_float(env, "RECEIVER_READ_TIMEOUT_SECONDS", 60.0, 0.1, 3600),
             connect_timeout_seconds=_float(env, "RECEIVER_CONNECT_TIMEOUT_SECONDS", 10.0, 0.1, 600),
+            client_timeout_seconds=_float(env, "RECEIVER_CLIENT_TIMEOUT_SECONDS", 10.0, 0.1, 600),
             trusted_proxies=_int(env, "RECEIVER_TRUSTED_PROXIES", 0, 0, 10),
             s3_sse=sse,
             s3_kms_key_id=kms_key,

@@ -23,8 +23,11 @@ and lock contention (lower throughput, higher p99). gthread also keeps a slow cl
 whole process, which a sync worker would.
 """
 
+import logging
 import os
 import shutil
+import socket
+import struct
 import sys
 import tempfile
 
@@ -39,7 +42,8 @@ except ConfigError as _exc:
 
 bind = f"0.0.0.0:{_settings.port}"
 workers = 2
-worker_class = "gthread"
+# gthread, with connection closes moved off the main loop (receiver/gunicorn_worker.py).
+worker_class = "receiver.gunicorn_worker.ReceiverThreadWorker"
 threads = 8
 keepalive = 5
 backlog = 2048
@@ -56,6 +60,40 @@ secure_scheme_headers: dict[str, str] = {}
 # prometheus-client multiprocess mode: every worker writes its counters here, /metrics sums them.
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="receiver-metrics-")
+
+
+def when_ready(server):
+    """Give every client socket a read deadline (SO_RCVTIMEO, inherited by accepted sockets).
+
+    gunicorn's gthread worker reads a request's headers and body in blocking mode with no deadline,
+    so a handful of clients that send part of a request and stall would hold every thread and the
+    hook would stop answering (tests/test_reliability.py found it with 12 to 20). With a deadline on
+    each read, a stalled client's thread is freed after RECEIVER_CLIENT_TIMEOUT_SECONDS. A proxy that
+    buffers requests (infra/Caddyfile, nginx) is the first line; this holds without one.
+    """
+    seconds = _settings.client_timeout_seconds
+    deadline = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
+    for listener in server.LISTENERS:
+        listener.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, deadline)
+        listener.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, deadline)
+
+
+class _StalledClientFilter(logging.Filter):
+    """A read deadline that expires surfaces in gunicorn as EAGAIN and a logged traceback; it is a
+    client's doing, so say it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, BlockingIOError) and record.getMessage().startswith("Socket error"):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "client stalled past RECEIVER_CLIENT_TIMEOUT_SECONDS; connection closed", (), None, None
+            )
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def post_worker_init(worker):
+    worker.log.error_log.addFilter(_StalledClientFilter())
 
 
 def on_starting(server):  # noqa: ARG001

@@ -32,10 +32,14 @@ def receive() -> tuple[Response, int]:
         return _answer("unsupported_media_type", "Content-Type must be application/json", 415)
     length = request.content_length
     if length is not None and length > settings.max_body_bytes:
-        return _answer("payload_too_large", f"body is over {settings.max_body_bytes} bytes", 413)
-    raw = request.stream.read(settings.max_body_bytes + 1)
+        return _closing(_answer("payload_too_large", f"body is over {settings.max_body_bytes} bytes", 413))
+    try:
+        raw = request.stream.read(settings.max_body_bytes + 1)
+    except OSError:  # the client stalled past its read deadline (gunicorn_conf.when_ready) or vanished
+        metrics.DELIVERIES.labels("invalid").inc()
+        return _closing(_answer("request_timeout", "the request body did not arrive in time", 408))
     if len(raw) > settings.max_body_bytes:
-        return _answer("payload_too_large", f"body is over {settings.max_body_bytes} bytes", 413)
+        return _closing(_answer("payload_too_large", f"body is over {settings.max_body_bytes} bytes", 413))
 
     try:
         accepted = ledger.accepted_secrets() + settings.webhook_secrets
@@ -91,3 +95,10 @@ def _is_json(mimetype: str) -> bool:
 
 def _answer(code: str, message: str, status: int, **extra: object) -> tuple[Response, int]:
     return jsonify(error={"code": code, "message": message, **extra}), status
+
+
+def _closing(answer: tuple[Response, int]) -> tuple[Response, int]:
+    """Close the connection after this answer: the body was not read to its end, and keeping the
+    connection would make gunicorn read (and wait for) the rest of it first."""
+    answer[0].headers["Connection"] = "close"
+    return answer

@@ -1,0 +1,60 @@
+"""Clients that stall mid-request must not take the hook down (gunicorn's gthread worker reads
+requests without a deadline; gunicorn_conf.when_ready gives every read one)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import requests
+
+from .conftest import Web
+
+
+@pytest.fixture
+def receiver_env(receiver_env: dict[str, str]) -> dict[str, str]:
+    receiver_env["RECEIVER_CLIENT_TIMEOUT_SECONDS"] = "1"
+    return receiver_env
+
+
+def _stall(port: int, data: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(data)
+    return sock
+
+
+def test_stalled_clients_are_cut_off_and_the_hook_keeps_answering(web: Web, secret: str) -> None:
+    port = int(web.url.rsplit(":", 1)[1])
+    # Far more stalled clients than the 2 x 8 threads: half stop inside their headers, half inside
+    # a body they announced.
+    stalled = [_stall(port, b"POST /hooks/batchrouter HTTP/1.1\r\nHost: x\r\n") for _ in range(24)]
+    stalled += [
+        _stall(port, b"POST /hooks/batchrouter HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: 100\r\n\r\n{\"id\": ")
+        for _ in range(24)
+    ]
+    try:
+        time.sleep(0.5)  # let them reach the threads
+        for _ in range(5):
+            assert requests.get(f"{web.url}/healthz", timeout=30).status_code == 200
+        from receiver.signature import sign
+
+        body = b'{"event": "batch.progress", "batch_id": "bat_slow", "status": "processing"}'
+        r = requests.post(web.hook, data=body, timeout=30,
+                          headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign(secret, body)})
+        assert r.status_code == 200, r.text
+
+        # Every stalled connection was closed by the server (EOF, or a 408 for the one in its body).
+        for sock in stalled:
+            sock.settimeout(20)
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    finally:
+        for sock in stalled:
+            sock.close()
+    output = web.service.output()
+    assert "Traceback" not in output, output[-3000:]
+    assert "client stalled" in output or "408" in output
