@@ -184,6 +184,10 @@ def test_receiver_writes_through_the_stack_policy_only_under_its_prefix(endpoint
     storage = S3Storage(bucket, "br/prod", client=as_receiver, part_size=5 * MiB, buffer_bytes=20 * MiB)
     assert storage.url == outputs["StorageUrl"]
     results = "results/dt=2026-01-02/batch_id=b/results.jsonl"
+    # Another tenant's object: reading it must be refused whether or not the listing that tells
+    # "missing" from "forbidden" is allowed (moto's evaluation of the ListBucket prefix condition
+    # varied between runs, and a missing key could then read as ObjectNotFound).
+    boto3.client("s3", endpoint_url=endpoint).put_object(Bucket=bucket, Key="br/other/manifests/b.json", Body=b"{}")
 
     set_moto_auth(endpoint, 0)
     try:
