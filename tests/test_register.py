@@ -304,3 +304,50 @@ def test_s3_check_warns_with_the_fix_when_no_rule_aborts_incomplete_uploads():
         assert check_s3_abort_rule(s3, "results", "batchrouter")[0] == OK
         s3.put_bucket_lifecycle_configuration(Bucket="results", LifecycleConfiguration={"Rules": [rule("batchrouter/")]})
         assert check_s3_abort_rule(s3, "results", "batchrouter") == (OK, "rule abort aborts them after 1 day(s)")
+
+
+def test_caddy_holds_a_trickling_request_until_it_is_whole(caddy):
+    """The shipped Caddyfile buffers request bodies: a client that stalls mid-body never reaches
+    gunicorn, so it cannot hold one of its threads (RELIABILITY.md, slow clients)."""
+    import socket
+    import ssl
+    import threading
+
+    upstream = socket.socket()
+    upstream.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    upstream.bind(("127.0.0.1", caddy.upstream_port))
+    upstream.listen()
+    seen: list[bytes] = []
+    reached = threading.Event()  # Caddy opened the upstream request
+    arrived = threading.Event()  # ... and it is whole
+
+    def serve() -> None:
+        conn, _ = upstream.accept()
+        reached.set()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            seen.append(data)
+            arrived.set()
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    threading.Thread(target=serve, daemon=True).start()
+    body = b'{"event": "batch.progress", "batch_id": "bat_trickle"}'
+    context = ssl.create_default_context(cafile=str(caddy.root_ca))
+    port = int(caddy.hook.split(":")[2].split("/")[0])
+    with socket.create_connection(("localhost", port), timeout=30) as raw, context.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(
+            b"POST /hooks/batchrouter HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10]
+        )
+        assert not reached.wait(2.0), "Caddy opened the upstream request before the body had arrived"
+        tls.sendall(body[10:])
+        assert arrived.wait(20.0)
+        answer = tls.recv(65536)
+    upstream.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert seen[0].endswith(body)
