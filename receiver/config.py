@@ -59,7 +59,7 @@ class Settings:
     #: Ask S3 to verify a SHA-256 checksum of each part; some S3-compatible stores reject it.
     s3_checksum: bool = True
     #: Memory budget of one S3 streaming upload (parts buffered in flight), in bytes.
-    s3_buffer_bytes: int = 64 * 1024 * 1024
+    s3_buffer_bytes: int = 24 * 1024 * 1024
 
     @property
     def is_sqlite(self) -> bool:
@@ -131,7 +131,7 @@ class Settings:
             s3_sse=sse,
             s3_kms_key_id=kms_key,
             s3_checksum=_bool(env, "RECEIVER_S3_CHECKSUM", True),
-            s3_buffer_bytes=_int(env, "RECEIVER_S3_BUFFER_MB", 64, 16, 4096) * 1024 * 1024,
+            s3_buffer_bytes=_int(env, "RECEIVER_S3_BUFFER_MB", 24, 16, 4096) * 1024 * 1024,
         )
 
     def require_api_key(self) -> str:

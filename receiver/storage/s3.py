@@ -60,7 +60,9 @@ MAX_OBJECT_SIZE = 5 * TiB
 
 #: s3transfer's default `multipart_chunksize`; S3 suggests 8-16 MiB parts for throughput.
 DEFAULT_PART_SIZE = 8 * MiB
-DEFAULT_BUFFER_BYTES = 64 * MiB
+#: Two 8 MiB parts in flight and one filling: as fast as 64 MiB against moto_server, a third of the
+#: memory (BENCHMARKS.md, "Streaming to S3").
+DEFAULT_BUFFER_BYTES = 24 * MiB
 #: Part uploads in flight per writer at most (the memory budget usually binds first).
 DEFAULT_CONCURRENCY = 8
 #: Without a size hint the part size doubles every this many parts: 8 MiB x 1000, 16 MiB x 1000, …
@@ -533,10 +535,10 @@ class S3Writer(Writer):
     """One object streaming into S3: a single PutObject if it stays under one part, else a multipart
     upload whose parts go up on a small thread pool while `write()` fills the next one.
 
-    Memory: the part being filled plus the parts in flight never exceed `buffer_bytes` (plus one
-    part's copy while a part is assembled). When two parts do not fit the budget (parts larger than
-    half of it: very large artifacts, or 120+ GiB without a size hint at a 64 MiB budget) the part is
-    uploaded by the calling thread and held alone.
+    Memory: the part being filled plus the parts in flight never exceed `buffer_bytes`; a part is
+    filled in place, never held twice. When two parts do not fit the budget (parts larger than half
+    of it: at the default 24 MiB, artifacts over about 120 GiB, whose parts grow past 12 MiB to stay
+    within 10,000) the part is uploaded by the calling thread and held alone.
 
     Used by one thread at a time; `abort()` may come from another thread (a shutdown) and wakes a
     `write()` blocked on the budget, which then raises.
@@ -550,7 +552,9 @@ class S3Writer(Writer):
         self._storage = storage
         self._full_key = full_key
         self._part_size = storage.part_size_for(1, size_hint)
-        self._chunks: list[memoryview] = []
+        #: The part being filled, allocated whole: each block is copied in and released at once, so a
+        #: part is never held twice (as blocks and as their join) while it is sent.
+        self._part: bytearray | None = None
         self._buffered = 0
         self._next_part = 1
         self._parts: dict[int, dict[str, Any]] = {}
@@ -583,14 +587,15 @@ class S3Writer(Writer):
         """Buffer `data`; each full part goes to the pool. Blocks while the budget is full."""
         if self._state != "open":
             raise ValueError(f"write to an {self._state} writer ({self.key})")
-        if not isinstance(data, bytes):
-            data = bytes(data)  # a caller's reusable buffer must not change under a queued part
         try:
             self._raise_if_failed()
             view = memoryview(data)
             while view:
                 take = min(len(view), self._part_size - self._buffered)
-                self._chunks.append(view[:take])
+                if self._part is None:
+                    left = None if self.size_hint is None else self.size_hint - self.bytes_written - (len(data) - len(view))
+                    self._part = bytearray(self._part_size if left is None or left <= 0 else min(self._part_size, left))
+                self._part[self._buffered : self._buffered + take] = view[:take]
                 self._buffered += take
                 view = view[take:]
                 if self._buffered >= self._part_size:
@@ -610,8 +615,7 @@ class S3Writer(Writer):
         try:
             self._raise_if_failed()
             if self._upload.upload_id is None and self._next_part == 1:
-                body = b"".join(self._chunks)
-                self._chunks = []
+                body = self._take_part()
                 with self._storage._errors("PutObject", self.key):
                     self._storage._put(self._full_key, body)
             else:
@@ -639,9 +643,7 @@ class S3Writer(Writer):
     # --- parts ------------------------------------------------------------------------------------
 
     def _send_part(self) -> None:
-        body = b"".join(self._chunks)
-        self._chunks = []
-        self._buffered = 0
+        body = self._take_part()
         number = self._next_part
         if number > MAX_PARTS:
             raise ObjectTooLarge(
@@ -669,6 +671,16 @@ class S3Writer(Writer):
         self._futures.add(future)
         future.add_done_callback(self._futures.discard)
 
+    def _take_part(self) -> bytes | bytearray:
+        """The filled part, handed over whole (botocore takes a bytearray as a body)."""
+        part, filled = self._part, self._buffered
+        self._part, self._buffered = None, 0
+        if part is None:
+            return b""
+        if filled < len(part):
+            del part[filled:]  # the last part, or a stream that ended before its size hint
+        return part
+
     def _create_upload(self) -> None:
         params: dict[str, Any] = {"Bucket": self._storage.bucket, "Key": self._full_key}
         params.update(self._storage._object_args(self._full_key))
@@ -677,7 +689,7 @@ class S3Writer(Writer):
         with self._storage._errors("CreateMultipartUpload", self.key):
             self._upload.upload_id = self._storage.client.create_multipart_upload(**params)["UploadId"]
 
-    def _run_part(self, number: int, body: bytes) -> None:
+    def _run_part(self, number: int, body: bytes | bytearray) -> None:
         """A pool thread's task: upload, record the first failure, give the budget back."""
         try:
             self._upload_part(number, body)
@@ -690,7 +702,7 @@ class S3Writer(Writer):
                 self._in_flight -= len(body)
                 self._cond.notify_all()
 
-    def _upload_part(self, number: int, body: bytes) -> None:
+    def _upload_part(self, number: int, body: bytes | bytearray) -> None:
         storage = self._storage
         params: dict[str, Any] = {
             "Bucket": storage.bucket,
@@ -735,7 +747,7 @@ class S3Writer(Writer):
     def _abort_upload(self) -> None:
         with self._abort_lock:
             self._record_error(StorageUnavailable(f"upload of {self._storage.url}/{self.key} was aborted"))
-            self._chunks = []
+            self._part = None
             self._buffered = 0
             futures = list(self._futures)
             for future in futures:
