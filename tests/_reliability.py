@@ -33,7 +33,7 @@ import requests
 
 from receiver.signature import HEADER, sign
 
-from .conftest import Emulator, Service, free_port, wait_for, wait_http
+from .conftest import Emulator, Service, free_port, make_receiver_env, wait_for, wait_http
 
 # --- scale ------------------------------------------------------------------------------------------
 
@@ -97,26 +97,8 @@ def start_emulator(tmp_path: Path, api_key: str, name: str = "emulator") -> Emul
 
 
 def receiver_env(tmp_path: Path, emulator_url: str, api_key: str, **overrides: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECEIVER_", "BATCHROUTER_", "DATABASE_URL", "AWS_"))}
-    (tmp_path / "metrics").mkdir(exist_ok=True)
-    env.update(
-        {
-            "BATCHROUTER_API_URL": emulator_url,
-            "BATCHROUTER_API_KEY": api_key,
-            "DATABASE_URL": f"sqlite:///{tmp_path}/receiver.db",
-            "RECEIVER_STORAGE_URL": str(tmp_path / "storage"),
-            "RECEIVER_ARTIFACT_HOSTS": "127.0.0.1",
-            "RECEIVER_RETRY_BASE_SECONDS": "0.2",
-            "RECEIVER_RETRY_CAP_SECONDS": "2",
-            "RECEIVER_LEASE_SECONDS": "4",
-            "RECEIVER_READ_TIMEOUT_SECONDS": "3",
-            "PORT": str(free_port()),
-            "RECEIVER_TEST_CWD": str(tmp_path),
-            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
-        }
-    )
-    env.update(overrides)
-    return env
+    """conftest's environment, without the caller's AWS_* (each suite sets its own, for moto)."""
+    return make_receiver_env(tmp_path, emulator_url, api_key, inherit_aws=False, **overrides)
 
 
 def store_secret(env: dict[str, str], secret: str) -> None:

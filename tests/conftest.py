@@ -135,14 +135,23 @@ class Emulator:
         return requests.get(f"{self.url}/_emulator/stats", timeout=10).json()
 
 
-@pytest.fixture
-def receiver_env(tmp_path: Path, emulator: Emulator) -> dict[str, str]:
-    """The receiver's environment: SQLite and local storage under tmp_path, the emulator as API."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECEIVER_", "BATCHROUTER_", "DATABASE_URL"))}
+def make_receiver_env(
+    tmp_path: Path,
+    api_url: str,
+    api_key: str = EMULATOR_KEY,
+    *,
+    inherit_aws: bool = True,
+    **overrides: str,
+) -> dict[str, str]:
+    """The receiver's environment: SQLite and local storage under tmp_path, `api_url` as the API,
+    short retries and leases so faults cost seconds. `inherit_aws=False` drops the caller's AWS_*."""
+    dropped = ("RECEIVER_", "BATCHROUTER_", "DATABASE_URL") + (() if inherit_aws else ("AWS_",))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
+    (tmp_path / "metrics").mkdir(exist_ok=True)
     env.update(
         {
-            "BATCHROUTER_API_URL": emulator.url,
-            "BATCHROUTER_API_KEY": EMULATOR_KEY,
+            "BATCHROUTER_API_URL": api_url,
+            "BATCHROUTER_API_KEY": api_key,
             "DATABASE_URL": f"sqlite:///{tmp_path}/receiver.db",
             "RECEIVER_STORAGE_URL": str(tmp_path / "storage"),
             "RECEIVER_ARTIFACT_HOSTS": "127.0.0.1",
@@ -152,12 +161,16 @@ def receiver_env(tmp_path: Path, emulator: Emulator) -> dict[str, str]:
             "RECEIVER_READ_TIMEOUT_SECONDS": "3",
             "PORT": str(free_port()),
             "RECEIVER_TEST_CWD": str(tmp_path),
-            "PROMETHEUS_MULTIPROC_DIR": "",
+            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
         }
     )
-    (tmp_path / "metrics").mkdir()
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
+    env.update(overrides)
     return env
+
+
+@pytest.fixture
+def receiver_env(tmp_path: Path, emulator: Emulator) -> dict[str, str]:
+    return make_receiver_env(tmp_path, emulator.url)
 
 
 @pytest.fixture
