@@ -15,6 +15,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import metrics
 from .config import Settings
+from .cooperative import blocking_runner
 from .errors import ConfigError, LedgerUnavailable, ReceiverError, StorageError
 from .ingest import bp as ingest_bp
 from .ledger import Ledger
@@ -40,7 +41,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     if test_config:
         app.config.update(test_config)
 
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger(settings.database_url, run_blocking=blocking_runner())
     try:
         ledger.create_schema()
     except LedgerUnavailable as exc:

@@ -49,8 +49,8 @@ class Settings:
     #: Artifact read timeout: a stalled host frees the download slot after this many seconds.
     read_timeout_seconds: float = 60.0
     connect_timeout_seconds: float = 10.0
-    #: The hook's deadline for each read from a client: a client that stalls mid-request frees its
-    #: gunicorn thread after this many seconds instead of holding it for ever.
+    #: The hook's deadline for each read from (and write to) a client: a client that stalls
+    #: mid-request is cut off after this many seconds instead of holding its connection for ever.
     client_timeout_seconds: float = 10.0
     #: Proxies in front of gunicorn whose X-Forwarded-* headers we trust (0: trust none).
     trusted_proxies: int = 0

@@ -3,31 +3,29 @@
 Validated settings first: a bad value stops gunicorn with one line and exit code 2, before gunicorn
 logs anything.
 
-Worker class and counts: gthread, 2 processes x 8 threads, chosen from `bench/bench_ingest.py` on the
-2-core machine (BENCHMARKS.md, "Ingest"; 64 keep-alive connections, durable deliveries/s against the
-HMAC-only reference under the same settings, one run, 2026-11-27):
+Worker class and counts: gevent, 2 processes, chosen from `bench/bench_ingest.py` on the 2-core
+machine (BENCHMARKS.md, "Ingest"; 64 keep-alive connections, durable deliveries/s against the
+HMAC-only reference run under the same settings; single runs, 2026-11-27 04:30 UTC):
 
-    gthread 2x8   1,142/s  p99  85 ms   (reference 2,242/s)   <- chosen
-    gthread 4x8   1,085/s  p99 119 ms
-    gthread 2x16    936/s  p99 149 ms
-    gthread 2x32    880/s  p99 190 ms
-    sync -w 2       921/s  p99 177 ms
-    sync -w 4       914/s  p99 149 ms
-    sync -w 8       796/s  p99 219 ms
+    gevent  -w 2    1,695-1,937/s  p99 64-90 ms   (reference 2,572-2,742/s)   <- chosen
+    gevent  -w 3    1,372/s        p99 104 ms     (reference 1,972/s)
+    gevent  -w 4    1,325/s        p99 123 ms     (reference 1,884/s)
+    gevent  -w 1    1,061/s        p99 114 ms     (reference 1,352/s)
+    gthread 2x8     1,281/s        p99 100 ms     (reference 2,163/s; 850-1,140/s in earlier runs)
 
-Why: each delivery waits for an fsync (SQLite, synchronous=FULL) before its 200. With threads, the
-deliveries that arrive during one commit share the next (the ledger's group commit), so one fsync
-serves several; a sync worker commits one delivery per fsync and closes every connection (no
-keep-alive). Two processes match the two cores; more threads than 8 or more processes only add GIL
-and lock contention (lower throughput, higher p99). gthread also keeps a slow client from holding a
-whole process, which a sync worker would.
+Why: each delivery's 200 waits for an fsync (SQLite, synchronous=FULL). With gthread every waiting
+request is an OS thread, and the GIL hand-offs when commits land cost more CPU than the work: the
+receiver reached 0.4 of the reference whatever the thread and process counts. Under gevent the
+waiting requests are greenlets, the commit runs on gevent's native thread pool
+(receiver/cooperative.py), and one commit serves every delivery that arrived meanwhile (groups of
+15-25 at 64 connections instead of 4). Two processes match the two cores. A stalled client holds a
+greenlet, not a thread (worker_connections per process), and every read has a deadline
+(receiver/gunicorn_worker.py).
 """
 
 import logging
 import os
 import shutil
-import socket
-import struct
 import sys
 import tempfile
 
@@ -42,9 +40,11 @@ except ConfigError as _exc:
 
 bind = f"0.0.0.0:{_settings.port}"
 workers = 2
-# gthread, with connection closes moved off the main loop (receiver/gunicorn_worker.py).
-worker_class = "receiver.gunicorn_worker.ReceiverThreadWorker"
-threads = 8
+# gevent, with a read deadline on every client socket (receiver/gunicorn_worker.py).
+worker_class = "receiver.gunicorn_worker.ReceiverGeventWorker"
+# Open connections per process, idle keep-alive ones and stalled clients included; each costs a
+# greenlet and a file descriptor, not a thread.
+worker_connections = 1000
 keepalive = 5
 backlog = 2048
 # Deliveries are answered in milliseconds; a worker stuck this long is restarted.
@@ -62,29 +62,13 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="receiver-metrics-")
 
 
-def when_ready(server):
-    """Give every client socket a read deadline (SO_RCVTIMEO, inherited by accepted sockets).
-
-    gunicorn's gthread worker reads a request's headers and body in blocking mode with no deadline,
-    so a handful of clients that send part of a request and stall would hold every thread and the
-    hook would stop answering (tests/test_reliability.py found it with 12 to 20). With a deadline on
-    each read, a stalled client's thread is freed after RECEIVER_CLIENT_TIMEOUT_SECONDS. A proxy that
-    buffers requests (infra/Caddyfile, nginx) is the first line; this holds without one.
-    """
-    seconds = _settings.client_timeout_seconds
-    deadline = struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000))
-    for listener in server.LISTENERS:
-        listener.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, deadline)
-        listener.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, deadline)
-
-
 class _StalledClientFilter(logging.Filter):
-    """A read deadline that expires surfaces in gunicorn as EAGAIN and a logged traceback; it is a
-    client's doing, so say it in one line."""
+    """A read deadline that expires (receiver/gunicorn_worker.py) surfaces in gunicorn as a logged
+    traceback; it is a client's doing, so say it in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, BlockingIOError) and record.getMessage().startswith("Socket error"):
+        if isinstance(exc, (TimeoutError, BlockingIOError)) and record.getMessage().startswith("Socket error"):
             record.msg, record.args, record.exc_info, record.exc_text = (
                 "client stalled past RECEIVER_CLIENT_TIMEOUT_SECONDS; connection closed", (), None, None
             )

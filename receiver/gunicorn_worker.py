@@ -1,12 +1,16 @@
-"""gunicorn's gthread worker, with no client able to stall its main loop.
+"""gunicorn's gevent worker, with a deadline on every client read and a polite close.
 
-gunicorn (27) closes a finished connection on the worker's main thread, and closes it "gracefully":
-it half-closes, then waits up to 2 s for the client to close its side. A client that never does
-(a stalled or hostile one) costs the main loop those 2 s each, during which it neither accepts nor
-tells the arbiter it is alive; a few dozen such clients got whole workers killed for timeout
-(tests/test_slow_clients.py). Here the request thread, which has time to wait, does that wait
-itself and shuts the socket down, so the main thread's close finds nothing left to wait for.
-It subclasses gunicorn internals: on a gunicorn whose `handle` returns something else it does nothing.
+Why gevent rather than threads (gunicorn_conf.py has the measurements): a delivery's 200 waits for
+an fsync. With threads, every waiting request is an OS thread that must win the GIL back when its
+commit lands, and those hand-offs, not the work, capped ingest at 0.4 of the HMAC-only reference.
+Greenlets wait for a commit at the cost of a switch, the commit itself runs on gevent's native
+thread pool (receiver/cooperative.py), and one commit serves every delivery that arrived meanwhile.
+A stalled client holds a greenlet, not a thread, so a few dozen of them no longer stop the hook.
+
+gunicorn's worker puts client sockets in blocking mode with no timeout; here each read and write
+gets RECEIVER_CLIENT_TIMEOUT_SECONDS instead (a stalled body then ends in a 408, ingest.py), and a
+connection closed with unread request bytes is drained briefly before the close, so the client
+reads our 408/413 instead of a reset.
 """
 
 from __future__ import annotations
@@ -14,24 +18,38 @@ from __future__ import annotations
 import socket
 import time
 
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.ggevent import GeventWorker
 
-#: How long a closing connection may take to send its FIN. gunicorn allows 2 s; BatchRouter is a
-#: server on a fast network, and a stalled client would hold a request thread for the whole linger.
+from .config import Settings
+
+#: How long a closing connection may take to send its FIN (gunicorn's own graceful close allows 2 s).
 LINGER_SECONDS = 0.5
 
 
-class ReceiverThreadWorker(ThreadWorker):
-    def handle(self, conn):  # type: ignore[no-untyped-def]
-        result = super().handle(conn)
-        if result is False:  # gunicorn 27: the connection is to be closed (True: keep-alive; else: deferred)
-            _linger_and_shut(conn.sock)
-        return result
+class ReceiverGeventWorker(GeventWorker):
+    def init_process(self) -> None:
+        # gunicorn_conf validated the settings before any worker started.
+        self.client_timeout = Settings.from_env().client_timeout_seconds
+        super().init_process()
+
+    def handle(self, listener, client, addr):  # type: ignore[no-untyped-def]
+        # The parent sets blocking mode (no timeout) first; its settimeout(None) would undo ours,
+        # so skip it and go straight to the AsyncWorker's loop.
+        client.settimeout(self.client_timeout)
+        super(GeventWorker, self).handle(listener, client, addr)
+
+    def handle_request(self, listener_name, req, sock, addr):  # type: ignore[no-untyped-def]
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        except StopIteration:  # the response asked to close the connection (Connection: close)
+            _linger_and_shut(sock)
+            raise
 
 
 def _linger_and_shut(sock: socket.socket) -> None:
     """RFC 9112 §9.6 close, minus the close itself: FIN, drain until the peer's FIN or the linger
-    time, then shut both directions (a later shutdown or recv returns at once)."""
+    time, then shut both directions. Unread request bytes at close would make the kernel send a
+    reset, which can destroy the response the client has not read yet."""
     try:
         sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + LINGER_SECONDS

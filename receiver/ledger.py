@@ -28,6 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from .cooperative import BlockingRunner, run_in_place
 from .errors import LedgerError, LedgerUnavailable, UnsupportedDatabase
 
 try:
@@ -125,7 +126,16 @@ class SecretInfo:
 class Ledger:
     """One per process. Thread-safe (a pooled engine); every method is one short transaction."""
 
-    def __init__(self, url: str, *, busy_timeout_seconds: float = 10.0, secret_cache_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        busy_timeout_seconds: float = 10.0,
+        secret_cache_seconds: float = 1.0,
+        run_blocking: BlockingRunner = run_in_place,
+    ) -> None:
+        """`run_blocking` runs the SQLite group commit; the web app passes gevent's native thread
+        pool (cooperative.blocking_runner) so that waiting for an fsync stops no other request."""
         self.url = url
         self.engine = _create_engine(url, busy_timeout_seconds)
         self.dialect = self.engine.dialect.name
@@ -141,7 +151,9 @@ class Ledger:
         )
         # SQLite: deliveries go through one committer thread per process (see _SQLiteGroupCommit).
         path = _sqlite_path(url)
-        self._group = _SQLiteGroupCommit(path, busy_timeout_seconds) if path and path != ":memory:" else None
+        self._group = (
+            _SQLiteGroupCommit(path, busy_timeout_seconds, run_blocking) if path and path != ":memory:" else None
+        )
 
     # --- schema -----------------------------------------------------------------------------------
 
@@ -500,8 +512,10 @@ class Ledger:
 
     @contextmanager
     def _connect(self) -> Iterator[Connection]:
+        """A read-only transaction: on SQLite a deferred one, which in WAL mode never waits for a
+        writer (every other transaction takes the write lock up front; see _create_engine)."""
         try:
-            with self.engine.connect() as conn:
+            with self.engine.connect().execution_options(**{_READ_ONLY: True}) as conn:
                 yield conn
                 conn.rollback()
         except (OperationalError, DBAPIError) as exc:
@@ -580,9 +594,10 @@ class _SQLiteGroupCommit:
         f"updated_at = ?2, last_error = NULL WHERE jobs.state = '{DEAD}' RETURNING batch_id"
     )
 
-    def __init__(self, path: str, busy_timeout_seconds: float) -> None:
+    def __init__(self, path: str, busy_timeout_seconds: float, run_blocking: BlockingRunner = run_in_place) -> None:
         self._path = path
         self._busy_timeout = busy_timeout_seconds
+        self._run_blocking = run_blocking
         self._lock = threading.Lock()
         self._waiting: list[_Pending] = []
         self._busy = False  # a leader is committing
@@ -621,8 +636,7 @@ class _SQLiteGroupCommit:
         with self._lock:
             group, self._waiting = self._waiting, []
         try:
-            with self._turn():
-                self._commit(self._connection(), group)
+            self._run_blocking(lambda: self._commit_in_turn(group))
         except Exception as exc:  # sqlite3.Error, or a bug: either way no thread may wait for ever
             self._disconnect()  # a fresh connection for what follows
             if len(group) > 1 and not isinstance(exc, sqlite3.OperationalError):
@@ -650,11 +664,16 @@ class _SQLiteGroupCommit:
     def _commit_alone(self, item: _Pending) -> None:
         item.result = None
         try:
-            with self._turn():
-                self._commit(self._connection(), [item])
+            self._run_blocking(lambda: self._commit_in_turn([item]))
         except Exception as exc:
             self._disconnect()
             item.error = LedgerUnavailable(f"ledger unavailable: {(str(exc).splitlines() or [repr(exc)])[0][:300]}")
+
+    def _commit_in_turn(self, group: list[_Pending]) -> None:
+        """The blocking part of a group commit: only files and sqlite3, no locks or events of the
+        request threads, so it may run on another native thread (`run_blocking`)."""
+        with self._turn():
+            self._commit(self._connection(), group)
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -739,6 +758,10 @@ class _SQLiteGroupCommit:
 _DUPLICATE = RecordResult("duplicate", False)
 
 
+#: Execution option marking a connection that only reads (Ledger._connect).
+_READ_ONLY = "receiver_read_only"
+
+
 def _create_engine(url: str, busy_timeout_seconds: float) -> Engine:
     if url.startswith("sqlite"):
         path = _sqlite_path(url)
@@ -760,8 +783,8 @@ def _create_engine(url: str, busy_timeout_seconds: float) -> Engine:
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
             # IMMEDIATE takes the write lock up front, so contention waits (busy_timeout) instead
-            # of failing half-way through a transaction.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # of failing half-way through a transaction. Reads need no lock (WAL) and take none.
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
 
         return engine
     if url.startswith(("postgresql", "postgres")):
