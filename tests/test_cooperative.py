@@ -78,3 +78,106 @@ def test_under_gevent_concurrent_deliveries_share_commits_and_all_land(tmp_path:
     rows, jobs, duplicates = map(int, out.split())
     assert (rows, duplicates) == (150, 50)  # event ids 0..149, the last 50 deliveries repeat ones
     assert jobs == 15  # the first 150 deliveries hold the terminal ones: i = 0, 10, ..., 140
+
+
+# --- the hook under gunicorn's gevent worker ------------------------------------------------------
+
+SECRET = "cooperative-secret-0123456789"
+
+
+def _one_worker_hook(tmp_path: Path, api_url: str, **env: str):  # type: ignore[no-untyped-def]
+    """The production gunicorn settings with one worker process, so that every request below is
+    served by the same event loop: if a database wait blocked it, /healthz would wait too."""
+    from .conftest import Service, make_receiver_env, wait_http
+
+    env = make_receiver_env(tmp_path, api_url, RECEIVER_WEBHOOK_SECRET=SECRET, **env)
+    svc = Service(
+        "web", [sys.executable, "-m", "gunicorn", "-c", "python:receiver.gunicorn_conf", "-w", "1", "receiver.app:create_app()"],
+        env, tmp_path,
+    ).start()
+    url = f"http://127.0.0.1:{env['PORT']}"
+    wait_http(f"{url}/healthz", svc.proc)
+    return svc, url
+
+
+def _deliver_in_background(url: str, event_id: str):  # type: ignore[no-untyped-def]
+    import json
+    import threading
+
+    import requests
+
+    from receiver.signature import HEADER, sign
+
+    body = json.dumps({"id": event_id, "type": "batch.completed", "data": {"batch_id": "bat_" + event_id, "status": "completed"}}).encode()
+    answer: dict[str, object] = {}
+
+    def post() -> None:
+        r = requests.post(f"{url}/hooks/batchrouter", data=body, timeout=60,
+                          headers={"Content-Type": "application/json", HEADER: sign(SECRET, body)})
+        answer["status"], answer["body"] = r.status_code, r.json()
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    return thread, answer
+
+
+def _health_answers_while(check_waiting, url: str) -> None:  # type: ignore[no-untyped-def]
+    import requests
+
+    for _ in range(5):
+        assert check_waiting(), "the delivery was not held by the database lock"
+        r = requests.get(f"{url}/healthz", timeout=2)  # the hook's event loop is free
+        assert r.status_code == 200
+
+
+def test_a_commit_waiting_for_the_sqlite_lock_does_not_stop_the_process(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3
+    import time
+
+    svc, url = _one_worker_hook(tmp_path, emulator.url)
+    try:
+        holder = sqlite3.connect(tmp_path / "receiver.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another writer holds SQLite's write lock
+        thread, answer = _deliver_in_background(url, "evt_held")
+        time.sleep(0.5)
+        _health_answers_while(thread.is_alive, url)
+        holder.execute("COMMIT")
+        thread.join(30)
+        assert answer == {"status": 200, "body": {"status": "accepted", "event_id": "evt_held"}}
+    finally:
+        svc.stop()
+
+
+def test_a_postgresql_commit_waiting_for_a_lock_does_not_stop_the_process(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+    """psycopg waits cooperatively under gevent (3.1.14+); the hook on PostgreSQL, end to end."""
+    import time
+
+    import pytest
+    import sqlalchemy as sa
+
+    from ._postgres import postgres_cluster
+
+    with postgres_cluster() as pg_url:
+        if pg_url is None:
+            pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
+        from receiver.ledger import Ledger
+
+        ledger = Ledger(pg_url)
+        ledger.create_schema()
+        ledger.close()
+        svc, url = _one_worker_hook(tmp_path, emulator.url, DATABASE_URL=pg_url)
+        admin = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
+        try:
+            with admin.begin() as conn:
+                conn.execute(sa.text("LOCK TABLE deliveries IN EXCLUSIVE MODE"))
+                thread, answer = _deliver_in_background(url, "evt_pg_held")
+                time.sleep(0.5)
+                _health_answers_while(thread.is_alive, url)
+            thread.join(30)
+            assert answer == {"status": 200, "body": {"status": "accepted", "event_id": "evt_pg_held"}}
+            thread, answer = _deliver_in_background(url, "evt_pg_held")  # a redelivery
+            thread.join(30)
+            assert answer == {"status": 200, "body": {"status": "duplicate", "event_id": "evt_pg_held"}}
+        finally:
+            admin.dispose()
+            svc.stop()
