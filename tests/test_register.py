@@ -308,7 +308,7 @@ def test_s3_check_warns_with_the_fix_when_no_rule_aborts_incomplete_uploads():
 
 def test_caddy_holds_a_trickling_request_until_it_is_whole(caddy):
     """The shipped Caddyfile buffers request bodies: a client that stalls mid-body never reaches
-    gunicorn, so it cannot hold one of its threads (RELIABILITY.md, slow clients)."""
+    gunicorn, so it cannot hold one of its connections (RELIABILITY.md, slow clients)."""
     import socket
     import ssl
     import threading
