@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per side and connection count; the median is reported")
     parser.add_argument("--gunicorn-args", default="", help="extra gunicorn arguments for both servers, e.g. '-k sync -w 4'")
     parser.add_argument("--only", choices=("both", "receiver", "reference"), default="both")
+    parser.add_argument("--database-url", help="the receiver's ledger (default: SQLite in a temporary folder), "
+                        "e.g. an empty PostgreSQL database")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     connection_counts = [int(c) for c in args.connections.split(",")]
@@ -143,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
         env = receiver_env(work)
+        if args.database_url:
+            env["DATABASE_URL"] = args.database_url
+        report["database"] = env["DATABASE_URL"].split(":", 1)[0]
         from receiver.ledger import Ledger
 
         ledger = Ledger(env["DATABASE_URL"])
@@ -176,10 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             for proc, _url in servers.values():
                 proc.stop()
         if "receiver" in servers:
-            import sqlite3
-
-            with sqlite3.connect(work / "receiver.db") as db:
-                report["receiver_rows"] = db.execute("SELECT count(*) FROM deliveries").fetchone()[0]
+            ledger = Ledger(env["DATABASE_URL"])
+            with ledger.engine.connect() as conn:
+                report["receiver_rows"] = conn.exec_driver_sql("SELECT count(*) FROM deliveries").scalar()
+            ledger.close()
     expected = len(connection_counts) * args.repeats * (args.requests + args.warmup)
     if "receiver_rows" in report:
         print(f"receiver ledger rows: {report['receiver_rows']} (expected {expected})")
