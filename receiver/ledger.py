@@ -141,6 +141,7 @@ class Ledger:
         self.dialect = self.engine.dialect.name
         self._secret_cache: tuple[float, tuple[str, ...]] | None = None
         self._secret_cache_seconds = secret_cache_seconds
+        self._secret_refresh = threading.Lock()
         # Built once: ingest runs this per delivery, and constructing the statement each time
         # costs more than SQLite's insert itself.
         self._record_stmt = (
@@ -250,12 +251,27 @@ class Ledger:
         """Secrets `register` stored that are current or inside their grace period.
 
         Cached for about a second: ingest calls this on every delivery, and a second is well within
-        what `register`'s self-test waits.
+        what `register`'s self-test waits. One caller refreshes an expired cache while the others
+        keep the previous answer a moment longer: under gevent hundreds of requests would otherwise
+        all query the database (and wait for its connections) in the same instant.
         """
         now = time.time() if now is None else now
         cached = self._secret_cache
         if cached is not None and now - cached[0] < self._secret_cache_seconds:
             return cached[1]
+        if cached is not None and not self._secret_refresh.acquire(blocking=False):
+            return cached[1]  # another caller is refreshing it
+        if cached is None:
+            self._secret_refresh.acquire()
+        try:
+            cached = self._secret_cache
+            if cached is not None and now - cached[0] < self._secret_cache_seconds:
+                return cached[1]  # refreshed while we waited
+            return self._read_secrets(now)
+        finally:
+            self._secret_refresh.release()
+
+    def _read_secrets(self, now: float) -> tuple[str, ...]:
         with self._connect() as conn:
             rows = conn.execute(
                 sa.select(secrets.c.secret)

@@ -114,6 +114,18 @@ def test_secrets_rotate_with_a_grace_period(ledger):
     assert ledger.current_secret() == "second-secret"
 
 
+def test_an_expired_secret_cache_is_refreshed_by_one_caller_at_a_time(ledger):
+    now = time.time()
+    ledger.add_secret("first-secret", grace_seconds=100, now=now)
+    assert ledger.accepted_secrets(now=now) == ("first-secret",)
+    ledger.add_secret("second-secret", grace_seconds=100, now=now + 1)
+    ledger._secret_cache = (now, ("first-secret",))  # as cached before the rotation
+    with ledger._secret_refresh:  # another request is reading the secrets right now
+        # ... so this one keeps the previous answer instead of queueing for the database.
+        assert ledger.accepted_secrets(now=now + 5) == ("first-secret",)
+    assert ledger.accepted_secrets(now=now + 5) == ("second-secret", "first-secret")
+
+
 def test_delivery_records_are_pruned_but_jobs_kept(ledger):
     old = time.time() - 20 * 86400
     ledger.record_delivery(event_id="evt_old", event_type="batch.completed", batch_id="bat_1", status="completed", terminal=True, now=old)
