@@ -18,7 +18,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from .cooperative import BlockingRunner, run_in_place
 from .errors import LedgerError, LedgerUnavailable, UnsupportedDatabase
@@ -150,11 +150,16 @@ class Ledger:
             .on_conflict_do_nothing(index_elements=["event_id"])
             .returning(deliveries.c.event_id)
         )
-        # SQLite: deliveries go through one committer thread per process (see _SQLiteGroupCommit).
+        # Deliveries are committed in groups (_GroupCommit); an in-memory SQLite ledger (tests of
+        # one process) commits each on its own.
         path = _sqlite_path(url)
-        self._group = (
-            _SQLiteGroupCommit(path, busy_timeout_seconds, run_blocking) if path and path != ":memory:" else None
-        )
+        self._group: _GroupCommit | None = None
+        if self.dialect == "postgresql":
+            self._group = _PostgresGroupCommit(
+                self.engine, lambda conn, batch_id, now: self._queue(conn, batch_id, origin="webhook", now=now, revive=(DEAD,))
+            )
+        elif path and path != ":memory:":
+            self._group = _SQLiteGroupCommit(path, busy_timeout_seconds, run_blocking)
 
     # --- schema -----------------------------------------------------------------------------------
 
@@ -538,9 +543,9 @@ class Ledger:
             raise LedgerUnavailable(f"ledger unavailable: {_describe(exc)}") from exc
 
 
-def _describe(exc: DBAPIError) -> str:
+def _describe(exc: BaseException) -> str:
     """The driver's message without the SQL and parameters (which may include a secret)."""
-    return str(getattr(exc, "orig", exc)).splitlines()[0][:300]
+    return (str(getattr(exc, "orig", exc)).splitlines() or [repr(exc)])[0][:300]
 
 
 def _sqlite_path(url: str) -> str | None:
@@ -574,59 +579,44 @@ class _Pending:
     error: LedgerUnavailable | None = None
 
 
-class _SQLiteGroupCommit:
+class _GroupCommit:
     """Records one process's deliveries in groups: one transaction, one fsync, many 200s.
 
-    Why (BENCHMARKS.md, "Ingest"): SQLite has one write lock, and with synchronous=FULL each commit
-    holds it through an fsync. Sixteen gunicorn threads each committing their own delivery spent 90%
-    of their time asleep in SQLite's busy handler (it backs off 1, 2, 5, 10 ms and more) and reached
-    283 deliveries/s; through SQLAlchemy each commit also cost ~0.4 ms of CPU on top of SQLite's own.
+    Why (BENCHMARKS.md, "Ingest"): with synchronous=FULL (SQLite) or synchronous_commit (PostgreSQL)
+    every commit waits for an fsync. Sixteen gunicorn threads each committing their own delivery to
+    SQLite spent 90% of their time asleep in its busy handler and reached 283 deliveries/s; on
+    PostgreSQL each delivery cost four round trips and ~2 ms of the worker's CPU.
 
-    So the request threads of a process commit for each other (leader and followers, no extra
-    thread): a thread that finds no commit running commits every delivery waiting at that moment,
-    its own included, in one ``BEGIN IMMEDIATE … COMMIT``; threads arriving meanwhile wait, and the
-    first of them leads the next group. On an idle receiver a delivery commits alone, at once.
+    So the requests of a process commit for each other (leader and followers, no extra thread): a
+    request that finds no commit running commits every delivery waiting at that moment, its own
+    included, in one transaction; requests arriving meanwhile wait, and the first of them leads the
+    next group. On an idle receiver a delivery commits alone, at once.
 
     What ingest promises is unchanged: each delivery and its job are in a committed transaction
-    (synchronous=FULL) before `record` returns, so before the 200; deduplication is still the primary
-    key with ON CONFLICT, a duplicate inside one group included. When the database fails (locked past
-    the busy timeout, disk full) every delivery of the group gets LedgerUnavailable, so a 503, and
-    BatchRouter retries; any other failure is retried one delivery at a time, so that only the one at
-    fault fails. It speaks sqlite3 directly: the SQL below is the SQLite form of `_record_stmt` and
-    `Ledger._queue(revive=(DEAD,))`, which PostgreSQL still runs; tests/test_ledger.py runs the same
-    tests on both.
+    before `record` returns, so before the 200; deduplication is still the primary key with ON
+    CONFLICT, a duplicate inside one group included. When the database fails (locked past the busy
+    timeout, disk full, connection lost) every delivery of the group gets LedgerUnavailable, so a
+    503, and BatchRouter retries; any other failure is retried one delivery at a time, so that only
+    the one at fault fails. tests/test_ledger.py runs the same tests on both databases.
+
+    Subclasses say how a group is written (`_commit_group`), which errors mean the database itself
+    failed (`_is_outage`) and how to start afresh after one (`_reset`).
     """
 
-    #: Rows per multi-row INSERT: 6 parameters each stays far below SQLite's 32,766 variables.
-    ROWS_PER_INSERT = 500
-    INSERT_DELIVERIES = (
-        "INSERT INTO deliveries (event_id, batch_id, event_type, status, outcome, received_at) VALUES {rows} "
-        "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
-    )
-    QUEUE_JOB = (
-        "INSERT INTO jobs (batch_id, state, attempts, next_attempt_at, origin, created_at, updated_at) "
-        f"VALUES (?1, '{QUEUED}', 0, ?2, 'webhook', ?2, ?2) "
-        f"ON CONFLICT (batch_id) DO UPDATE SET state = '{QUEUED}', attempts = 0, next_attempt_at = ?2, "
-        f"updated_at = ?2, last_error = NULL WHERE jobs.state = '{DEAD}' RETURNING batch_id"
-    )
-
-    def __init__(self, path: str, busy_timeout_seconds: float, run_blocking: BlockingRunner = run_in_place) -> None:
-        self._path = path
-        self._busy_timeout = busy_timeout_seconds
+    def __init__(self, run_blocking: BlockingRunner = run_in_place) -> None:
         self._run_blocking = run_blocking
         self._lock = threading.Lock()
         self._waiting: list[_Pending] = []
         self._busy = False  # a leader is committing
         self._closed = False
         self._pid = os.getpid()
-        self._conn: sqlite3.Connection | None = None
-        self._lock_fd: int | None = None
 
     def record(self, params: tuple[Any, ...], *, queue_batch: bool) -> RecordResult:
         item = _Pending(params, queue_batch)
         with self._lock:
             if self._pid != os.getpid():  # a forked child: the parent's connection is not ours
-                self._pid, self._waiting, self._busy, self._conn, self._lock_fd = os.getpid(), [], False, None, None
+                self._pid, self._waiting, self._busy = os.getpid(), [], False
+                self._forget()
             if self._closed:
                 raise LedgerUnavailable("ledger unavailable: it was closed")
             self._waiting.append(item)
@@ -645,23 +635,23 @@ class _SQLiteGroupCommit:
         with self._lock:
             self._closed = True
             if not self._busy and self._pid == os.getpid():
-                self._disconnect()
+                self._reset()
 
     def _lead(self) -> None:
         """Commit every delivery waiting now, wake their threads, hand the lead to the next one."""
         with self._lock:
             group, self._waiting = self._waiting, []
         try:
-            self._run_blocking(lambda: self._commit_in_turn(group))
-        except Exception as exc:  # sqlite3.Error, or a bug: either way no thread may wait for ever
-            self._disconnect()  # a fresh connection for what follows
-            if len(group) > 1 and not isinstance(exc, sqlite3.OperationalError):
+            self._run_blocking(lambda: self._commit_group(group))
+        except Exception as exc:  # the database, or a bug: either way no request may wait for ever
+            self._reset()  # a fresh connection for what follows
+            if len(group) > 1 and not self._is_outage(exc):
                 # Not the database (locked, full, gone) but maybe one delivery's data: one at a time,
                 # so that only the delivery at fault fails.
                 for item in group:
                     self._commit_alone(item)
             else:
-                error = LedgerUnavailable(f"ledger unavailable: {(str(exc).splitlines() or [repr(exc)])[0][:300]}")
+                error = _unavailable(exc)
                 for item in group:
                     item.error = error
         with self._lock:
@@ -669,7 +659,7 @@ class _SQLiteGroupCommit:
             if successor is None:
                 self._busy = False
                 if self._closed:
-                    self._disconnect()
+                    self._reset()
             else:
                 successor.lead = True
         for item in group:
@@ -680,14 +670,94 @@ class _SQLiteGroupCommit:
     def _commit_alone(self, item: _Pending) -> None:
         item.result = None
         try:
-            self._run_blocking(lambda: self._commit_in_turn([item]))
+            self._run_blocking(lambda: self._commit_group([item]))
         except Exception as exc:
-            self._disconnect()
-            item.error = LedgerUnavailable(f"ledger unavailable: {(str(exc).splitlines() or [repr(exc)])[0][:300]}")
+            self._reset()
+            item.error = _unavailable(exc)
 
-    def _commit_in_turn(self, group: list[_Pending]) -> None:
-        """The blocking part of a group commit: only files and sqlite3, no locks or events of the
-        request threads, so it may run on another native thread (`run_blocking`)."""
+    def _commit_group(self, group: list[_Pending]) -> None:
+        raise NotImplementedError
+
+    def _is_outage(self, exc: Exception) -> bool:
+        raise NotImplementedError
+
+    def _reset(self) -> None:
+        """Drop connections and locks after a failure or at close (never during a commit)."""
+
+    def _forget(self) -> None:
+        """After a fork: the parent's connections are not ours to use or to close."""
+
+
+def _unavailable(exc: Exception) -> LedgerUnavailable:
+    return LedgerUnavailable(f"ledger unavailable: {_describe(exc)}")
+
+
+def _settle(
+    group: list[_Pending],
+    rows_per_insert: int,
+    insert: Callable[[list[_Pending]], Iterable[str]],
+    queue_job: Callable[[str, float], bool],
+) -> None:
+    """Record a group inside the caller's transaction and give every delivery its answer.
+
+    `insert` adds a chunk of deliveries (ON CONFLICT DO NOTHING) and returns the event ids it
+    inserted; `queue_job` queues a terminal delivery's batch and says whether it did.
+    """
+    firsts: dict[str, _Pending] = {}
+    for item in group:
+        if item.params[0] in firsts:
+            item.result = _DUPLICATE  # the same event twice in one group: the first one counts
+        else:
+            firsts[item.params[0]] = item
+    unique = list(firsts.values())
+    inserted: set[str] = set()
+    for start in range(0, len(unique), rows_per_insert):
+        inserted.update(insert(unique[start : start + rows_per_insert]))
+    for item in unique:
+        if item.params[0] not in inserted:
+            item.result = _DUPLICATE
+        elif not item.queue_batch:
+            item.result = RecordResult(item.params[4], False)
+        else:
+            batch_id, now = item.params[1], item.params[5]
+            item.result = RecordResult("accepted", queue_job(batch_id, now))
+
+
+class _SQLiteGroupCommit(_GroupCommit):
+    """The group commit on SQLite, through sqlite3 directly (SQLAlchemy's own work was ~0.4 ms a
+    commit). Processes take turns on a flock beside the database rather than SQLite's polling. The
+    SQL below is the SQLite form of `Ledger._record_stmt` and `Ledger._queue(revive=(DEAD,))`.
+    """
+
+    #: Rows per multi-row INSERT: 6 parameters each stays far below SQLite's 32,766 variables.
+    ROWS_PER_INSERT = 500
+    INSERT_DELIVERIES = (
+        "INSERT INTO deliveries (event_id, batch_id, event_type, status, outcome, received_at) VALUES {rows} "
+        "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+    )
+    QUEUE_JOB = (
+        "INSERT INTO jobs (batch_id, state, attempts, next_attempt_at, origin, created_at, updated_at) "
+        f"VALUES (?1, '{QUEUED}', 0, ?2, 'webhook', ?2, ?2) "
+        f"ON CONFLICT (batch_id) DO UPDATE SET state = '{QUEUED}', attempts = 0, next_attempt_at = ?2, "
+        f"updated_at = ?2, last_error = NULL WHERE jobs.state = '{DEAD}' RETURNING batch_id"
+    )
+
+    def __init__(self, path: str, busy_timeout_seconds: float, run_blocking: BlockingRunner = run_in_place) -> None:
+        super().__init__(run_blocking)
+        self._path = path
+        self._busy_timeout = busy_timeout_seconds
+        self._conn: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+
+    def _is_outage(self, exc: Exception) -> bool:
+        return isinstance(exc, sqlite3.OperationalError)
+
+    def _forget(self) -> None:
+        self._conn, self._lock_fd = None, None
+
+    def _commit_group(self, group: list[_Pending]) -> None:
+        """Only files and sqlite3 here, no locks or events of the requests, so that it may run on
+        another native thread (`run_blocking`)."""
         with self._turn():
             self._commit(self._connection(), group)
 
@@ -698,7 +768,7 @@ class _SQLiteGroupCommit:
             self._conn = conn
         return self._conn
 
-    def _disconnect(self) -> None:
+    def _reset(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
@@ -728,38 +798,29 @@ class _SQLiteGroupCommit:
     def _commit(self, conn: sqlite3.Connection, group: list[_Pending]) -> None:
         """One transaction for the group, in as few statements as possible.
 
-        Each statement releases the GIL and must win it back from the request threads, which can
-        cost milliseconds in a busy process, so the deliveries go in one multi-row INSERT rather than
-        one INSERT each. Only terminal events (about one per batch) add a statement: their job.
+        Each statement releases the GIL and must win it back, which can cost milliseconds in a busy
+        process, so the deliveries go in one multi-row INSERT rather than one INSERT each. Only
+        terminal events (about one per batch) add a statement: their job. Progress events only, in
+        one statement, need no BEGIN and COMMIT: a single statement is its own transaction in
+        autocommit mode (atomic, and durable at its end with synchronous=FULL).
         """
-        firsts: dict[str, _Pending] = {}
-        for item in group:
-            if item.params[0] in firsts:
-                item.result = _DUPLICATE  # the same event twice in one group: the first one counts
-            else:
-                firsts[item.params[0]] = item
-        unique = list(firsts.values())
-        # Progress events only, in one statement: a single statement is its own transaction in
-        # autocommit mode (atomic, and durable at its end with synchronous=FULL), so BEGIN and
-        # COMMIT, two more GIL round trips, are not needed.
-        alone = len(unique) <= self.ROWS_PER_INSERT and not any(item.queue_batch for item in unique)
+        distinct = {item.params[0] for item in group}
+        alone = len(distinct) <= self.ROWS_PER_INSERT and not any(item.queue_batch for item in group)
         if not alone:
             conn.execute("BEGIN IMMEDIATE")
         try:
-            inserted: set[str] = set()
-            for start in range(0, len(unique), self.ROWS_PER_INSERT):
-                chunk = unique[start : start + self.ROWS_PER_INSERT]
-                sql = self.INSERT_DELIVERIES.format(rows=", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)))
-                inserted.update(row[0] for row in conn.execute(sql, [v for item in chunk for v in item.params]))
-            for item in unique:
-                if item.params[0] not in inserted:
-                    item.result = _DUPLICATE
-                elif not item.queue_batch:
-                    item.result = RecordResult(item.params[4], False)
-                else:
-                    batch_id, now = item.params[1], item.params[5]
-                    queued = bool(conn.execute(self.QUEUE_JOB, (batch_id, now)).fetchall())
-                    item.result = RecordResult("accepted", queued)
+            _settle(
+                group,
+                self.ROWS_PER_INSERT,
+                lambda chunk: [
+                    row[0]
+                    for row in conn.execute(
+                        self.INSERT_DELIVERIES.format(rows=", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk))),
+                        [v for item in chunk for v in item.params],
+                    )
+                ],
+                lambda batch_id, now: bool(conn.execute(self.QUEUE_JOB, (batch_id, now)).fetchall()),
+            )
             if not alone:
                 conn.execute("COMMIT")
         except BaseException:
@@ -769,6 +830,37 @@ class _SQLiteGroupCommit:
                 except sqlite3.Error:
                     pass  # the connection is closed and replaced by the caller
             raise
+
+
+class _PostgresGroupCommit(_GroupCommit):
+    """The group commit on PostgreSQL, through the ledger's pooled engine. psycopg waits
+    cooperatively under gevent, so it runs in place; several processes and machines commit side
+    by side (PostgreSQL's row locks serialize what must be)."""
+
+    ROWS_PER_INSERT = 500
+
+    def __init__(self, engine: Engine, queue: Callable[[Connection, str, float], bool]) -> None:
+        super().__init__(run_in_place)
+        self._engine = engine
+        self._queue = queue
+
+    def _is_outage(self, exc: Exception) -> bool:
+        return isinstance(exc, (OperationalError, InterfaceError))
+
+    def _commit_group(self, group: list[_Pending]) -> None:
+        columns = ("event_id", "batch_id", "event_type", "status", "outcome", "received_at")
+        with self._engine.begin() as conn:
+            _settle(
+                group,
+                self.ROWS_PER_INSERT,
+                lambda chunk: conn.execute(
+                    postgresql.insert(deliveries)
+                    .values([dict(zip(columns, item.params)) for item in chunk])
+                    .on_conflict_do_nothing(index_elements=["event_id"])
+                    .returning(deliveries.c.event_id)
+                ).scalars(),
+                lambda batch_id, now: self._queue(conn, batch_id, now),
+            )
 
 
 _DUPLICATE = RecordResult("duplicate", False)
