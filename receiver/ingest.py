@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("ingest", __name__)
 
+#: How stale the secrets may be before a signature that matched none of them is checked again.
+RECHECK_SECONDS = 0.05
+
 
 @bp.post("/hooks/batchrouter")
 def receive() -> tuple[Response, int]:
@@ -47,10 +50,22 @@ def receive() -> tuple[Response, int]:
         log.error("ledger unavailable while reading secrets: %s", exc)
         return _answer("ledger_unavailable", "the ledger cannot be read; retry later", 503)
     try:
-        verify(request.headers.get(HEADER), raw, accepted)
+        try:
+            verify(request.headers.get(HEADER), raw, accepted)
+        except SignatureError:
+            # `register --rotate` may have stored a secret since this process last read them: look
+            # again before refusing (at most every RECHECK_SECONDS, so bad signatures cannot make
+            # every request a database read).
+            fresher = ledger.accepted_secrets(max_age=RECHECK_SECONDS) + settings.webhook_secrets
+            if fresher == accepted:
+                raise
+            verify(request.headers.get(HEADER), raw, fresher)
     except SignatureError as exc:
         metrics.DELIVERIES.labels("unauthorized").inc()
         return _answer("invalid_signature", str(exc), 401)
+    except LedgerUnavailable as exc:
+        log.error("ledger unavailable while reading secrets: %s", exc)
+        return _answer("ledger_unavailable", "the ledger cannot be read; retry later", 503)
 
     try:
         body = json.loads(raw)

@@ -252,17 +252,18 @@ class Ledger:
 
     # --- secrets ----------------------------------------------------------------------------------
 
-    def accepted_secrets(self, now: float | None = None) -> tuple[str, ...]:
+    def accepted_secrets(self, now: float | None = None, max_age: float | None = None) -> tuple[str, ...]:
         """Secrets `register` stored that are current or inside their grace period.
 
-        Cached for about a second: ingest calls this on every delivery, and a second is well within
-        what `register`'s self-test waits. One caller refreshes an expired cache while the others
-        keep the previous answer a moment longer: under gevent hundreds of requests would otherwise
-        all query the database (and wait for its connections) in the same instant.
+        Cached for about a second (`max_age` asks for a fresher answer): ingest calls this on every
+        delivery. One caller refreshes an expired cache while the others keep the previous answer a
+        moment longer: under gevent hundreds of requests would otherwise all query the database
+        (and wait for its connections) in the same instant.
         """
         now = time.time() if now is None else now
+        max_age = self._secret_cache_seconds if max_age is None else max_age
         cached = self._secret_cache
-        if cached is not None and now - cached[0] < self._secret_cache_seconds:
+        if cached is not None and now - cached[0] < max_age:
             return cached[1]
         if cached is not None and not self._secret_refresh.acquire(blocking=False):
             return cached[1]  # another caller is refreshing it
@@ -270,7 +271,7 @@ class Ledger:
             self._secret_refresh.acquire()
         try:
             cached = self._secret_cache
-            if cached is not None and now - cached[0] < self._secret_cache_seconds:
+            if cached is not None and now - cached[0] < max_age:
                 return cached[1]  # refreshed while we waited
             return self._read_secrets(now)
         finally:

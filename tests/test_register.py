@@ -182,6 +182,19 @@ def test_register_sets_the_webhook_and_passes_its_self_test_and_is_safe_to_repea
     assert secret not in logs and EMULATOR_KEY not in logs
 
 
+def test_a_secret_is_accepted_as_soon_as_it_is_stored(receiver_env, web, secret):
+    """Every gunicorn worker caches the secrets for a second; a signature made with a secret stored
+    since then is checked against a fresh read instead of being refused."""
+    for _ in range(20):  # every worker has just read (and cached) the secrets
+        assert deliver(web.hook, secret) == 200
+    ledger = Ledger(receiver_env["DATABASE_URL"])
+    ledger.add_secret("brand-new-secret-0123456789", grace_seconds=3600)  # what `register --rotate` does
+    ledger.close()
+    time.sleep(0.1)
+    assert [deliver(web.hook, "brand-new-secret-0123456789") for _ in range(20)] == [200] * 20
+    assert deliver(web.hook, "never-stored-secret-0123456") == 401
+
+
 def test_rotation_keeps_the_previous_secret_for_the_grace_period_only(receiver_env, emulator, web):
     env = dict(receiver_env, RECEIVER_SECRET_GRACE_HOURS="0.002")  # 7.2 s
     assert run_cli(env, "register", "--insecure", "--url", web.hook).returncode == 0
