@@ -68,7 +68,7 @@ class _StalledClientFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, (TimeoutError, BlockingIOError)) and record.getMessage().startswith("Socket error"):
+        if isinstance(exc, TimeoutError) and record.getMessage().startswith("Socket error"):
             record.msg, record.args, record.exc_info, record.exc_text = (
                 "client stalled past RECEIVER_CLIENT_TIMEOUT_SECONDS; connection closed", (), None, None
             )

@@ -13,6 +13,7 @@ import logging
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from . import metrics
+from .config import Settings
 from .errors import LedgerUnavailable, PayloadError, SignatureError
 from .ledger import Ledger
 from .schemas import parse_delivery
@@ -38,28 +39,14 @@ def receive() -> tuple[Response, int]:
         return _closing(_answer("payload_too_large", f"body is over {settings.max_body_bytes} bytes", 413))
     try:
         raw = request.stream.read(settings.max_body_bytes + 1)
-    except OSError:  # the client stalled past its read deadline (gunicorn_conf.when_ready) or vanished
+    except OSError:  # the client stalled past its read deadline (gunicorn_worker.py) or vanished
         metrics.DELIVERIES.labels("invalid").inc()
         return _closing(_answer("request_timeout", "the request body did not arrive in time", 408))
     if len(raw) > settings.max_body_bytes:
         return _closing(_answer("payload_too_large", f"body is over {settings.max_body_bytes} bytes", 413))
 
     try:
-        accepted = ledger.accepted_secrets() + settings.webhook_secrets
-    except LedgerUnavailable as exc:
-        log.error("ledger unavailable while reading secrets: %s", exc)
-        return _answer("ledger_unavailable", "the ledger cannot be read; retry later", 503)
-    try:
-        try:
-            verify(request.headers.get(HEADER), raw, accepted)
-        except SignatureError:
-            # `register --rotate` may have stored a secret since this process last read them: look
-            # again before refusing (at most every RECHECK_SECONDS, so bad signatures cannot make
-            # every request a database read).
-            fresher = ledger.accepted_secrets(max_age=RECHECK_SECONDS) + settings.webhook_secrets
-            if fresher == accepted:
-                raise
-            verify(request.headers.get(HEADER), raw, fresher)
+        _verify(ledger, settings, request.headers.get(HEADER), raw)
     except SignatureError as exc:
         metrics.DELIVERIES.labels("unauthorized").inc()
         return _answer("invalid_signature", str(exc), 401)
@@ -102,6 +89,23 @@ def receive() -> tuple[Response, int]:
         " (job queued)" if result.job_queued else "",
     )
     return jsonify(status=result.outcome, event_id=delivery.event_id), 200
+
+
+def _verify(ledger: Ledger, settings: Settings, signature: str | None, raw: bytes) -> None:
+    """Check the signature against every accepted secret; raise SignatureError or LedgerUnavailable.
+
+    A secret `register --rotate` stored since this process last read them fails against the cached
+    copy, so look again before refusing (at most every RECHECK_SECONDS, so bad signatures cannot make
+    every request a database read).
+    """
+    accepted = ledger.accepted_secrets() + settings.webhook_secrets
+    try:
+        verify(signature, raw, accepted)
+    except SignatureError:
+        fresher = ledger.accepted_secrets(max_age=RECHECK_SECONDS) + settings.webhook_secrets
+        if fresher == accepted:
+            raise
+        verify(signature, raw, fresher)
 
 
 def _is_json(mimetype: str) -> bool:

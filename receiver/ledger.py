@@ -604,6 +604,10 @@ class _GroupCommit:
     failed (`_is_outage`) and how to start afresh after one (`_reset`).
     """
 
+    #: Rows per multi-row INSERT: 6 parameters each stays far below SQLite's 32,766 variables (and
+    #: PostgreSQL's 65,535 parameters).
+    ROWS_PER_INSERT = 500
+
     def __init__(self, run_blocking: BlockingRunner = run_in_place) -> None:
         self._run_blocking = run_blocking
         self._lock = threading.Lock()
@@ -730,8 +734,6 @@ class _SQLiteGroupCommit(_GroupCommit):
     SQL below is the SQLite form of `Ledger._record_stmt` and `Ledger._queue(revive=(DEAD,))`.
     """
 
-    #: Rows per multi-row INSERT: 6 parameters each stays far below SQLite's 32,766 variables.
-    ROWS_PER_INSERT = 500
     INSERT_DELIVERIES = (
         "INSERT INTO deliveries (event_id, batch_id, event_type, status, outcome, received_at) VALUES {rows} "
         "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
@@ -837,8 +839,6 @@ class _PostgresGroupCommit(_GroupCommit):
     """The group commit on PostgreSQL, through the ledger's pooled engine. psycopg waits
     cooperatively under gevent, so it runs in place; several processes and machines commit side
     by side (PostgreSQL's row locks serialize what must be)."""
-
-    ROWS_PER_INSERT = 500
 
     def __init__(self, engine: Engine, queue: Callable[[Connection, str, float], bool]) -> None:
         super().__init__(run_in_place)
