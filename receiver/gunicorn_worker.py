@@ -11,6 +11,12 @@ gunicorn's worker puts client sockets in blocking mode with no timeout; here eac
 gets RECEIVER_CLIENT_TIMEOUT_SECONDS instead (a stalled body then ends in a 408, ingest.py), and a
 connection closed with unread request bytes is drained briefly before the close, so the client
 reads our 408/413 instead of a reset.
+
+After each request a connection yields to the others before reading its next one. A greenlet only
+switches when a read would block, so a client that has its next request on the wire by the time
+the response is written (a busy sender, or one that pipelines) was served again and again while
+the other connections of the process waited: at 64 connections half the requests took 1 ms and
+one in a hundred 100-180 ms (BENCHMARKS.md, "Ingest"). tests/test_slow_clients.py pins it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import socket
 import time
 
+import gevent
 from gunicorn.workers.ggevent import GeventWorker
 
 from .config import Settings
@@ -40,10 +47,12 @@ class ReceiverGeventWorker(GeventWorker):
 
     def handle_request(self, listener_name, req, sock, addr):  # type: ignore[no-untyped-def]
         try:
-            return super().handle_request(listener_name, req, sock, addr)
+            keep_going = super().handle_request(listener_name, req, sock, addr)
         except StopIteration:  # the response asked to close the connection (Connection: close)
             _linger_and_shut(sock)
             raise
+        gevent.sleep(0)  # the other ready connections first (module docstring)
+        return keep_going
 
 
 def _linger_and_shut(sock: socket.socket) -> None:
