@@ -28,7 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from .cooperative import BlockingRunner, run_in_place
+from .cooperative import BlockingRunner, ready_first, run_in_place
 from .errors import LedgerError, LedgerUnavailable, UnsupportedDatabase
 
 try:
@@ -610,6 +610,7 @@ class _GroupCommit:
 
     def __init__(self, run_blocking: BlockingRunner = run_in_place) -> None:
         self._run_blocking = run_blocking
+        self._ready_first = ready_first()
         self._lock = threading.Lock()
         self._waiting: list[_Pending] = []
         self._busy = False  # a leader is committing
@@ -644,6 +645,10 @@ class _GroupCommit:
 
     def _lead(self) -> None:
         """Commit every delivery waiting now, wake their threads, hand the lead to the next one."""
+        # Under gevent the other requests of the process run only when this one waits: let those
+        # that are ready reach the queue first. Leading at once committed groups of one delivery,
+        # then of the rest, two commits where one does (BENCHMARKS.md: +10-19% deliveries/s).
+        self._ready_first()
         with self._lock:
             group, self._waiting = self._waiting, []
         try:
@@ -667,10 +672,13 @@ class _GroupCommit:
                     self._reset()
             else:
                 successor.lead = True
-        for item in group:
-            item.done.set()
+        # The next leader first: under gevent a set() queues the waiter behind those set before it,
+        # and the group's requests each write a response and parse the next request before
+        # yielding, so waking it last left no commit in flight for all that time.
         if successor is not None:
             successor.done.set()
+        for item in group:
+            item.done.set()
 
     def _commit_alone(self, item: _Pending) -> None:
         item.result = None

@@ -80,6 +80,39 @@ def test_under_gevent_concurrent_deliveries_share_commits_and_all_land(tmp_path:
     assert jobs == 15  # the first 150 deliveries hold the terminal ones: i = 0, 10, ..., 140
 
 
+def test_under_gevent_requests_ready_together_share_one_commit(tmp_path: Path) -> None:
+    """The leader lets the requests that are ready reach the queue before it takes its group
+    (cooperative.ready_first); leading at once committed one delivery, then the other nineteen."""
+    out = _run(
+        f"""
+        from gevent import monkey
+        monkey.patch_all()
+        import gevent
+        from receiver.cooperative import blocking_runner
+        from receiver.ledger import Ledger
+
+        ledger = Ledger("sqlite:///{tmp_path}/l.db", run_blocking=blocking_runner())
+        ledger.create_schema()
+        sizes, commit = [], ledger._group._commit_group  # a spy: every group still commits
+        ledger._group._commit_group = lambda group: (sizes.append(len(group)), commit(group))[1]
+        def deliver(i):
+            return ledger.record_delivery(event_id=f"evt_{{i}}", event_type="batch.progress",
+                                          batch_id="bat_1", status="processing", terminal=False)
+        results = [g.value for g in gevent.joinall([gevent.spawn(deliver, i) for i in range(20)], raise_error=True)]
+        print(sizes, sum(r.outcome == "ignored" for r in results))
+        """,
+        tmp_path,
+    )
+    sizes, ignored = out.strip().rsplit(" ", 1)
+    assert (sizes, ignored) == ("[20]", "20")
+
+
+def test_outside_gevent_nothing_waits_for_others() -> None:
+    from receiver.cooperative import carry_on, ready_first
+
+    assert ready_first() is carry_on
+
+
 # --- the hook under gunicorn's gevent worker ------------------------------------------------------
 
 SECRET = "cooperative-secret-0123456789"
