@@ -66,6 +66,25 @@ def test_invalid_payloads_are_refused_with_a_reason(body):
     assert str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        ({"id": "", "type": "batch.progress"}, "id", "Length must be between 1 and 200."),
+        ({"id": "e" * 201, "type": "batch.progress"}, "id", "Length must be between 1 and 200."),
+        ({"id": "evt_\x00", "type": "batch.progress"}, "id", "must not contain NUL characters"),
+        ({"id": "evt_\ud800", "type": "batch.progress"}, "id", "must be valid Unicode (no lone surrogates)"),
+        ({"type": "batch.progress", "data": {"status": "\ud800"}}, "data", "must be valid Unicode (no lone surrogates)"),
+        ({"event_id": 7, "type": "batch.progress"}, "event_id", "Not a valid string."),
+    ],
+)
+def test_recorded_strings_are_checked_field_by_field(body, field, message):
+    """What the ledger stores must be storable on both databases, or the hook would answer 503."""
+    with pytest.raises(PayloadError) as info:
+        parse_delivery(body, b"")
+    errors = info.value.errors[field]
+    assert message in (errors if isinstance(errors, list) else errors["status"])
+
+
 @pytest.mark.parametrize("batch_id", ["..", ".", "a/b", "a\\b", "", "x" * 201, "a\x00b", "-a", "a b", "..a"])
 def test_unsafe_batch_ids(batch_id):
     with pytest.raises(UnsafeBatchId):
