@@ -151,3 +151,28 @@ def test_a_delivery_the_ledger_cannot_store_fails_alone(ledger):
         outcomes = list(pool.map(one, range(12)))
     assert outcomes == ["accepted"] * 5 + ["unavailable"] + ["accepted"] * 6
     assert len(ledger.list_jobs()) == 11
+
+
+def test_a_group_tells_new_deliveries_from_ones_recorded_before(ledger):
+    """A group is one multi-row INSERT; which of its deliveries were new must still be exact, for
+    progress events alone (one autocommit statement on SQLite) and with a terminal one among them."""
+    from receiver.ledger import _Pending
+
+    for i in (0, 3, 6, 9):
+        deliver(ledger, f"evt_{i}", terminal=False)
+    for terminal_at in (None, 4):
+        now = time.time()
+        group = [
+            _Pending((f"evt_{i}", f"bat_{i}", "batch.progress", "processing", "ignored", now), queue_batch=False)
+            for i in range(10)
+        ]
+        if terminal_at is not None:
+            group = [_Pending((f"evt_t{i}", f"bat_{i}", "batch.completed", "completed", "accepted", now), queue_batch=i == terminal_at)
+                     for i in range(10)] + group
+        ledger._group._commit_group(group)
+        outcomes = [item.result.outcome for item in group]
+        if terminal_at is None:
+            assert outcomes == ["duplicate" if i % 3 == 0 else "ignored" for i in range(10)]
+        else:
+            assert outcomes == ["accepted"] * 10 + ["duplicate"] * 10
+            assert [item.result.job_queued for item in group[:10]] == [i == terminal_at for i in range(10)]
