@@ -18,7 +18,7 @@ request is an OS thread, and the GIL hand-offs when commits land cost more CPU t
 receiver reached 0.4 of the reference whatever the thread and process counts. Under gevent the
 waiting requests are greenlets, the commit runs on gevent's native thread pool
 (receiver/cooperative.py), and one commit serves every delivery that arrived meanwhile (groups of
-15-25 at 64 connections instead of 4). Two processes match the two cores. A stalled client holds a
+22-29 at 64 connections instead of 4). Two processes match the two cores. A stalled client holds a
 greenlet, not a thread (worker_connections per process), and every read has a deadline
 (receiver/gunicorn_worker.py).
 """

@@ -815,8 +815,7 @@ class _SQLiteGroupCommit(_GroupCommit):
         one statement, need no BEGIN and COMMIT: a single statement is its own transaction in
         autocommit mode (atomic, and durable at its end with synchronous=FULL).
         """
-        distinct = {item.params[0] for item in group}
-        alone = len(distinct) <= self.ROWS_PER_INSERT and not any(item.queue_batch for item in group)
+        alone = len(group) <= self.ROWS_PER_INSERT and not any(item.queue_batch for item in group)
         if not alone:
             conn.execute("BEGIN IMMEDIATE")
         try:
