@@ -59,10 +59,10 @@ def wait_http(url: str, proc: Proc | None = None, timeout: float = 30.0) -> None
 class Proc:
     """A child process writing to its own log file; stopped with SIGTERM, then SIGKILL."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path, root: Path = ROOT) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
-        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
+        env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))}
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=str(log_dir))
 
@@ -103,11 +103,14 @@ def start_emulator(log_dir: Path, name: str = "emulator") -> tuple[Proc, str]:
     return proc, url
 
 
-def start_gunicorn(app: str, env: dict[str, str], log_dir: Path, name: str, extra_args: list[str] = ()) -> tuple[Proc, str]:
-    """gunicorn with the production settings; `extra_args` (e.g. `-w 4`) override them (CLI wins)."""
+def start_gunicorn(
+    app: str, env: dict[str, str], log_dir: Path, name: str, extra_args: list[str] = (), root: Path = ROOT
+) -> tuple[Proc, str]:
+    """gunicorn with the production settings; `extra_args` (e.g. `-w 4`) override them (CLI wins).
+    `root` is the checkout it imports (bench/ab_ingest.py serves two)."""
     port = free_port()
     env = {**env, "PORT": str(port)}
-    proc = Proc(name, [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF, *extra_args, app], env, log_dir)
+    proc = Proc(name, [sys.executable, "-m", "gunicorn", "-c", GUNICORN_CONF, *extra_args, app], env, log_dir, root)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/healthz", proc)
     return proc, url
