@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._harness import ROOT, Proc, median, receiver_env, start_gunicorn, write_json  # noqa: E402
-from bench.bench_ingest import SECRET, run_load  # noqa: E402
+from bench.bench_ingest import prepare_ledger, run_load  # noqa: E402
 
 
 def _worktree(ref: str, into: Path) -> Path:
@@ -53,12 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                 side_dir = work / side
                 side_dir.mkdir()
                 env = receiver_env(side_dir)
-                from receiver.ledger import Ledger
-
-                ledger = Ledger(env["DATABASE_URL"])
-                ledger.create_schema()
-                ledger.add_secret(SECRET, grace_seconds=3600)
-                ledger.close()
+                prepare_ledger(env["DATABASE_URL"])
                 servers[side] = start_gunicorn("receiver.app:create_app()", env, side_dir, side, root=tree)
             time.sleep(1.2)  # the receivers' secret caches
             for connections in (int(c) for c in args.connections.split(",")):

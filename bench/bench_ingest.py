@@ -151,6 +151,16 @@ async def _drive(url: str, warmup: list[bytes], requests: list[bytes], connectio
     }
 
 
+def prepare_ledger(database_url: str) -> None:
+    """The receiver's ledger with the benchmark's webhook secret, as `receiver register` stores it."""
+    from receiver.ledger import Ledger
+
+    ledger = Ledger(database_url)
+    ledger.create_schema()
+    ledger.add_secret(SECRET, grace_seconds=3600)
+    ledger.close()
+
+
 def run_load(url: str, connections: int, count: int, warmup: int) -> dict[str, float]:
     tag = uuid.uuid4().hex[:10]
     host = url.removeprefix("http://")
@@ -179,12 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.database_url:
             env["DATABASE_URL"] = args.database_url
         report["database"] = env["DATABASE_URL"].split(":", 1)[0]
-        from receiver.ledger import Ledger
-
-        ledger = Ledger(env["DATABASE_URL"])
-        ledger.create_schema()
-        ledger.add_secret(SECRET, grace_seconds=3600)  # as `receiver register` stores it
-        ledger.close()
+        prepare_ledger(env["DATABASE_URL"])
         servers: dict[str, tuple[Proc, str]] = {}
         try:
             if args.only in ("both", "reference"):
@@ -217,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             for proc, _url in servers.values():
                 proc.stop()
         if "receiver" in servers:
+            from receiver.ledger import Ledger
+
             ledger = Ledger(env["DATABASE_URL"])
             with ledger.engine.connect() as conn:
                 report["receiver_rows"] = conn.exec_driver_sql("SELECT count(*) FROM deliveries").scalar()
