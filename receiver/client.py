@@ -19,7 +19,7 @@ import random
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import urllib3
 from urllib3.exceptions import HTTPError as _Urllib3Error
@@ -28,6 +28,7 @@ from . import __version__
 from .errors import (
     APIError,
     APITransientError,
+    ArtifactUnavailable,
     AuthenticationFailed,
     BadRequest,
     BatchNotFound,
@@ -70,6 +71,18 @@ class Batch:
     expected_items: int | None
     #: The batch object as returned, unwrapped from ``{"batch": ...}``.
     raw: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ResultsPage:
+    """One page of `GET /v1/batches/{id}/results`, as JSONL text."""
+
+    #: The page's rows, one JSON document per line, each line ending in a newline; or, for an
+    #: answer that was raw JSONL, its exact bytes.
+    body: bytes
+    rows: int
+    #: Where the next page starts; None on the last page.
+    next_cursor: str | None
 
 
 @dataclass(frozen=True)
@@ -140,8 +153,26 @@ class BatchRouterClient:
 
         The response fields are undocumented, so every plausible spelling is accepted.
         """
-        body = self._request("GET", f"/v1/batches/{_segment(batch_id)}/artifact-url")
+        try:
+            body = self._request("GET", f"/v1/batches/{_segment(batch_id)}/artifact-url")
+        except APIError as exc:
+            if exc.status in _NO_ARTIFACT:
+                raise ArtifactUnavailable(str(exc), status=exc.status, code=exc.code, details=exc.details) from None
+            raise
         return _parse_artifact_links(body, batch_id)
+
+    def get_results_page(self, batch_id: str, *, cursor: str | None = None, limit: int | None = None) -> ResultsPage:
+        """`GET /v1/batches/{id}/results?limit=&cursor=`: one page of per-item results (facts §5).
+
+        Neither the page's fields nor its form are documented, so both forms seen are read: a JSON
+        page (rows under ``data``, ``results``, ``items`` or ``rows``; the next cursor as
+        ``next_cursor``, ``next`` or inside ``pagination``/``meta``, with or without ``has_more``)
+        and raw JSONL bytes (the older SDK's form), which are the whole result.
+        """
+        query = {k: v for k, v in (("limit", limit), ("cursor", cursor)) if v is not None}
+        path = f"/v1/batches/{_segment(batch_id)}/results"
+        response = self._send("GET", path + ("?" + urlencode(query) if query else ""))
+        return _parse_results_page(response, batch_id)
 
     def set_delivery_webhook(self, url: str, secret: str) -> dict[str, Any]:
         """`PUT /v1/auth/account/delivery-webhook` with ``{"url", "secret"}`` (facts §2.1).
@@ -160,9 +191,15 @@ class BatchRouterClient:
         self, method: str, path: str, *, body: dict[str, Any] | None = None, secrets: tuple[str, ...] = ()
     ) -> Any:
         """Send one request with retries; return the decoded JSON body (``{}`` for an empty one)."""
+        return _decode(self._send(method, path, body=body, secrets=secrets), method, path)
+
+    def _send(
+        self, method: str, path: str, *, body: dict[str, Any] | None = None, secrets: tuple[str, ...] = ()
+    ) -> Any:
+        """Send one request with retries; return the 2xx response, or raise the named error."""
         headers = {
             "Authorization": f"Bearer {self._api_key}",
-            "Accept": "application/json",
+            "Accept": "application/json, application/x-ndjson;q=0.9",
             "User-Agent": self._user_agent,
         }
         payload = None
@@ -187,7 +224,7 @@ class BatchRouterClient:
                 )
             else:
                 if 200 <= response.status < 300:
-                    return _decode(response, method, path)
+                    return response
                 error = _error_from_response(response, method, path, hidden)
             if not isinstance(error, APITransientError) or attempt == self._retries:
                 raise error
@@ -291,6 +328,56 @@ def _parse_artifact_links(body: Any, batch_id: str) -> ArtifactLinks:
             expires_at = _first_string(container, ("expires_at",)) or _first_string(body, ("expires_at",))
             return ArtifactLinks(results_url=results_url, errors_url=errors_url, expires_at=expires_at)
     raise UnexpectedResponse(f"artifact-url for batch {batch_id}: the answer has no download URL")
+
+
+#: Statuses of artifact-url that mean "no download for this batch" rather than "no such batch":
+#: the batch itself was just read. 501 and 405: an API without the endpoint.
+_NO_ARTIFACT = frozenset({404, 405, 410, 501})
+_ROW_KEYS = ("data", "results", "items", "rows")
+_CURSOR_KEYS = ("next_cursor", "nextCursor", "next")
+_JSONL_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"})
+
+
+def _parse_results_page(response: Any, batch_id: str) -> ResultsPage:
+    """Read a results page in either form (see `BatchRouterClient.get_results_page`)."""
+    what = f"results page of batch {batch_id}"
+    data: bytes = response.data
+    mimetype = (response.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
+    body: Any = None
+    if mimetype not in _JSONL_TYPES:
+        try:
+            body = json.loads(data) if data.strip() else {}
+        except ValueError:
+            body = None  # several JSON documents: JSONL sent without its media type
+    if body is None:
+        lines = data.count(b"\n") + (not data.endswith(b"\n") and bool(data))
+        return ResultsPage(body=data, rows=lines, next_cursor=None)
+    if not isinstance(body, dict):
+        raise UnexpectedResponse(f"{what}: the answer is not a JSON object")
+    rows = next((body[k] for k in _ROW_KEYS if isinstance(body.get(k), list)), None)
+    if rows is None:
+        # `output_preview_rows` (facts §5, S6) is a preview: storing it as the result would store a
+        # partial file under a final name.
+        raise UnexpectedResponse(f"{what}: no rows under any of {', '.join(_ROW_KEYS)}")
+    holders = [body] + [body[k] for k in ("pagination", "meta", "page") if isinstance(body.get(k), dict)]
+    cursor = next((c for h in holders if (c := _first_string(h, _CURSOR_KEYS)) is not None), None)
+    has_more = next((h["has_more"] for h in holders if isinstance(h.get("has_more"), bool)), None)
+    if has_more is False:
+        cursor = None
+    elif has_more and cursor is None:
+        raise UnexpectedResponse(f"{what}: has_more is true but there is no next cursor")
+    text = b"".join(_jsonl_line(row) for row in rows)
+    return ResultsPage(body=text, rows=len(rows), next_cursor=cursor)
+
+
+def _jsonl_line(row: Any) -> bytes:
+    """A row as one JSONL line: a JSON value compactly, a string (a line already) as itself."""
+    if isinstance(row, str):
+        line = row.rstrip("\r\n")
+        if "\n" in line:
+            raise UnexpectedResponse("a results row given as a string holds a line break")
+        return line.encode("utf-8") + b"\n"
+    return json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
 def _first_string(container: dict[str, Any], keys: tuple[str, ...]) -> str | None:

@@ -20,10 +20,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import layout
+from . import layout, pages
 from .client import ArtifactLinks, Batch, BatchRouterClient
 from .config import Settings
 from .errors import (
+    ArtifactUnavailable,
     BatchNotTerminal,
     JobCancelled,
     LeaseLost,
@@ -201,11 +202,24 @@ class Worker:
         self._clean_earlier_attempts(batch_id, day)
         token = f"{self.owner[-12:]}-{job.attempts}"
         files: list[dict[str, Any]] = []
+        source = None
         if batch.completed:
-            links = self.client.get_artifact_links(batch_id)
-            files.append(self._download(running, links, "results", day, token, progress))
-            if links.errors_url:
-                files.append(self._download(running, links, "errors", day, token, progress))
+            try:
+                links = self.client.get_artifact_links(batch_id)
+            except ArtifactUnavailable as exc:
+                log.info("job %s: no signed download (%s); paging through its results", batch_id, exc)
+                source = "results_pages"
+                files.append(
+                    self._store(
+                        running, "results", day, token, progress,
+                        lambda open_writer, on_progress: pages.store_pages(self.client, batch_id, open_writer, on_progress),
+                    )
+                )
+            else:
+                source = "artifact"
+                files.append(self._download(running, links, "results", day, token, progress))
+                if links.errors_url:
+                    files.append(self._download(running, links, "errors", day, token, progress))
 
         self._check(running)
         manifest = layout.build_manifest(
@@ -214,7 +228,7 @@ class Worker:
             files=files,
             stored_at=stored_at,
             event_ids=self.ledger.event_ids(batch_id),
-            source="artifact" if files else None,
+            source=source,
             expected_items=batch.expected_items,
             batch=batch.raw,
         )
@@ -259,6 +273,23 @@ class Worker:
                 raise BatchNotTerminal(f"artifact-url no longer names a {kind} file for {batch_id}")
             return url
 
+        return self._store(
+            running, kind, day, token, progress,
+            lambda open_writer, on_progress: self.downloader.fetch(get_url, open_writer, on_progress),
+        )
+
+    def _store(
+        self,
+        running: _Running,
+        kind: str,
+        day: str,
+        token: str,
+        progress: Progress | None,
+        fetch: Callable[[Callable[[str, int | None], Writer], Progress], tuple[Writer, TransferResult]],
+    ) -> dict[str, Any]:
+        """Run `fetch` (a download or the results pages) into the writer for `kind`'s final key,
+        commit it unless the job was cancelled meanwhile, and return its manifest entry."""
+        batch_id = running.job.batch_id
         key_for = layout.results_key if kind == "results" else layout.errors_key
 
         def open_writer(suffix: str, size: int | None) -> Writer:
@@ -269,7 +300,7 @@ class Worker:
             if progress is not None:
                 progress(done, total)
 
-        writer, result = self.downloader.fetch(get_url, open_writer, on_progress)
+        writer, result = fetch(open_writer, on_progress)
         try:
             self._check(running)
             writer.commit()

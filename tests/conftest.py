@@ -87,6 +87,17 @@ class Service:
 
 
 @pytest.fixture
+def api() -> Iterator[Any]:
+    """A scripted BatchRouter API (tests/_httpservers.ScriptedServer) on a loopback port, at `api.url`."""
+    from ._httpservers import LiveServer, ScriptedServer
+
+    app = ScriptedServer()
+    with LiveServer(app) as server:
+        app.url = server.url  # type: ignore[attr-defined]
+        yield app
+
+
+@pytest.fixture
 def emulator(tmp_path: Path) -> Iterator[Emulator]:
     port = free_port()
     env = dict(os.environ)

@@ -29,14 +29,6 @@ KEY = "br_live_k3y_that_must_not_leak"
 
 
 @pytest.fixture
-def api():
-    app = ScriptedServer()
-    with LiveServer(app) as server:
-        app.url = server.url  # type: ignore[attr-defined]
-        yield app
-
-
-@pytest.fixture
 def client(api):
     with BatchRouterClient(api.url, KEY, timeout=2, retries=3, backoff_cap=5) as c:
         yield c

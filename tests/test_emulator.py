@@ -202,6 +202,14 @@ def test_results_pages(base, http):
     assert [r["customer_item_id"] for r in rows] == [f"item-{i:08d}" for i in range(1, 26)]
 
 
+def test_batch_without_artifact_is_only_paged(base, http):
+    make_batch(http, base, id="paged-only", items=3, status="completed", artifact_url=False)
+    r = http.get(f"{base}/v1/batches/paged-only/artifact-url", headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    page = http.get(f"{base}/v1/batches/paged-only/results", headers=AUTH).json()
+    assert len(page["data"]) == 3 and page["has_more"] is False
+
+
 # --- artifacts ------------------------------------------------------------------------------------
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import requests
 
 from receiver.signature import sign
 
-from .conftest import read_manifest, run_cli, wait_for
+from .conftest import EMULATOR_KEY, read_manifest, run_cli, wait_for
 
 
 def stored(tmp_path: Path, batch_id: str, timeout: float = 60) -> dict:
@@ -70,6 +69,29 @@ def test_documented_api_variants_are_accepted(emulator, web, worker, secret, tmp
     batch_id = emulator.create_batch(items=20, shape=shape, url_key=url_key)["id"]
     emulator.complete(batch_id)
     assert stored(tmp_path, batch_id)["files"][0]["lines"] == 20
+
+
+def test_batch_without_a_signed_download_is_stored_from_its_results_pages(emulator, web, worker, secret, tmp_path):
+    # 2,500 items: three pages of at most 1,000. A twin batch with a signed download has the same rows.
+    batch_id = emulator.create_batch(items=2500, line_bytes=300, error_items=4, artifact_url=False)["id"]
+    twin_id = emulator.create_batch(items=2500, line_bytes=300, error_items=4, status="completed")["id"]
+    emulator.complete(batch_id)
+    manifest = stored(tmp_path, batch_id)
+
+    assert manifest["source"] == "results_pages"
+    assert manifest["expected_items"] == 2500 and manifest["counts_match"] is True
+    [entry] = manifest["files"]  # no error file: pages carry none
+    day = manifest["stored_at"][:10]
+    assert entry["key"] == f"results/dt={day}/batch_id={batch_id}/results.jsonl"
+    path = tmp_path / "storage" / entry["key"]
+    data = path.read_bytes()
+    assert entry["lines"] == 2500 and entry["bytes"] == len(data) and entry["sha256"] == hashlib.sha256(data).hexdigest()
+    headers = {"Authorization": f"Bearer {EMULATOR_KEY}"}
+    url = requests.get(f"{emulator.url}/v1/batches/{twin_id}/artifact-url", headers=headers, timeout=10).json()["url"]
+    artifact = requests.get(url, timeout=30).content
+    assert [json.loads(line) for line in data.splitlines()] == [json.loads(line) for line in artifact.splitlines()]
+    assert emulator.stats()["api_requests"][f"/v1/batches/{batch_id}/results"] == 3
+    assert [p.name for p in all_files(tmp_path / "storage") if not p.name.endswith((".jsonl", ".json"))] == []
 
 
 def test_concurrent_duplicates_store_once_and_download_once(emulator, web, worker, secret, tmp_path):

@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -270,6 +269,17 @@ def test_completed_batch_is_stored_in_s3_and_published_after_its_object(emulator
     assert [c.headers.get("if-none-match") for c in puts if c.key == manifest_key] == ["*"]
     head = s3.head_object(Bucket=bucket, Key=results_key, ChecksumMode="ENABLED")
     assert head["ChecksumSHA256"] and head["ContentType"] == "application/x-ndjson"
+
+
+def test_batch_without_a_signed_download_is_paged_into_s3(emulator, web, worker, secret, s3, bucket):
+    batch_id = emulator.create_batch(items=12_000, line_bytes=1000, artifact_url=False)["id"]  # 12 pages, 2 parts
+    emulator.complete(batch_id)
+    manifest = stored(s3, bucket, batch_id)
+    assert manifest["source"] == "results_pages" and manifest["counts_match"] is True
+    [entry] = manifest["files"]
+    sha256, size = s3_sha256(s3, bucket, f"{PREFIX}/{entry['key']}")
+    assert (entry["sha256"], entry["bytes"], entry["lines"]) == (sha256, size, 12_000)
+    assert incomplete_uploads(s3, bucket) == []
 
 
 def test_fetch_ls_and_cat_against_s3(emulator, receiver_env, s3, bucket):

@@ -335,6 +335,8 @@ def artifact_url(batch_id: str) -> Response:
         return batch_not_found(batch_id)
     if batch.status != "completed":
         return not_completed(batch)
+    if not batch.artifact_url:
+        return error(404, "not_found", f"Batch {batch_id!r} has no artifact; page through its results.")
     url, expires_at = emu.signed_url(batch.id, batch.results.name)
     answer: dict[str, Any] = {batch.url_key: url, "expires_at": rfc3339(expires_at)}
     if batch.errors is not None:
@@ -631,6 +633,7 @@ def create_batch() -> tuple[Response, int]:
         shape=_choice(body, "shape", "plain", SHAPES),
         url_key=_choice(body, "url_key", "url", URL_KEYS),
         cancel_spelling=_choice(body, "cancel_spelling", "cancelled", CANCEL_SPELLINGS),
+        artifact_url=_bool(body, "artifact_url", True),
     )
     if not emu.state.add_batch(batch):
         return error(409, "already_exists", f"Batch {batch_id!r} exists already."), 409
@@ -655,6 +658,7 @@ def describe_batch(batch_id: str) -> Response:
             "shape": batch.shape,
             "url_key": batch.url_key,
             "cancel_spelling": batch.cancel_spelling,
+            "artifact_url": batch.artifact_url,
         },
         results=batch.results.digest(),
         errors=batch.errors.digest() if batch.errors is not None else None,

@@ -53,6 +53,8 @@ class Batch:
     shape: str = "plain"
     url_key: str = "url"
     cancel_spelling: str = "cancelled"
+    #: False: artifact-url answers 404 and the results are only to be paged (facts §5).
+    artifact_url: bool = True
     created_at: dt.datetime = dataclasses.field(default_factory=utcnow)
 
     def spelled_status(self) -> str:
