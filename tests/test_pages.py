@@ -160,3 +160,17 @@ def test_a_batch_that_vanished_meanwhile_is_not_found(api, client, storage, tmp_
     with pytest.raises(BatchNotFound):
         store(client, storage)
     assert [p for p in (tmp_path / "storage").rglob("*") if p.is_file()] == []
+
+
+def test_a_transient_failure_mid_paging_is_retried_in_place(api, client, storage) -> None:
+    api.on(
+        "GET",
+        RESULTS,
+        Canned(200, {"data": rows(1, 2), "next_cursor": "p2"}),
+        Canned(503, {"error": {"code": "service_unavailable", "message": "try again"}}),
+        Canned(200, {"data": rows(3, 2)}),
+    )
+    writer, result = store(client, storage)
+    writer.abort()
+    assert result.lines == 4 and result.bytes == len(jsonl(rows(1, 4)))
+    assert [s.raw_uri for s in api.seen][1:] == [f"{RESULTS}?limit={PAGE_LIMIT}&cursor=p2"] * 2
