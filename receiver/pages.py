@@ -21,8 +21,10 @@ from .transfer import TransferResult
 #: Rows asked for per page. The maximum is undocumented (facts §12 q8): a 400 for it is answered by
 #: asking again without `limit`, so the API's own default applies.
 PAGE_LIMIT = 1000
-#: A guard against an API that hands out new cursors for ever: far beyond any batch's pages.
+#: Guards against an API that hands out new cursors for ever: far beyond any batch's pages, and
+#: more empty pages in a row than a result with gaps would plausibly have.
 MAX_PAGES = 1_000_000
+MAX_EMPTY_PAGES = 10
 
 
 def store_pages(
@@ -44,6 +46,7 @@ def store_pages(
         cursor: str | None = None
         limit: int | None = PAGE_LIMIT
         seen: set[str] = set()
+        empty = 0
         for _ in range(MAX_PAGES):
             try:
                 page = client.get_results_page(batch_id, cursor=cursor, limit=limit)
@@ -61,6 +64,9 @@ def store_pages(
                 progress(size, None)
             if page.next_cursor is None:
                 return writer, TransferResult(bytes=size, sha256=digest.hexdigest(), lines=lines, suffix=".jsonl")
+            empty = 0 if page.rows else empty + 1
+            if empty > MAX_EMPTY_PAGES:
+                raise UnexpectedResponse(f"results of batch {batch_id}: {empty} empty pages in a row, each saying there is more")
             if page.next_cursor in seen:
                 raise UnexpectedResponse(f"results of batch {batch_id}: the cursor {page.next_cursor!r} came back again")
             seen.add(page.next_cursor)

@@ -10,7 +10,7 @@ import pytest
 
 from receiver.client import BatchRouterClient, ResultsPage
 from receiver.errors import ArtifactUnavailable, BatchNotFound, UnexpectedResponse
-from receiver.pages import PAGE_LIMIT, store_pages
+from receiver.pages import MAX_EMPTY_PAGES, PAGE_LIMIT, store_pages
 from receiver.storage.local import LocalStorage
 from tests._httpservers import Canned
 
@@ -174,3 +174,10 @@ def test_a_transient_failure_mid_paging_is_retried_in_place(api, client, storage
     writer.abort()
     assert result.lines == 4 and result.bytes == len(jsonl(rows(1, 4)))
     assert [s.raw_uri for s in api.seen][1:] == [f"{RESULTS}?limit={PAGE_LIMIT}&cursor=p2"] * 2
+
+
+def test_empty_pages_without_end_stop_the_paging(api, client, storage) -> None:
+    api.on("GET", RESULTS, *[Canned(200, {"data": [], "next_cursor": f"p{i}"}) for i in range(2, 40)])
+    with pytest.raises(UnexpectedResponse, match="empty pages in a row"):
+        store(client, storage)
+    assert len(api.seen) == MAX_EMPTY_PAGES + 1
