@@ -86,11 +86,14 @@ def build_manifest(
     files: list[dict[str, Any]],
     stored_at: dt.datetime,
     event_ids: list[str],
-    source: str,
+    source: str | None,
     expected_items: int | None,
     batch: dict[str, Any],
 ) -> dict[str, Any]:
     """The commit marker: written last, after every file it lists is whole at its final key.
+
+    `source` is ``artifact`` (the signed download), ``results_pages`` (paged through /results when
+    there was no download) or None (a batch that ended without results).
 
     `counts_match` compares the lines of the results file with the batch's item count; it is None
     when BatchRouter gave no count or there is no results file.

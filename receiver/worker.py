@@ -202,7 +202,7 @@ class Worker:
         self._clean_earlier_attempts(batch_id, day)
         token = f"{self.owner[-12:]}-{job.attempts}"
         files: list[dict[str, Any]] = []
-        source = None
+        source: str | None = None
         if batch.completed:
             try:
                 links = self.client.get_artifact_links(batch_id)
