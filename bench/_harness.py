@@ -40,6 +40,24 @@ def http_json(method: str, url: str, body: Any = None, timeout: float = 60) -> A
         return json.loads(resp.read() or b"null")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) of a process and its descendants still running, from
+    /proc: a gunicorn master and its workers. 0.0 where /proc is missing (not Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            with open(f"/proc/{current}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            with open(f"/proc/{current}/task/{current}/children") as f:
+                todo += [int(child) for child in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
+    return total
+
+
 def wait_http(url: str, proc: Proc | None = None, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
