@@ -6,6 +6,7 @@ On this shared machine the receiver's rate moves by 20-30% between runs a minute
 worth 5-10% cannot be seen by comparing two `bench_ingest.py` runs. Here both commits are served at
 once (each from its own `git worktree`, with its own gunicorn settings and ledger), and every round
 loads A then B over warm connections seconds apart; a round's B/A ratio cancels most of the drift.
+Each side's CPU per delivery (`/proc`, server processes only) is reported too, and their B/A ratio.
 The same load as `bench_ingest.py`. How today's ingest steps were decided (BENCHMARKS.md, "Ingest").
 """
 
@@ -58,17 +59,25 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1.2)  # the receivers' secret caches
             for connections in (int(c) for c in args.connections.split(",")):
                 rates: dict[str, list[float]] = {"a": [], "b": []}
+                cpu: dict[str, list[float]] = {"a": [], "b": []}  # the server's CPU ms per delivery
                 for _ in range(args.rounds):
-                    for side, (_proc, url) in servers.items():
-                        rates[side].append(run_load(url, connections, args.requests, args.warmup)["per_second"])
+                    for side, (proc, url) in servers.items():
+                        run = run_load(url, connections, args.requests, args.warmup, proc.pid)
+                        rates[side].append(run["per_second"])
+                        cpu[side].append(run["server_cpu_ms_per_delivery"])
                 ratios = [b / a for a, b in zip(rates["a"], rates["b"])]
+                cpu_ratios = [b / a for a, b in zip(cpu["a"], cpu["b"])]
                 row = {"connections": connections, "a_per_second": [round(r) for r in rates["a"]],
                        "b_per_second": [round(r) for r in rates["b"]], "round_ratios": [round(r, 3) for r in ratios],
-                       "median_ratio": median(ratios), "b_faster_rounds": sum(r > 1 for r in ratios)}
+                       "median_ratio": median(ratios), "b_faster_rounds": sum(r > 1 for r in ratios),
+                       "a_cpu_ms": [round(c, 3) for c in cpu["a"]], "b_cpu_ms": [round(c, 3) for c in cpu["b"]],
+                       "median_cpu_ratio": median(cpu_ratios)}
                 report["runs"].append(row)
-                print(f"{connections:>4} conns | A {median(rates['a']):6.0f}/s | B {median(rates['b']):6.0f}/s | "
+                print(f"{connections:>4} conns | A {median(rates['a']):6.0f}/s {median(cpu['a']):.3f} ms | "
+                      f"B {median(rates['b']):6.0f}/s {median(cpu['b']):.3f} ms | "
                       f"B/A by round {', '.join(f'{r:.2f}' for r in ratios)} | median {row['median_ratio']:.3f}, "
-                      f"B faster in {row['b_faster_rounds']} of {len(ratios)}", flush=True)
+                      f"B faster in {row['b_faster_rounds']} of {len(ratios)} | B/A CPU per delivery "
+                      f"{row['median_cpu_ratio']:.3f}", flush=True)
         finally:
             for proc, _url in servers.values():
                 proc.stop()
