@@ -94,6 +94,18 @@ def test_batch_without_a_signed_download_is_stored_from_its_results_pages(emulat
     assert [p.name for p in all_files(tmp_path / "storage") if not p.name.endswith((".jsonl", ".json"))] == []
 
 
+def test_results_answered_as_raw_jsonl_are_stored_byte_for_byte(emulator, web, worker, secret, tmp_path):
+    batch_id = emulator.create_batch(items=1200, line_bytes=250, artifact_url=False, results_form="jsonl")["id"]
+    emulator.complete(batch_id)
+    manifest = stored(tmp_path, batch_id)
+    expected = emulator.expected(batch_id)["results"]
+    [entry] = manifest["files"]
+    assert manifest["source"] == "results_pages"
+    assert (entry["sha256"], entry["bytes"], entry["lines"]) == (expected["sha256"], expected["bytes"], 1200)
+    assert file_sha256(tmp_path / "storage" / entry["key"]) == expected["sha256"]
+    assert emulator.stats()["api_requests"][f"/v1/batches/{batch_id}/results"] == 1
+
+
 def test_concurrent_duplicates_store_once_and_download_once(emulator, web, worker, secret, tmp_path):
     batch_id = emulator.create_batch(items=500)["id"]
     sent = emulator.complete(batch_id, deliver=False)

@@ -38,6 +38,7 @@ from .state import (
     CANCEL_SPELLINGS,
     FAULT_KINDS,
     FAULT_TARGETS,
+    RESULTS_FORMS,
     SHAPES,
     TERMINAL_STATUSES,
     URL_KEYS,
@@ -351,6 +352,8 @@ def results_page(batch_id: str) -> Response:
         return batch_not_found(batch_id)
     if batch.status != "completed":
         return not_completed(batch)
+    if batch.results_form == "jsonl":  # the whole file, whatever limit or cursor asked
+        return Response(batch.results.iter_bytes(), content_type="application/x-ndjson", direct_passthrough=True)
     try:
         limit = int(request.args.get("limit", 100))
         if not 1 <= limit <= 1000:
@@ -634,7 +637,10 @@ def create_batch() -> tuple[Response, int]:
         url_key=_choice(body, "url_key", "url", URL_KEYS),
         cancel_spelling=_choice(body, "cancel_spelling", "cancelled", CANCEL_SPELLINGS),
         artifact_url=_bool(body, "artifact_url", True),
+        results_form=_choice(body, "results_form", "json", RESULTS_FORMS),
     )
+    if batch.results_form == "jsonl" and compress:
+        raise _Invalid("results_form", "jsonl pages are not offered for gzip batches")
     if not emu.state.add_batch(batch):
         return error(409, "already_exists", f"Batch {batch_id!r} exists already."), 409
     answer = batch_view(batch)
@@ -659,6 +665,7 @@ def describe_batch(batch_id: str) -> Response:
             "url_key": batch.url_key,
             "cancel_spelling": batch.cancel_spelling,
             "artifact_url": batch.artifact_url,
+            "results_form": batch.results_form,
         },
         results=batch.results.digest(),
         errors=batch.errors.digest() if batch.errors is not None else None,

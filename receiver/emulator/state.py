@@ -21,6 +21,9 @@ TERMINAL_STATUSES = ("completed", "failed", "cancelled", "expired")
 SHAPES = ("plain", "wrapped", "state")
 URL_KEYS = ("url", "download_url", "artifact_url", "signed_url")
 CANCEL_SPELLINGS = ("cancelled", "canceled")
+#: How `GET /v1/batches/{id}/results` answers: JSON pages, or the whole file as raw JSONL (the form
+#: of the older SDK, facts §10).
+RESULTS_FORMS = ("json", "jsonl")
 
 FAULT_TARGETS = ("artifact", "api")
 FAULT_KINDS = ("drop", "429", "500", "503", "expired", "stall", "truncate")
@@ -55,6 +58,7 @@ class Batch:
     cancel_spelling: str = "cancelled"
     #: False: artifact-url answers 404 and the results are only to be paged (facts §5).
     artifact_url: bool = True
+    results_form: str = "json"
     created_at: dt.datetime = dataclasses.field(default_factory=utcnow)
 
     def spelled_status(self) -> str:
