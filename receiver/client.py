@@ -17,6 +17,8 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -78,11 +80,15 @@ class ResultsPage:
     """One page of `GET /v1/batches/{id}/results`, as JSONL text."""
 
     #: The page's rows, one JSON document per line, each line ending in a newline; or, for an
-    #: answer that was raw JSONL, its exact bytes.
-    body: bytes
-    rows: int
+    #: answer that was raw JSONL, its exact bytes, streamed in blocks (it may be the whole result).
+    chunks: Iterable[bytes]
+    #: How many rows; None for raw JSONL, whose lines are counted as it streams.
+    rows: int | None
     #: Where the next page starts; None on the last page.
     next_cursor: str | None
+    #: False for raw JSONL that came with neither a Content-Length nor chunked framing: a body cut
+    #: short then looks whole, so the caller must check it some other way.
+    framed: bool = True
 
 
 @dataclass(frozen=True)
@@ -161,18 +167,23 @@ class BatchRouterClient:
             raise
         return _parse_artifact_links(body, batch_id)
 
-    def get_results_page(self, batch_id: str, *, cursor: str | None = None, limit: int | None = None) -> ResultsPage:
+    @contextmanager
+    def results_page(self, batch_id: str, *, cursor: str | None = None, limit: int | None = None) -> Iterator[ResultsPage]:
         """`GET /v1/batches/{id}/results?limit=&cursor=`: one page of per-item results (facts §5).
 
         Neither the page's fields nor its form are documented, so both forms seen are read: a JSON
         page (rows under ``data``, ``results``, ``items`` or ``rows``; the next cursor as
         ``next_cursor``, ``next`` or inside ``pagination``/``meta``, with or without ``has_more``)
-        and raw JSONL bytes (the older SDK's form), which are the whole result.
+        and raw JSONL (the older SDK's form), which is the whole result. Raw JSONL is streamed, so
+        a whole result never sits in memory; read the page's chunks inside the ``with``.
         """
         query = {k: v for k, v in (("limit", limit), ("cursor", cursor)) if v is not None}
-        path = f"/v1/batches/{_segment(batch_id)}/results"
-        response = self._send("GET", path + ("?" + urlencode(query) if query else ""))
-        return _parse_results_page(response, batch_id)
+        path = f"/v1/batches/{_segment(batch_id)}/results" + ("?" + urlencode(query) if query else "")
+        response = self._send("GET", path, stream=True)
+        try:
+            yield _read_results_page(response, batch_id, lambda exc: self._transport_error("GET", path, exc))
+        finally:
+            response.release_conn()
 
     def set_delivery_webhook(self, url: str, secret: str) -> dict[str, Any]:
         """`PUT /v1/auth/account/delivery-webhook` with ``{"url", "secret"}`` (facts §2.1).
@@ -194,9 +205,17 @@ class BatchRouterClient:
         return _decode(self._send(method, path, body=body, secrets=secrets), method, path)
 
     def _send(
-        self, method: str, path: str, *, body: dict[str, Any] | None = None, secrets: tuple[str, ...] = ()
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict[str, Any] | None = None,
+        secrets: tuple[str, ...] = (),
+        stream: bool = False,
     ) -> Any:
-        """Send one request with retries; return the 2xx response, or raise the named error."""
+        """Send one request with retries; return the 2xx response, or raise the named error.
+
+        With `stream` the response body is left unread for the caller, who must release it."""
         headers = {
             "Authorization": f"Bearer {self._api_key}",
             "Accept": "application/json, application/x-ndjson;q=0.9",
@@ -217,15 +236,19 @@ class BatchRouterClient:
                     timeout=self._timeout,
                     retries=False,
                     redirect=False,
+                    preload_content=not stream,
                 )
             except (_Urllib3Error, OSError) as exc:
-                error: APIError = APITransientError(
-                    _scrub(f"BatchRouter {method} {path} failed: {type(exc).__name__}: {exc}", hidden)
-                )
+                error: APIError = self._transport_error(method, path, exc, secrets)
             else:
                 if 200 <= response.status < 300:
                     return response
-                error = _error_from_response(response, method, path, hidden)
+                try:
+                    error = _error_from_response(response, method, path, hidden)
+                except (_Urllib3Error, OSError) as exc:  # the error body itself broke off
+                    error = self._transport_error(method, path, exc, secrets)
+                finally:
+                    response.release_conn()
             if not isinstance(error, APITransientError) or attempt == self._retries:
                 raise error
             if error.retry_after is not None:
@@ -236,6 +259,11 @@ class BatchRouterClient:
                 delay = min(self._backoff_cap, _BACKOFF_BASE * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
             time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _transport_error(self, method: str, path: str, exc: BaseException, secrets: tuple[str, ...] = ()) -> APIError:
+        """A timeout or a dropped connection, named without the key or a secret in it."""
+        text = f"BatchRouter {method} {path} failed: {type(exc).__name__}: {exc}"
+        return APITransientError(_scrub(text, (self._api_key, *secrets)))
 
 
 # --- parsing ---------------------------------------------------------------------------------------
@@ -335,23 +363,35 @@ def _parse_artifact_links(body: Any, batch_id: str) -> ArtifactLinks:
 _NO_ARTIFACT = frozenset({404, 405, 410, 501})
 _ROW_KEYS = ("data", "results", "items", "rows")
 _CURSOR_KEYS = ("next_cursor", "nextCursor", "next")
+#: The most a JSON results page may hold: it is parsed whole. A page of 1,000 rows is far smaller.
+MAX_PAGE_BYTES = 32 << 20
 _JSONL_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl", "application/x-jsonlines"})
 
 
-def _parse_results_page(response: Any, batch_id: str) -> ResultsPage:
-    """Read a results page in either form (see `BatchRouterClient.get_results_page`)."""
+def _read_results_page(response: Any, batch_id: str, broken: Callable[[BaseException], APIError]) -> ResultsPage:
+    """Read a results page in either form (see `BatchRouterClient.results_page`).
+
+    A JSON page is read whole, up to MAX_PAGE_BYTES; raw JSONL, by its media type, is streamed
+    (`broken` names a read that fails half-way). A body that is not one JSON document is JSONL sent
+    without its media type: kept as it came, since it is already in memory.
+    """
     what = f"results page of batch {batch_id}"
-    data: bytes = response.data
     mimetype = (response.headers.get("Content-Type") or "").partition(";")[0].strip().lower()
-    body: Any = None
-    if mimetype not in _JSONL_TYPES:
-        try:
-            body = json.loads(data) if data.strip() else {}
-        except ValueError:
-            body = None  # several JSON documents: JSONL sent without its media type
-    if body is None:
-        lines = data.count(b"\n") + (not data.endswith(b"\n") and bool(data))
-        return ResultsPage(body=data, rows=lines, next_cursor=None)
+    if mimetype in _JSONL_TYPES:
+        # urllib3 raises on a body shorter than its Content-Length, or on a chunked body that ends
+        # without its last chunk; a body delimited by the connection's close has no such check.
+        framed = "Content-Length" in response.headers or "chunked" in response.headers.get("Transfer-Encoding", "").lower()
+        return ResultsPage(chunks=_stream(response, broken), rows=None, next_cursor=None, framed=framed)
+    try:
+        data: bytes = response.read(MAX_PAGE_BYTES + 1)
+    except (_Urllib3Error, OSError) as exc:
+        raise broken(exc) from None
+    if len(data) > MAX_PAGE_BYTES:
+        raise UnexpectedResponse(f"{what}: over {MAX_PAGE_BYTES >> 20} MiB and not JSONL by its Content-Type ({mimetype!r})")
+    try:
+        body: Any = json.loads(data) if data.strip() else {}
+    except ValueError:  # several JSON documents: JSONL sent without its media type
+        return ResultsPage(chunks=[data], rows=None, next_cursor=None)
     if not isinstance(body, dict):
         raise UnexpectedResponse(f"{what}: the answer is not a JSON object")
     rows = next((body[k] for k in _ROW_KEYS if isinstance(body.get(k), list)), None)
@@ -366,8 +406,14 @@ def _parse_results_page(response: Any, batch_id: str) -> ResultsPage:
         cursor = None
     elif has_more and cursor is None:
         raise UnexpectedResponse(f"{what}: has_more is true but there is no next cursor")
-    text = b"".join(_jsonl_line(row) for row in rows)
-    return ResultsPage(body=text, rows=len(rows), next_cursor=cursor)
+    return ResultsPage(chunks=[b"".join(_jsonl_line(row) for row in rows)], rows=len(rows), next_cursor=cursor)
+
+
+def _stream(response: Any, broken: Callable[[BaseException], APIError]) -> Iterator[bytes]:
+    try:
+        yield from response.stream(1 << 20)
+    except (_Urllib3Error, OSError) as exc:
+        raise broken(exc) from None
 
 
 def _jsonl_line(row: Any) -> bytes:

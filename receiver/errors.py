@@ -153,7 +153,8 @@ class ArtifactExpired(TransferError):
 
 
 class IncompleteDownload(TransferError):
-    """Fewer bytes arrived than Content-Length or Content-Range promised."""
+    """Fewer bytes arrived than Content-Length or Content-Range promised (or, for results with no
+    length at all, fewer lines than the batch counts)."""
 
 
 class DownloadFailed(TransferError):

@@ -14,9 +14,9 @@ import hashlib
 from typing import Callable
 
 from .client import BatchRouterClient
-from .errors import BadRequest, UnexpectedResponse
+from .errors import BadRequest, IncompleteDownload, UnexpectedResponse
 from .storage import Writer
-from .transfer import TransferResult
+from .transfer import LineCounter, TransferResult
 
 #: Rows asked for per page. The maximum is undocumented (facts §12 q8): a 400 for it is answered by
 #: asking again without `limit`, so the API's own default applies.
@@ -32,12 +32,18 @@ def store_pages(
     batch_id: str,
     open_writer: Callable[[str, int | None], Writer],
     progress: Callable[[int, int | None], None] | None = None,
+    *,
+    expected_items: int | None = None,
 ) -> tuple[Writer, TransferResult]:
     """Page through the batch's results into a writer opened with ``open_writer(".jsonl", None)``.
 
     Like `Downloader.fetch`, the writer is returned uncommitted for the caller to commit, and
-    aborted if this raises. `progress(bytes, None)` runs after each page; what it raises (a lost
-    lease) stops the paging.
+    aborted if this raises. `progress(bytes, None)` runs after each block written; what it raises
+    (a lost lease) stops the paging.
+
+    Raw JSONL that came unframed (no Content-Length, not chunked) would look whole if the
+    connection broke early, so it is only kept when its lines match `expected_items` (the batch's
+    count) or, with no count, when it ends at the end of a line.
     """
     writer = open_writer(".jsonl", None)
     try:
@@ -49,22 +55,27 @@ def store_pages(
         empty = 0
         for _ in range(MAX_PAGES):
             try:
-                page = client.get_results_page(batch_id, cursor=cursor, limit=limit)
+                with client.results_page(batch_id, cursor=cursor, limit=limit) as page:
+                    counter = LineCounter()
+                    for chunk in page.chunks:
+                        writer.write(chunk)
+                        digest.update(chunk)
+                        counter.feed(chunk)
+                        size += len(chunk)
+                        if progress is not None:
+                            progress(size, None)
             except BadRequest:
                 if limit is None:
                     raise
                 limit = None  # our page size refused: let the API choose
                 continue
-            if page.body:
-                writer.write(page.body)
-                digest.update(page.body)
-                size += len(page.body)
-                lines += page.rows
-            if progress is not None:
-                progress(size, None)
+            rows = page.rows if page.rows is not None else counter.finish()
+            if not page.framed:
+                _check_unframed(batch_id, rows, counter.last, expected_items)
+            lines += rows
             if page.next_cursor is None:
                 return writer, TransferResult(bytes=size, sha256=digest.hexdigest(), lines=lines, suffix=".jsonl")
-            empty = 0 if page.rows else empty + 1
+            empty = 0 if rows else empty + 1
             if empty > MAX_EMPTY_PAGES:
                 raise UnexpectedResponse(f"results of batch {batch_id}: {empty} empty pages in a row, each saying there is more")
             if page.next_cursor in seen:
@@ -75,3 +86,13 @@ def store_pages(
     except BaseException:
         writer.abort()
         raise
+
+
+def _check_unframed(batch_id: str, lines: int, last: bytes, expected_items: int | None) -> None:
+    if expected_items is not None and lines != expected_items:
+        raise IncompleteDownload(
+            f"results of batch {batch_id} ended after {lines} lines, with no length to check them by; "
+            f"the batch counts {expected_items} items"
+        )
+    if expected_items is None and last != b"\n":
+        raise IncompleteDownload(f"results of batch {batch_id} ended mid-line, with no length to check them by")

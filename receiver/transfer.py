@@ -248,7 +248,7 @@ class _State:
         #: Bytes taken from the network and handed to the sink (the writer may still be behind).
         self.received = 0
         self._sha256 = hashlib.sha256()
-        self._lines: _LineCounter = _LineCounter()
+        self._lines: LineCounter = LineCounter()
 
     def stored(self) -> int:
         """Bytes the writer holds, once it has caught up: where a resumed request starts."""
@@ -419,8 +419,8 @@ def _close(response: BaseHTTPResponse) -> None:
     response.release_conn()
 
 
-class _LineCounter:
-    """Counts lines: newlines, plus one for a last line without a newline."""
+class LineCounter:
+    """Counts lines fed in blocks: newlines, plus one for a last line without a newline."""
 
     def __init__(self) -> None:
         self.newlines = 0
@@ -435,7 +435,7 @@ class _LineCounter:
         return self.newlines + (self.last != b"\n")
 
 
-class _GzipLineCounter(_LineCounter):
+class _GzipLineCounter(LineCounter):
     """Counts the lines of the decompressed text of gzip bytes, streaming, in bounded memory.
 
     The compressed bytes are what is stored; this only reads them. A file of several gzip members

@@ -212,7 +212,9 @@ class Worker:
                 files.append(
                     self._store(
                         running, "results", day, token, progress,
-                        lambda open_writer, on_progress: pages.store_pages(self.client, batch_id, open_writer, on_progress),
+                        lambda open_writer, on_progress: pages.store_pages(
+                            self.client, batch_id, open_writer, on_progress, expected_items=batch.expected_items
+                        ),
                     )
                 )
             else:

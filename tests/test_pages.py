@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
+import threading
 
 import pytest
 
-from receiver.client import BatchRouterClient, ResultsPage
-from receiver.errors import ArtifactUnavailable, BatchNotFound, UnexpectedResponse
+from receiver.client import BatchRouterClient
+from receiver.errors import ArtifactUnavailable, BatchNotFound, IncompleteDownload, UnexpectedResponse
 from receiver.pages import MAX_EMPTY_PAGES, PAGE_LIMIT, store_pages
 from receiver.storage.local import LocalStorage
 from tests._httpservers import Canned
@@ -38,6 +40,11 @@ def jsonl(items: list[dict]) -> bytes:
     return b"".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode() + b"\n" for r in items)
 
 
+def read_page(client, **query) -> tuple[bytes, int | None, str | None]:
+    with client.results_page("bat_1", **query) as page:
+        return b"".join(page.chunks), page.rows, page.next_cursor
+
+
 def store(client, storage):
     def open_writer(suffix: str, size: int | None):
         assert suffix == ".jsonl"
@@ -62,22 +69,46 @@ def store(client, storage):
 )
 def test_json_page_forms(api, client, body, cursor) -> None:
     api.on("GET", RESULTS, Canned(200, body))
-    page = client.get_results_page("bat_1", cursor="c1", limit=10)
-    assert page == ResultsPage(body=jsonl(rows(1, 2)), rows=2, next_cursor=cursor)
+    assert read_page(client, cursor="c1", limit=10) == (jsonl(rows(1, 2)), 2, cursor)
     assert api.seen[0].raw_uri == f"{RESULTS}?limit=10&cursor=c1"
     assert api.seen[0].headers["Authorization"] == f"Bearer {KEY}"
 
 
 @pytest.mark.parametrize("content_type", ["application/x-ndjson", "application/jsonl; charset=utf-8", "application/json"])
-def test_raw_jsonl_answer_is_the_whole_result_byte_for_byte(api, client, content_type) -> None:
+def test_raw_jsonl_answer_is_the_whole_result_byte_for_byte(api, client, storage, tmp_path, content_type) -> None:
     raw = b'{"customer_item_id": "a"}\n{"customer_item_id": "b"}'  # spacing kept, no final newline
     api.on("GET", RESULTS, Canned(200, raw, {"Content-Type": content_type}))
-    assert client.get_results_page("bat_1") == ResultsPage(body=raw, rows=2, next_cursor=None)
+    assert read_page(client) == (raw, None, None)  # lines counted as it streams
+    writer, result = store(client, storage)
+    writer.commit()
+    assert (tmp_path / "storage" / KEY_OF_FILE).read_bytes() == raw
+    assert (result.lines, result.bytes, result.sha256) == (2, len(raw), hashlib.sha256(raw).hexdigest())
+
+
+def test_large_raw_jsonl_is_streamed_not_held(api, client, storage) -> None:
+    raw = b"".join(b'{"customer_item_id": "item-%08d", "pad": "%s"}\n' % (i, b"x" * 200) for i in range(200_000))
+    api.on("GET", RESULTS, Canned(200, raw, {"Content-Type": "application/x-ndjson"}))
+    sizes: list[int] = []
+
+    def open_writer(suffix: str, size: int | None):
+        return storage.open_writer(KEY_OF_FILE, token="t1", size_hint=size)
+
+    writer, result = store_pages(client, "bat_1", open_writer, lambda done, total: sizes.append(done))
+    writer.abort()
+    assert (result.lines, result.bytes) == (200_000, len(raw))
+    assert len(sizes) >= len(raw) // (1 << 20)  # written block by block as it arrived
+
+
+def test_a_json_page_over_the_limit_is_refused(api, client, monkeypatch) -> None:
+    monkeypatch.setattr("receiver.client.MAX_PAGE_BYTES", 1000)
+    api.on("GET", RESULTS, Canned(200, {"data": rows(1, 50)}))
+    with pytest.raises(UnexpectedResponse, match="not JSONL by its Content-Type"):
+        read_page(client)
 
 
 def test_rows_given_as_lines_are_kept_as_lines(api, client) -> None:
     api.on("GET", RESULTS, Canned(200, {"data": ['{"a": 1}\n', '{"b": 2}']}))
-    assert client.get_results_page("bat_1").body == b'{"a": 1}\n{"b": 2}\n'
+    assert read_page(client)[0] == b'{"a": 1}\n{"b": 2}\n'
 
 
 @pytest.mark.parametrize(
@@ -92,7 +123,7 @@ def test_rows_given_as_lines_are_kept_as_lines(api, client) -> None:
 def test_pages_we_cannot_trust_are_refused(api, client, body, reason) -> None:
     api.on("GET", RESULTS, Canned(200, body))
     with pytest.raises(UnexpectedResponse, match=reason):
-        client.get_results_page("bat_1")
+        read_page(client)
 
 
 @pytest.mark.parametrize("status", [404, 405, 410, 501])
@@ -181,3 +212,59 @@ def test_empty_pages_without_end_stop_the_paging(api, client, storage) -> None:
     with pytest.raises(UnexpectedResponse, match="empty pages in a row"):
         store(client, storage)
     assert len(api.seen) == MAX_EMPTY_PAGES + 1
+
+
+# --- raw JSONL delimited only by the connection's close ----------------------------------------------
+
+
+class _CloseDelimited:
+    """An API that answers every request with raw JSONL and no framing: no Content-Length, not
+    chunked, the end of the body being the connection's close (HTTP/1.1 allows it)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nConnection: close\r\n\r\n" + self.body)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "expected_items", "kept"),
+    [
+        (b'{"a":1}\n{"a":2}\n', 2, True),
+        (b'{"a":1}\n{"a":2}\n', 3, False),  # lines the batch counts never arrived
+        (b'{"a":1}\n{"a":2}\n', None, True),
+        (b'{"a":1}\n{"a', None, False),  # cut mid-line
+    ],
+)
+def test_unframed_raw_jsonl_is_kept_only_when_it_checks_out(storage, body, expected_items, kept) -> None:
+    server = _CloseDelimited(body)
+    try:
+        with BatchRouterClient(server.url, KEY, timeout=2, retries=1) as client:
+            with client.results_page("bat_1") as page:
+                assert not page.framed
+
+            def open_writer(suffix: str, size: int | None):
+                return storage.open_writer(KEY_OF_FILE, token="t1", size_hint=size)
+            if kept:
+                writer, result = store_pages(client, "bat_1", open_writer, expected_items=expected_items)
+                writer.abort()
+                assert result.bytes == len(body)
+            else:
+                with pytest.raises(IncompleteDownload, match="no length to check them by"):
+                    store_pages(client, "bat_1", open_writer, expected_items=expected_items)
+    finally:
+        server.close()

@@ -106,6 +106,18 @@ def test_results_answered_as_raw_jsonl_are_stored_byte_for_byte(emulator, web, w
     assert emulator.stats()["api_requests"][f"/v1/batches/{batch_id}/results"] == 1
 
 
+def test_raw_jsonl_cut_off_mid_stream_is_retried_into_a_whole_file(emulator, web, worker, secret, tmp_path):
+    batch_id = emulator.create_batch(items=4000, line_bytes=250, artifact_url=False, results_form="jsonl")["id"]
+    # Body faults bite only on a body longer than after_bytes: of the job's API calls, only /results.
+    emulator.fault(batch_id=batch_id, target="api", kind="drop", after_bytes=300_000, count=3)
+    emulator.complete(batch_id)
+    manifest = stored(tmp_path, batch_id)
+    [entry] = manifest["files"]
+    assert entry["sha256"] == emulator.expected(batch_id)["results"]["sha256"] and entry["lines"] == 4000
+    assert emulator.stats()["api_requests"][f"/v1/batches/{batch_id}/results"] == 2
+    assert [p.name for p in all_files(tmp_path / "storage") if ".part" in p.name] == []
+
+
 def test_concurrent_duplicates_store_once_and_download_once(emulator, web, worker, secret, tmp_path):
     batch_id = emulator.create_batch(items=500)["id"]
     sent = emulator.complete(batch_id, deliver=False)

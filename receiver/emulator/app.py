@@ -353,7 +353,8 @@ def results_page(batch_id: str) -> Response:
     if batch.status != "completed":
         return not_completed(batch)
     if batch.results_form == "jsonl":  # the whole file, whatever limit or cursor asked
-        return Response(batch.results.iter_bytes(), content_type="application/x-ndjson", direct_passthrough=True)
+        headers = {"Content-Length": str(batch.results.size)}
+        return Response(batch.results.iter_bytes(), headers=headers, content_type="application/x-ndjson", direct_passthrough=True)
     try:
         limit = int(request.args.get("limit", 100))
         if not 1 <= limit <= 1000:
