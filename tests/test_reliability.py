@@ -356,6 +356,7 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
         n_doomed = max(2, n_batches // 40)
         injected: Counter[str] = Counter()
         batches = []
+        paged_ids: set[str] = set()
         for i in range(n_batches):
             spec = {"id": f"bat_chaos_{i:04d}", "items": rng.randint(300, 3000), "line_bytes": 256, "status": "processing"}
             if i % 7 == 3:
@@ -366,6 +367,10 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
                 spec["ranges"] = False
             if s3 is not None and i % 10 == 9:
                 spec["items"] = 40_000  # 10 MB: a multipart upload of two parts
+            paged = i % 9 == 4 and "error_items" not in spec and "gzip" not in spec
+            if paged:  # no signed download: the results come raw through /results, the same bytes
+                spec.update(artifact_url=False, results_form="jsonl")
+                paged_ids.add(spec["id"])
             emulator.create_batch(**spec)
             size = spec["items"] * 256
             if i < n_doomed:
@@ -375,6 +380,11 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
                 fault = rng.choice(_FAULTS)
                 if fault is not None:
                     fault = dict(fault)
+                    if paged and fault["target"] == "artifact":
+                        # Cut /results instead: only its body is longer than 1,000 bytes among the
+                        # job's three API calls (batch, artifact-url, results), each taking one count.
+                        fault = {"target": "api", "kind": rng.choice(["drop", "truncate"]), "count": 3,
+                                 "after_bytes": rng.randint(1000, max(1000, size // 2))}
                     if fault["kind"] in ("drop", "truncate", "stall") and fault["target"] == "artifact":
                         fault["after_bytes"] = rng.randint(1, max(1, size // 2))
                     emulator.fault(batch_id=spec["id"], **fault)
@@ -434,6 +444,7 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
             expected = emulator.expected(batch_id)
             manifest = json.loads(_read(tmp_path / "storage", s3, f"manifests/{batch_id}.json"))
             assert manifest["status"] == "completed"
+            assert manifest["source"] == ("results_pages" if batch_id in paged_ids else "artifact")
             results = [k for k in keys if k.startswith("results/") and f"/batch_id={batch_id}/" in k]
             duplicates += len(results) - 1
             assert len(results) == 1, (batch_id, results)
@@ -464,6 +475,7 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
             "faults_injected": dict(injected),
             "faults_injected_total": sum(injected.values()),
             "multipart_batches": sum(1 for i in range(n_batches) if s3 is not None and i % 10 == 9),
+            "paged_batches": len(paged_ids),
             **dict(chaos.counts),
             "deliveries_sent": 2 * n_batches,
             "delivery_attempts": len(deliveries),
