@@ -182,7 +182,10 @@ class BatchRouterClient:
         response = self._send("GET", path, stream=True)
         try:
             yield _read_results_page(response, batch_id, lambda exc: self._transport_error("GET", path, exc))
-        finally:
+        except BaseException:
+            response.close()  # the rest of the body may be unread: this connection is not reusable
+            raise
+        else:
             response.release_conn()
 
     def set_delivery_webhook(self, url: str, secret: str) -> dict[str, Any]:
