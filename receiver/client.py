@@ -81,9 +81,8 @@ class ResultsPage:
 
     #: The page's rows, one JSON document per line, each line ending in a newline; or, for an
     #: answer that was raw JSONL, its exact bytes, streamed in blocks (it may be the whole result).
+    #: Either way one line per row, so its rows are counted as its lines.
     chunks: Iterable[bytes]
-    #: How many rows; None for raw JSONL, whose lines are counted as it streams.
-    rows: int | None
     #: Where the next page starts; None on the last page.
     next_cursor: str | None
     #: False for raw JSONL that came with neither a Content-Length nor chunked framing: a body cut
@@ -384,7 +383,7 @@ def _read_results_page(response: Any, batch_id: str, broken: Callable[[BaseExcep
         # urllib3 raises on a body shorter than its Content-Length, or on a chunked body that ends
         # without its last chunk; a body delimited by the connection's close has no such check.
         framed = "Content-Length" in response.headers or "chunked" in response.headers.get("Transfer-Encoding", "").lower()
-        return ResultsPage(chunks=_stream(response, broken), rows=None, next_cursor=None, framed=framed)
+        return ResultsPage(chunks=_stream(response, broken), next_cursor=None, framed=framed)
     try:
         data: bytes = response.read(MAX_PAGE_BYTES + 1)
     except (_Urllib3Error, OSError) as exc:
@@ -394,7 +393,7 @@ def _read_results_page(response: Any, batch_id: str, broken: Callable[[BaseExcep
     try:
         body: Any = json.loads(data) if data.strip() else {}
     except ValueError:  # several JSON documents: JSONL sent without its media type
-        return ResultsPage(chunks=[data], rows=None, next_cursor=None)
+        return ResultsPage(chunks=[data], next_cursor=None)
     if not isinstance(body, dict):
         raise UnexpectedResponse(f"{what}: the answer is not a JSON object")
     rows = next((body[k] for k in _ROW_KEYS if isinstance(body.get(k), list)), None)
@@ -409,7 +408,7 @@ def _read_results_page(response: Any, batch_id: str, broken: Callable[[BaseExcep
         cursor = None
     elif has_more and cursor is None:
         raise UnexpectedResponse(f"{what}: has_more is true but there is no next cursor")
-    return ResultsPage(chunks=[b"".join(_jsonl_line(row) for row in rows)], rows=len(rows), next_cursor=cursor)
+    return ResultsPage(chunks=[b"".join(_jsonl_line(row) for row in rows)], next_cursor=cursor)
 
 
 def _stream(response: Any, broken: Callable[[BaseException], APIError]) -> Iterator[bytes]:

@@ -129,8 +129,8 @@ class UnexpectedResponse(APIError):
 
 
 class ArtifactUnavailable(APIError):
-    """artifact-url offers no download for a batch we can see (404, 405, 410, 501, or no URL in
-    the answer): its results are to be paged through `GET /v1/batches/{id}/results` instead."""
+    """artifact-url offers no download for a batch we can see (404, 405, 410 or 501): its results
+    are to be paged through `GET /v1/batches/{id}/results` instead."""
 
 
 # --- artifact transfer ----------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def store_pages(
                     raise
                 limit = None  # our page size refused: let the API choose
                 continue
-            rows = page.rows if page.rows is not None else counter.finish()
+            rows = counter.finish()
             if not page.framed:
                 _check_unframed(batch_id, rows, counter.last, expected_items)
             lines += rows

@@ -14,6 +14,7 @@ from receiver.client import BatchRouterClient
 from receiver.errors import ArtifactUnavailable, BatchNotFound, IncompleteDownload, UnexpectedResponse
 from receiver.pages import MAX_EMPTY_PAGES, PAGE_LIMIT, store_pages
 from receiver.storage.local import LocalStorage
+from receiver.transfer import LineCounter
 from tests._httpservers import Canned
 
 KEY = "br_live_pages_key"
@@ -40,9 +41,13 @@ def jsonl(items: list[dict]) -> bytes:
     return b"".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode() + b"\n" for r in items)
 
 
-def read_page(client, **query) -> tuple[bytes, int | None, str | None]:
+def read_page(client, **query) -> tuple[bytes, int, str | None]:
+    """The page's body, its rows (counted as its lines, as store_pages does) and its next cursor."""
     with client.results_page("bat_1", **query) as page:
-        return b"".join(page.chunks), page.rows, page.next_cursor
+        counter = LineCounter()
+        body = b"".join(page.chunks)
+        counter.feed(body)
+        return body, counter.finish(), page.next_cursor
 
 
 def store(client, storage):
@@ -78,7 +83,7 @@ def test_json_page_forms(api, client, body, cursor) -> None:
 def test_raw_jsonl_answer_is_the_whole_result_byte_for_byte(api, client, storage, tmp_path, content_type) -> None:
     raw = b'{"customer_item_id": "a"}\n{"customer_item_id": "b"}'  # spacing kept, no final newline
     api.on("GET", RESULTS, Canned(200, raw, {"Content-Type": content_type}))
-    assert read_page(client) == (raw, None, None)  # lines counted as it streams
+    assert read_page(client) == (raw, 2, None)
     writer, result = store(client, storage)
     writer.commit()
     assert (tmp_path / "storage" / KEY_OF_FILE).read_bytes() == raw
