@@ -1,3 +1,3 @@
 # gunicorn reads this file from the working directory (Procfile `web:`); the settings live in the
 # package so that `receiver serve` uses the very same ones.
-from receiver.gunicorn_conf import *  # noqa: F401,F403
+from receiver.web.gunicorn_conf import *  # noqa: F401,F403

@@ -24,7 +24,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATOR_KEY = "br_test_emulator"
-GUNICORN_CONF = "python:receiver.gunicorn_conf"
+GUNICORN_CONF = "python:receiver.web.gunicorn_conf"
 
 
 def free_port() -> int:

@@ -60,7 +60,7 @@ def child_ours(batch_id: str) -> dict[str, Any]:
     from receiver.config import Settings
     from receiver.ledger import Ledger
     from receiver.storage import s3
-    from receiver.worker import Worker
+    from receiver.jobs.worker import Worker
 
     settings = Settings.from_env()
     ledger = Ledger(settings.database_url)

@@ -114,7 +114,7 @@ def store_secret(env: dict[str, str], secret: str) -> None:
 def start_web(env: dict[str, str], tmp_path: Path) -> Service:
     """gunicorn with the production settings (receiver.gunicorn_conf), as the Procfile runs it."""
     svc = Service(
-        "web", [sys.executable, "-m", "gunicorn", "-c", "python:receiver.gunicorn_conf", "receiver.app:create_app()"], env, tmp_path
+        "web", [sys.executable, "-m", "gunicorn", "-c", "python:receiver.web.gunicorn_conf", "receiver.app:create_app()"], env, tmp_path
     ).start()
     wait_http(f"http://127.0.0.1:{env['PORT']}/healthz", svc.proc)
     return svc

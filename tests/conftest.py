@@ -189,7 +189,7 @@ def web(receiver_env: dict[str, str], tmp_path: Path) -> Iterator[Web]:
     """gunicorn serving `receiver.app:create_app()` with the production gunicorn settings."""
     svc = Service(
         "web",
-        [sys.executable, "-m", "gunicorn", "-c", "python:receiver.gunicorn_conf", "receiver.app:create_app()"],
+        [sys.executable, "-m", "gunicorn", "-c", "python:receiver.web.gunicorn_conf", "receiver.app:create_app()"],
         receiver_env,
         tmp_path,
     ).start()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from receiver.client import ArtifactLinks, BatchRouterClient, parse_retry_after
+from receiver.batchrouter import ArtifactLinks, BatchRouterClient, parse_retry_after
 from receiver.config import Settings
 from receiver.errors import (
     APIError,

@@ -125,7 +125,7 @@ def _one_worker_hook(tmp_path: Path, api_url: str, **env: str):  # type: ignore[
 
     env = make_receiver_env(tmp_path, api_url, RECEIVER_WEBHOOK_SECRET=SECRET, **env)
     svc = Service(
-        "web", [sys.executable, "-m", "gunicorn", "-c", "python:receiver.gunicorn_conf", "-w", "1", "receiver.app:create_app()"],
+        "web", [sys.executable, "-m", "gunicorn", "-c", "python:receiver.web.gunicorn_conf", "-w", "1", "receiver.app:create_app()"],
         env, tmp_path,
     ).start()
     url = f"http://127.0.0.1:{env['PORT']}"

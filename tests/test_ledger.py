@@ -156,7 +156,7 @@ def test_a_delivery_the_ledger_cannot_store_fails_alone(ledger):
 def test_a_group_tells_new_deliveries_from_ones_recorded_before(ledger):
     """A group is one multi-row INSERT; which of its deliveries were new must still be exact, for
     progress events alone (one autocommit statement on SQLite) and with a terminal one among them."""
-    from receiver.ledger import _Pending
+    from receiver.ledger.group_commit import _Pending
 
     for i in (0, 3, 6, 9):
         deliver(ledger, f"evt_{i}", terminal=False)

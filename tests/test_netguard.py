@@ -8,7 +8,7 @@ import pytest
 from tests._httpservers import Artifact, ArtifactServer, LiveServer
 
 from receiver.errors import UnsafeURL
-from receiver.netguard import URLPolicy, verify_peer
+from receiver.jobs.netguard import URLPolicy, verify_peer
 
 PUBLIC_V4 = "93.184.215.14"
 

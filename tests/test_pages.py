@@ -10,11 +10,11 @@ import threading
 
 import pytest
 
-from receiver.client import BatchRouterClient
+from receiver.batchrouter import BatchRouterClient
 from receiver.errors import ArtifactUnavailable, BatchNotFound, IncompleteDownload, UnexpectedResponse
-from receiver.pages import MAX_EMPTY_PAGES, PAGE_LIMIT, store_pages
+from receiver.jobs.pages import MAX_EMPTY_PAGES, PAGE_LIMIT, store_pages
 from receiver.storage.local import LocalStorage
-from receiver.transfer import LineCounter
+from receiver.jobs.transfer import LineCounter
 from tests._httpservers import Canned
 
 KEY = "br_live_pages_key"
@@ -105,7 +105,7 @@ def test_large_raw_jsonl_is_streamed_not_held(api, client, storage) -> None:
 
 
 def test_a_json_page_over_the_limit_is_refused(api, client, monkeypatch) -> None:
-    monkeypatch.setattr("receiver.client.MAX_PAGE_BYTES", 1000)
+    monkeypatch.setattr("receiver.batchrouter.MAX_PAGE_BYTES", 1000)
     api.on("GET", RESULTS, Canned(200, {"data": rows(1, 50)}))
     with pytest.raises(UnexpectedResponse, match="not JSONL by its Content-Type"):
         read_page(client)

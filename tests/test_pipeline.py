@@ -352,7 +352,7 @@ def test_bad_setting_is_one_line_and_exit_2(receiver_env):
     import sys
 
     env = dict(receiver_env, RECEIVER_STORAGE_URL="ftp://x/y")
-    out = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "python:receiver.gunicorn_conf", "receiver.app:create_app()"],
+    out = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "python:receiver.web.gunicorn_conf", "receiver.app:create_app()"],
                          env=env, capture_output=True, timeout=30)
     assert out.returncode == 2
     assert out.stderr.decode().strip().count("\n") == 0 and "RECEIVER_STORAGE_URL" in out.stderr.decode()

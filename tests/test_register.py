@@ -298,7 +298,7 @@ def test_forwarded_headers_are_trusted_only_from_the_configured_proxies(tmp_path
 def test_s3_check_warns_with_the_fix_when_no_rule_aborts_incomplete_uploads():
     boto3 = pytest.importorskip("boto3")
     moto = pytest.importorskip("moto")
-    from receiver.registration import OK, WARN, check_s3_abort_rule
+    from receiver.cli.registration import OK, WARN, check_s3_abort_rule
 
     from ._moto import aws_test_env
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from receiver.client import BatchRouterClient
+from receiver.batchrouter import BatchRouterClient
 from receiver.errors import (
     ArtifactExpired,
     ArtifactMissing,
@@ -19,9 +19,9 @@ from receiver.errors import (
     StorageUnavailable,
     UnsafeURL,
 )
-from receiver.netguard import URLPolicy
+from receiver.jobs.netguard import URLPolicy
 from receiver.storage.base import Writer
-from receiver.transfer import Downloader, TransferResult
+from receiver.jobs.transfer import Downloader, TransferResult
 from tests._httpservers import Artifact, ArtifactServer, Canned, Fault, LiveServer, ScriptedServer
 
 LISTED = URLPolicy(("127.0.0.1",))

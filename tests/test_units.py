@@ -7,7 +7,7 @@ import pytest
 from receiver import layout
 from receiver.config import Settings
 from receiver.errors import ConfigError, PayloadError, SignatureError, UnsafeBatchId, UnsupportedDatabase
-from receiver.schemas import parse_delivery
+from receiver.web.schemas import parse_delivery
 from receiver.signature import sign, verify
 
 

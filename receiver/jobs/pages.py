@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 from typing import Callable
 
-from .client import BatchRouterClient
-from .errors import BadRequest, IncompleteDownload, UnexpectedResponse
-from .storage import Writer
+from ..batchrouter import BatchRouterClient
+from ..errors import BadRequest, IncompleteDownload, UnexpectedResponse
+from ..storage import Writer
 from .transfer import LineCounter, TransferResult
 
 #: Rows asked for per page. The maximum is undocumented (facts §12 q8): a 400 for it is answered by

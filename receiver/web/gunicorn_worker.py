@@ -27,7 +27,7 @@ import time
 import gevent
 from gunicorn.workers.ggevent import GeventWorker
 
-from .config import Settings
+from ..config import Settings
 
 #: How long a closing connection may take to send its FIN (gunicorn's own graceful close allows 2 s).
 LINGER_SECONDS = 0.5

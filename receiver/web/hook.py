@@ -12,12 +12,12 @@ import logging
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from . import metrics
-from .config import Settings
-from .errors import LedgerUnavailable, PayloadError, SignatureError
-from .ledger import Ledger
+from .. import metrics
+from ..config import Settings
+from ..errors import LedgerUnavailable, PayloadError, SignatureError
+from ..ledger import Ledger
 from .schemas import parse_delivery
-from .signature import HEADER, verify
+from ..signature import HEADER, verify
 
 log = logging.getLogger(__name__)
 

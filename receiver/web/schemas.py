@@ -19,8 +19,8 @@ from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
 
-from .errors import PayloadError, UnsafeBatchId
-from .layout import validate_batch_id
+from ..errors import PayloadError, UnsafeBatchId
+from ..layout import validate_batch_id
 
 #: Event types that mean the batch reached a terminal status (api-facts §3.3, §4; both spellings).
 TERMINAL_EVENTS = frozenset(

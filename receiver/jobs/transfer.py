@@ -38,9 +38,9 @@ from urllib3 import BaseHTTPResponse, Timeout
 from urllib3.exceptions import HTTPError as _Urllib3Error
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
-from . import __version__
-from .client import parse_retry_after
-from .errors import (
+from .. import __version__
+from ..batchrouter import parse_retry_after
+from ..errors import (
     ArtifactExpired,
     ArtifactMissing,
     CorruptArtifact,
@@ -48,9 +48,9 @@ from .errors import (
     IncompleteDownload,
     TransferError,
 )
-from .layout import suffix_for
+from ..layout import suffix_for
 from .netguard import URLPolicy
-from .storage.base import Writer
+from ..storage.base import Writer
 
 log = logging.getLogger(__name__)
 

@@ -1,16 +1,9 @@
-"""The `receiver` command: Click commands over the same functions the service runs.
-
-Exit codes: 0 success, 1 the operation failed (the message says why), 2 usage or configuration.
-Settings are read before anything is logged, so a bad setting prints exactly one line.
-"""
+"""Commands an operator runs against the ledger and storage: `fetch`, `ls`, `cat`, `status`."""
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -18,120 +11,12 @@ from typing import Any
 
 import click
 
-from . import __version__, layout
-from .config import Settings
-from .errors import ConfigError, ObjectNotFound, ReceiverError
-
-log = logging.getLogger(__name__)
+from .. import layout
+from ..errors import ConfigError, ObjectNotFound, ReceiverError
+from ._common import ConfigurationError, Failure, iso, load_settings, open_ledger
 
 
-class ConfigurationError(click.ClickException):
-    """A bad setting: one line on stderr, exit code 2."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"receiver: configuration error: {self.format_message()}", err=True)
-
-
-class Failure(click.ClickException):
-    """The operation failed (exit code 1)."""
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"receiver: {self.format_message()}", err=True)
-
-
-def load_settings() -> Settings:
-    try:
-        return Settings.from_env()
-    except ConfigError as exc:
-        raise ConfigurationError(str(exc)) from None
-
-
-def _open_ledger(settings: Settings):
-    from .ledger import Ledger
-
-    ledger = Ledger(settings.database_url)
-    try:
-        ledger.create_schema()
-    except ReceiverError as exc:
-        raise Failure(str(exc)) from None
-    return ledger
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="receiver")
-def main() -> None:
-    """BatchRouter's delivery webhook: verify, record, fetch and store each batch exactly once."""
-
-
-# --- running ----------------------------------------------------------------------------------------
-
-
-@main.command()
-@click.option("--emulator", "with_emulator", is_flag=True, help="Also run a local BatchRouter emulator and point the receiver at it (no account needed).")
-@click.option("--emulator-port", default=8081, show_default=True, help="Port of the emulator started by --emulator.")
-def serve(with_emulator: bool, emulator_port: int) -> None:
-    """Run the web server (gunicorn) and the worker together, on the embedded defaults.
-
-    SQLite and a local folder unless DATABASE_URL / RECEIVER_STORAGE_URL say otherwise. Stops both on
-    SIGTERM or Ctrl-C, letting the worker give back its jobs.
-    """
-    settings = load_settings()
-    from .logs import configure_logging
-
-    configure_logging()
-    env = dict(os.environ)
-    children: list[subprocess.Popen[bytes]] = []
-    if with_emulator:
-        from .supervise import start_emulator_for_serve
-
-        env, emulator = start_emulator_for_serve(settings, env, emulator_port)
-        children.append(emulator)
-        settings = Settings.from_env(env)
-    _open_ledger(settings).close()  # create the schema once, before several processes race for it
-    web = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "python:receiver.gunicorn_conf", "receiver.app:create_app()"], env=env
-    )
-    worker = subprocess.Popen([sys.executable, "-m", "receiver", "worker"], env=env)
-    children += [web, worker]
-    if with_emulator:
-        from .supervise import register_with_emulator
-
-        register_with_emulator(settings, f"http://127.0.0.1:{settings.port}/hooks/batchrouter")
-        click.echo(
-            f"receiver: serving on http://127.0.0.1:{settings.port} with the emulator on {settings.api_url}\n"
-            f"  complete a batch:  curl -s -XPOST {settings.api_url}/_emulator/batches -H 'content-type: application/json'"
-            " -d '{\"items\": 1000, \"status\": \"completed\", \"deliver\": true}'\n"
-            f"  results land in:   {settings.storage_url}/results/  (see `receiver ls`)",
-            err=True,
-        )
-    from .supervise import supervise
-
-    sys.exit(supervise(children))
-
-
-@main.command()
-def worker() -> None:
-    """Run the job runner alone (the Procfile's `worker:`)."""
-    settings = load_settings()
-    from .logs import configure_logging
-    from .worker import Worker
-
-    configure_logging()
-    ledger = _open_ledger(settings)
-    try:
-        runner = Worker.from_settings(settings, ledger)
-    except ConfigError as exc:
-        raise ConfigurationError(str(exc)) from None
-    runner.install_signal_handlers()
-    runner.run_forever()
-
-
-# --- operating ----------------------------------------------------------------------------------------
-
-
-@main.command()
+@click.command()
 @click.argument("batch_ids", nargs=-1, required=True)
 def fetch(batch_ids: tuple[str, ...]) -> None:
     """Fetch and store these batches now, in the foreground (backfill). Idempotent.
@@ -145,11 +30,11 @@ def fetch(batch_ids: tuple[str, ...]) -> None:
             layout.validate_batch_id(batch_id)
         except ReceiverError as exc:
             raise click.BadParameter(f"{batch_id!r}: {exc}", param_hint="BATCH_ID") from None
-    from .logs import configure_logging
-    from .worker import Worker
+    from ..logs import configure_logging
+    from ..jobs.worker import Worker
 
     configure_logging(logging.WARNING)
-    ledger = _open_ledger(settings)
+    ledger = open_ledger(settings)
     try:
         runner = Worker.from_settings(settings, ledger)
     except ConfigError as exc:
@@ -160,7 +45,7 @@ def fetch(batch_ids: tuple[str, ...]) -> None:
 
 
 def _fetch_one(runner: Any, batch_id: str) -> bool:
-    from .ledger import DEAD, STORED
+    from ..ledger import DEAD, STORED
 
     runner.ledger.enqueue(batch_id, origin="fetch")
     while True:
@@ -203,14 +88,14 @@ class _progress:
             self.bar.__exit__(None, None, None)
 
 
-@main.command(name="ls")
+@click.command(name="ls")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
 def list_batches(as_json: bool) -> None:
     """Stored batches and jobs, with their status."""
     settings = load_settings()
-    ledger = _open_ledger(settings)
+    ledger = open_ledger(settings)
     rows = {row["batch_id"]: _public_job(row) for row in ledger.list_jobs(limit=100000)}
-    from .storage import open_storage
+    from ..storage import open_storage
 
     storage = open_storage(settings)
     try:
@@ -238,18 +123,13 @@ def list_batches(as_json: bool) -> None:
 
 def _public_job(row: dict[str, Any]) -> dict[str, Any]:
     out = {k: row[k] for k in ("batch_id", "state", "attempts", "batch_status", "manifest_key", "bytes", "lines", "expected_items", "counts_match", "last_error")}
-    out["stored_at"] = _iso(row["stored_at"])
-    out["updated_at"] = _iso(row["updated_at"])
+    out["stored_at"] = iso(row["stored_at"])
+    out["updated_at"] = iso(row["updated_at"])
     return out
 
 
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-
-@main.command()
+@click.command()
 @click.argument("batch_id")
 def cat(batch_id: str) -> None:
     """Stream a stored batch's results to stdout (exit 1 if it is not stored)."""
@@ -258,7 +138,7 @@ def cat(batch_id: str) -> None:
         layout.validate_batch_id(batch_id)
     except ReceiverError as exc:
         raise click.BadParameter(str(exc), param_hint="BATCH_ID") from None
-    from .storage import open_storage
+    from ..storage import open_storage
 
     storage = open_storage(settings)
     try:
@@ -281,12 +161,12 @@ def cat(batch_id: str) -> None:
         raise Failure(str(exc)) from None
 
 
-@main.command()
+@click.command()
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of text.")
 def status(as_json: bool) -> None:
     """Queue depth, retries, failures, count mismatches, the last delivery and the accepted secrets."""
     settings = load_settings()
-    ledger = _open_ledger(settings)
+    ledger = open_ledger(settings)
     now = time.time()
     stats = ledger.stats(now)
     secrets = ledger.secret_info(now)
@@ -306,7 +186,7 @@ def status(as_json: bool) -> None:
     last = stats["last_delivery"]
     click.echo(
         "last delivery: "
-        + (f"{_iso(last['received_at'])} {last['event_type']} {last['batch_id'] or ''}" if last else "none yet")
+        + (f"{iso(last['received_at'])} {last['event_type']} {last['batch_id'] or ''}" if last else "none yet")
     )
     total = len(secrets) + len(settings.webhook_secrets)
     click.echo(f"accepted webhook secrets: {total}" + ("  (every delivery gets 401 until `receiver register`)" if not total else ""))
@@ -318,20 +198,3 @@ def status(as_json: bool) -> None:
     for row in stats["dead"]:
         click.echo(f"dead: {row['batch_id']} after {row['attempts']} attempts: {row['last_error']}")
 
-
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
-@click.pass_context
-def emulator(ctx: click.Context) -> None:
-    """A local BatchRouter emulator for development and tests (`receiver emulator --help`)."""
-    from .emulator.__main__ import main as emulator_main
-
-    sys.exit(emulator_main(list(ctx.args)))
-
-
-from .registration import register  # noqa: E402 - registration imports cli lazily, inside the command
-
-main.add_command(register)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

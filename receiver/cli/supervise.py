@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.request
 
-from .config import Settings
+from ..config import Settings
 
 EMULATOR_KEY = "br_test_emulator"
 
@@ -82,8 +82,8 @@ def start_emulator_for_serve(settings: Settings, env: dict[str, str], port: int)
 def register_with_emulator(settings: Settings, hook_url: str) -> None:
     """What `receiver register --insecure` does, without the self-test: a fresh secret for the
     emulator's deliveries, stored in the ledger and given to the emulator."""
-    from .client import BatchRouterClient
-    from .ledger import Ledger
+    from ..batchrouter import BatchRouterClient
+    from ..ledger import Ledger
 
     secret = secrets_module.token_urlsafe(32)
     ledger = Ledger(settings.database_url)

@@ -20,10 +20,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import layout, pages
-from .client import ArtifactLinks, Batch, BatchRouterClient
-from .config import Settings
-from .errors import (
+from .. import layout
+from . import pages
+from ..batchrouter import ArtifactLinks, Batch, BatchRouterClient
+from ..config import Settings
+from ..errors import (
     ArtifactUnavailable,
     BatchNotTerminal,
     JobCancelled,
@@ -31,8 +32,8 @@ from .errors import (
     LedgerUnavailable,
     ReceiverError,
 )
-from .ledger import DEAD, STORED, Job, Ledger
-from .storage import Storage, Writer
+from ..ledger import DEAD, STORED, Job, Ledger
+from ..storage import Storage, Writer
 from .transfer import Downloader, TransferResult
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Worker:
     @classmethod
     def from_settings(cls, settings: Settings, ledger: Ledger | None = None) -> Worker:
         from .netguard import URLPolicy
-        from .storage import open_storage
+        from ..storage import open_storage
 
         ledger = ledger or Ledger(settings.database_url)
         return cls(

@@ -1,0 +1,59 @@
+"""What every command shares: the two ways a command fails, and opening settings and the ledger.
+
+Exit codes: 0 success, 1 the operation failed (the message says why), 2 usage or configuration.
+Settings are read before anything is logged, so a bad setting prints exactly one line.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ..config import Settings
+from ..errors import ConfigError, ReceiverError
+
+if TYPE_CHECKING:
+    from ..ledger import Ledger
+
+
+class ConfigurationError(click.ClickException):
+    """A bad setting: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"receiver: configuration error: {self.format_message()}", err=True)
+
+
+class Failure(click.ClickException):
+    """The operation failed (exit code 1)."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"receiver: {self.format_message()}", err=True)
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings.from_env()
+    except ConfigError as exc:
+        raise ConfigurationError(str(exc)) from None
+
+
+def open_ledger(settings: Settings) -> Ledger:
+    from ..ledger import Ledger
+
+    ledger = Ledger(settings.database_url)
+    try:
+        ledger.create_schema()
+    except ReceiverError as exc:
+        raise Failure(str(exc)) from None
+    return ledger
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+

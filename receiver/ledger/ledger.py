@@ -1,0 +1,468 @@
+"""The ledger: deliveries, jobs under leases, and webhook secrets. The single source of truth.
+
+SQLAlchemy Core over SQLite (default, WAL, one file) or PostgreSQL (several machines). Correctness
+rests on unique constraints and single-statement claims, never on check-then-insert:
+
+* a delivery is deduplicated by its primary key (the event id) with INSERT … ON CONFLICT DO NOTHING;
+* a batch has one job row (primary key batch_id), so it is stored once however many deliveries come;
+* a claim is one UPDATE of the oldest due row (``FOR UPDATE SKIP LOCKED`` on PostgreSQL, a
+  ``BEGIN IMMEDIATE`` write lock on SQLite), guarded by the lease so two workers never hold a job.
+
+The web side and the worker side meet only here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from ..cooperative import BlockingRunner, run_in_place
+from ..errors import LedgerError, LedgerUnavailable
+from .engine import READ_ONLY, create_engine, describe, sqlite_path
+from .group_commit import GroupCommit, PostgresGroupCommit, SQLiteGroupCommit
+from .schema import (
+    DEAD,
+    FAILED,
+    JOB_STATES,
+    QUEUED,
+    RUNNING,
+    SCHEMA_VERSION,
+    STORED,
+    Job,
+    RecordResult,
+    SecretInfo,
+    deliveries,
+    jobs,
+    metadata,
+    schema_info,
+    secrets,
+)
+
+
+class Ledger:
+    """One per process. Thread-safe (a pooled engine); every method is one short transaction."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        busy_timeout_seconds: float = 10.0,
+        secret_cache_seconds: float = 1.0,
+        run_blocking: BlockingRunner = run_in_place,
+    ) -> None:
+        """`run_blocking` runs the SQLite group commit; the web app passes gevent's native thread
+        pool (cooperative.blocking_runner) so that waiting for an fsync stops no other request."""
+        self.url = url
+        self.engine = create_engine(url, busy_timeout_seconds)
+        self.dialect = self.engine.dialect.name
+        self._secret_cache: tuple[float, tuple[str, ...]] | None = None
+        self._secret_cache_seconds = secret_cache_seconds
+        self._secret_refresh = threading.Lock()
+        # Built once: ingest runs this per delivery, and constructing the statement each time
+        # costs more than SQLite's insert itself.
+        self._record_stmt = (
+            self._insert(deliveries)
+            .values({c: sa.bindparam(c) for c in ("event_id", "batch_id", "event_type", "status", "outcome", "received_at")})
+            .on_conflict_do_nothing(index_elements=["event_id"])
+            .returning(deliveries.c.event_id)
+        )
+        # Deliveries are committed in groups (GroupCommit); an in-memory SQLite ledger (tests of
+        # one process) commits each on its own.
+        path = sqlite_path(url)
+        self._group: GroupCommit | None = None
+        if self.dialect == "postgresql":
+            self._group = PostgresGroupCommit(
+                self.engine, lambda conn, batch_id, now: self._queue(conn, batch_id, origin="webhook", now=now, revive=(DEAD,))
+            )
+        elif path and path != ":memory:":
+            self._group = SQLiteGroupCommit(path, busy_timeout_seconds, run_blocking)
+
+    # --- schema -----------------------------------------------------------------------------------
+
+    def create_schema(self) -> None:
+        """Create the tables if missing; safe when several processes start on an empty ledger."""
+        with self._begin() as conn:
+            if self.dialect == "postgresql":
+                # Serialise concurrent creators; the lock ends with the transaction.
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(727274)"))
+            metadata.create_all(conn, checkfirst=True)
+            found = conn.execute(sa.select(schema_info.c.version).where(schema_info.c.id == 1)).scalar()
+            if found is None:
+                conn.execute(self._insert(schema_info).values(id=1, version=SCHEMA_VERSION).on_conflict_do_nothing())
+            elif found > SCHEMA_VERSION:
+                raise LedgerError(
+                    f"the ledger has schema version {found}, newer than this receiver's {SCHEMA_VERSION}; upgrade the receiver"
+                )
+
+    def ping(self) -> None:
+        with self._connect() as conn:
+            conn.execute(sa.select(sa.literal(1)))
+
+    def close(self) -> None:
+        if self._group is not None:
+            self._group.close()
+        self.engine.dispose()
+
+    # --- ingest -----------------------------------------------------------------------------------
+
+    def record_delivery(
+        self,
+        *,
+        event_id: str,
+        event_type: str,
+        batch_id: str | None,
+        status: str | None,
+        terminal: bool,
+        now: float | None = None,
+    ) -> RecordResult:
+        """Record one delivery and, for a terminal event, queue its batch — in one transaction.
+
+        A redelivery (same event id) changes nothing. A new terminal event for a batch whose job is
+        `dead` queues it again: BatchRouter telling us twice is worth another try.
+        """
+        now = time.time() if now is None else now
+        outcome = "accepted" if terminal else "ignored"
+        if self._group is not None:
+            return self._group.record(
+                (event_id, batch_id, event_type, status, outcome, now), queue_batch=terminal and batch_id is not None
+            )
+        params = {
+            "event_id": event_id,
+            "batch_id": batch_id,
+            "event_type": event_type,
+            "status": status,
+            "outcome": outcome,
+            "received_at": now,
+        }
+        with self._begin() as conn:
+            if conn.execute(self._record_stmt, params).first() is None:
+                return RecordResult("duplicate", False)
+            if not terminal or batch_id is None:
+                return RecordResult(outcome, False)
+            queued = self._queue(conn, batch_id, origin="webhook", now=now, revive=(DEAD,))
+        return RecordResult("accepted", queued)
+
+    def enqueue(self, batch_id: str, *, origin: str = "fetch", now: float | None = None) -> bool:
+        """Queue a batch by hand (`receiver fetch`): a dead or failed job starts over at once."""
+        now = time.time() if now is None else now
+        with self._begin() as conn:
+            return self._queue(conn, batch_id, origin=origin, now=now, revive=(DEAD, FAILED))
+
+    def _queue(self, conn: Connection, batch_id: str, *, origin: str, now: float, revive: tuple[str, ...]) -> bool:
+        stmt = self._insert(jobs).values(
+            batch_id=batch_id,
+            state=QUEUED,
+            attempts=0,
+            next_attempt_at=now,
+            origin=origin,
+            created_at=now,
+            updated_at=now,
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["batch_id"],
+            set_={"state": QUEUED, "attempts": 0, "next_attempt_at": now, "updated_at": now, "last_error": None},
+            where=jobs.c.state.in_(revive),
+        )
+        # RETURNING, not rowcount: drivers disagree on rowcount for ON CONFLICT statements.
+        return conn.execute(stmt.returning(jobs.c.batch_id)).first() is not None
+
+    # --- secrets ----------------------------------------------------------------------------------
+
+    def accepted_secrets(self, now: float | None = None, max_age: float | None = None) -> tuple[str, ...]:
+        """Secrets `register` stored that are current or inside their grace period.
+
+        Cached for about a second (`max_age` asks for a fresher answer): ingest calls this on every
+        delivery. One caller refreshes an expired cache while the others keep the previous answer a
+        moment longer: under gevent hundreds of requests would otherwise all query the database
+        (and wait for its connections) in the same instant.
+        """
+        now = time.time() if now is None else now
+        max_age = self._secret_cache_seconds if max_age is None else max_age
+        cached = self._secret_cache
+        if cached is not None and now - cached[0] < max_age:
+            return cached[1]
+        if cached is not None and not self._secret_refresh.acquire(blocking=False):
+            return cached[1]  # another caller is refreshing it
+        if cached is None:
+            self._secret_refresh.acquire()
+        try:
+            cached = self._secret_cache
+            if cached is not None and now - cached[0] < max_age:
+                return cached[1]  # refreshed while we waited
+            return self._read_secrets(now)
+        finally:
+            self._secret_refresh.release()
+
+    def _read_secrets(self, now: float) -> tuple[str, ...]:
+        with self._connect() as conn:
+            rows = conn.execute(
+                sa.select(secrets.c.secret)
+                .where(sa.or_(secrets.c.expires_at.is_(None), secrets.c.expires_at > now))
+                .order_by(secrets.c.id.desc())
+            ).scalars()
+            values = tuple(rows)
+        self._secret_cache = (now, values)
+        return values
+
+    def add_secret(self, secret: str, *, grace_seconds: float, now: float | None = None) -> None:
+        """Make `secret` current; every other current secret stays accepted for `grace_seconds`."""
+        now = time.time() if now is None else now
+        with self._begin() as conn:
+            conn.execute(
+                secrets.update()
+                .where(secrets.c.expires_at.is_(None))
+                .values(expires_at=now + grace_seconds)
+            )
+            conn.execute(secrets.insert().values(secret=secret, created_at=now, expires_at=None))
+        self._secret_cache = None
+
+    def current_secret(self) -> str | None:
+        with self._connect() as conn:
+            return conn.execute(
+                sa.select(secrets.c.secret).where(secrets.c.expires_at.is_(None)).order_by(secrets.c.id.desc()).limit(1)
+            ).scalar()
+
+    def secret_info(self, now: float | None = None) -> list[SecretInfo]:
+        """Ages of the accepted secrets, never their values (for `receiver status`)."""
+        now = time.time() if now is None else now
+        with self._connect() as conn:
+            rows = conn.execute(
+                sa.select(secrets.c.id, secrets.c.created_at, secrets.c.expires_at)
+                .where(sa.or_(secrets.c.expires_at.is_(None), secrets.c.expires_at > now))
+                .order_by(secrets.c.id.desc())
+            )
+            return [SecretInfo(r.id, r.created_at, r.expires_at) for r in rows]
+
+    # --- jobs: worker side ------------------------------------------------------------------------
+
+    def claim(self, owner: str, lease_seconds: float, *, batch_id: str | None = None, now: float | None = None) -> Job | None:
+        """Take the oldest due job (or `batch_id`'s) under a lease, or None.
+
+        Due means queued or failed with its next attempt in the past, or running under a lease that
+        ran out (its worker died). Every claim counts an attempt, so a job that kills its worker
+        still ends `dead` instead of looping.
+        """
+        now = time.time() if now is None else now
+        due = sa.or_(
+            sa.and_(jobs.c.state.in_((QUEUED, FAILED)), jobs.c.next_attempt_at <= now),
+            sa.and_(jobs.c.state == RUNNING, jobs.c.lease_expires_at < now),
+        )
+        pick = sa.select(jobs.c.batch_id).where(due)
+        if batch_id is not None:
+            pick = pick.where(jobs.c.batch_id == batch_id)
+        pick = pick.order_by(jobs.c.next_attempt_at).limit(1)
+        if self.dialect == "postgresql":
+            pick = pick.with_for_update(skip_locked=True)
+        with self._begin() as conn:
+            row = conn.execute(
+                jobs.update()
+                .where(jobs.c.batch_id == pick.scalar_subquery())
+                .values(
+                    state=RUNNING,
+                    lease_owner=owner,
+                    lease_expires_at=now + lease_seconds,
+                    attempts=jobs.c.attempts + 1,
+                    updated_at=now,
+                    planned_at=sa.func.coalesce(jobs.c.planned_at, now),
+                )
+                .returning(jobs.c.batch_id, jobs.c.state, jobs.c.attempts, jobs.c.lease_owner, jobs.c.planned_at, jobs.c.origin)
+            ).first()
+        if row is None:
+            return None
+        return Job(row.batch_id, row.state, row.attempts, row.lease_owner, row.planned_at, row.origin)
+
+    def renew(self, batch_ids: list[str], owner: str, lease_seconds: float, now: float | None = None) -> set[str]:
+        """Extend our leases; returns the batch ids whose lease we no longer hold."""
+        if not batch_ids:
+            return set()
+        now = time.time() if now is None else now
+        with self._begin() as conn:
+            held = set(
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.batch_id.in_(batch_ids), jobs.c.lease_owner == owner, jobs.c.state == RUNNING)
+                    .values(lease_expires_at=now + lease_seconds)
+                    .returning(jobs.c.batch_id)
+                ).scalars()
+            )
+        return set(batch_ids) - held
+
+    def mark_stored(
+        self,
+        batch_id: str,
+        owner: str,
+        *,
+        batch_status: str,
+        manifest_key: str,
+        stored_at: float,
+        bytes_: int | None,
+        lines: int | None,
+        expected_items: int | None,
+        counts_match: bool | None,
+    ) -> bool:
+        now = time.time()
+        with self._begin() as conn:
+            return bool(
+                conn.execute(
+                    jobs.update()
+                    .where(jobs.c.batch_id == batch_id, jobs.c.lease_owner == owner)
+                    .values(
+                        state=STORED,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        last_error=None,
+                        updated_at=now,
+                        stored_at=stored_at,
+                        batch_status=batch_status,
+                        manifest_key=manifest_key,
+                        bytes=bytes_,
+                        lines=lines,
+                        expected_items=expected_items,
+                        counts_match=counts_match,
+                    )
+                ).rowcount
+            )
+
+    def mark_failed(self, batch_id: str, owner: str, error: str, *, retry_at: float | None) -> str:
+        """Record a failed attempt: `failed` until `retry_at`, or `dead` when `retry_at` is None."""
+        now = time.time()
+        state = DEAD if retry_at is None else FAILED
+        with self._begin() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.batch_id == batch_id, jobs.c.lease_owner == owner)
+                .values(
+                    state=state,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    last_error=error[:2000],
+                    next_attempt_at=retry_at if retry_at is not None else now,
+                    updated_at=now,
+                )
+            )
+        return state
+
+    def release(self, batch_id: str, owner: str) -> None:
+        """Give a job back untouched (SIGTERM): the next worker starts it at once, no attempt spent."""
+        now = time.time()
+        with self._begin() as conn:
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.batch_id == batch_id, jobs.c.lease_owner == owner, jobs.c.state == RUNNING)
+                .values(
+                    state=QUEUED,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    next_attempt_at=now,
+                    attempts=sa.case((jobs.c.attempts > 0, jobs.c.attempts - 1), else_=0),
+                    updated_at=now,
+                )
+            )
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def job(self, batch_id: str) -> dict[str, Any] | None:
+        with self._connect() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.batch_id == batch_id)).mappings().first()
+            return dict(row) if row else None
+
+    def list_jobs(self, limit: int = 1000) -> list[dict[str, Any]]:
+        with self._connect() as conn:
+            rows = conn.execute(sa.select(jobs).order_by(jobs.c.created_at.desc()).limit(limit)).mappings()
+            return [dict(r) for r in rows]
+
+    def has_delivery(self, event_id: str) -> bool:
+        """Whether a delivery with this event id was recorded (register's self-test asks this)."""
+        with self._connect() as conn:
+            found = conn.execute(sa.select(deliveries.c.event_id).where(deliveries.c.event_id == event_id)).first()
+        return found is not None
+
+    def event_ids(self, batch_id: str) -> list[str]:
+        with self._connect() as conn:
+            return list(
+                conn.execute(
+                    sa.select(deliveries.c.event_id).where(deliveries.c.batch_id == batch_id, deliveries.c.outcome == "accepted")
+                ).scalars()
+            )
+
+    def stats(self, now: float | None = None) -> dict[str, Any]:
+        """Queue depth, retries, failures and the last delivery, for `receiver status` and metrics."""
+        now = time.time() if now is None else now
+        with self._connect() as conn:
+            by_state = dict(conn.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)).all())
+            retrying = conn.execute(
+                sa.select(sa.func.count()).where(jobs.c.state == FAILED)
+            ).scalar_one()
+            mismatched = conn.execute(
+                sa.select(sa.func.count()).where(jobs.c.counts_match.is_(False))
+            ).scalar_one()
+            stored_bytes = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(jobs.c.bytes), 0))).scalar_one()
+            last = conn.execute(
+                sa.select(deliveries.c.received_at, deliveries.c.event_type, deliveries.c.batch_id)
+                .order_by(deliveries.c.received_at.desc())
+                .limit(1)
+            ).first()
+            deliveries_24h = conn.execute(
+                sa.select(deliveries.c.outcome, sa.func.count())
+                .where(deliveries.c.received_at > now - 86400)
+                .group_by(deliveries.c.outcome)
+            ).all()
+            dead = [
+                dict(r)
+                for r in conn.execute(
+                    sa.select(jobs.c.batch_id, jobs.c.last_error, jobs.c.attempts)
+                    .where(jobs.c.state == DEAD)
+                    .order_by(jobs.c.updated_at.desc())
+                    .limit(20)
+                ).mappings()
+            ]
+        return {
+            "jobs": {state: int(by_state.get(state, 0)) for state in JOB_STATES},
+            "queue_depth": int(by_state.get(QUEUED, 0)) + int(retrying),
+            "retrying": int(retrying),
+            "counts_mismatch": int(mismatched),
+            "stored_bytes": int(stored_bytes),
+            "deliveries_24h": {outcome: int(n) for outcome, n in deliveries_24h},
+            "last_delivery": (
+                {"received_at": last.received_at, "event_type": last.event_type, "batch_id": last.batch_id} if last else None
+            ),
+            "dead": dead,
+        }
+
+    def prune_deliveries(self, retention_days: int, now: float | None = None) -> int:
+        """Forget delivery records past their retention; jobs (stored batches) are kept for ever."""
+        now = time.time() if now is None else now
+        with self._begin() as conn:
+            return conn.execute(deliveries.delete().where(deliveries.c.received_at < now - retention_days * 86400)).rowcount
+
+    # --- plumbing ---------------------------------------------------------------------------------
+
+    def _insert(self, table: sa.Table):
+        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+
+    @contextmanager
+    def _begin(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except (OperationalError, DBAPIError) as exc:
+            raise LedgerUnavailable(f"ledger unavailable: {describe(exc)}") from exc
+
+    @contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        """A read-only transaction: on SQLite a deferred one, which in WAL mode never waits for a
+        writer (every other transaction takes the write lock up front; see _create_engine)."""
+        try:
+            with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
+                yield conn
+                conn.rollback()
+        except (OperationalError, DBAPIError) as exc:
+            raise LedgerUnavailable(f"ledger unavailable: {describe(exc)}") from exc

@@ -1,0 +1,101 @@
+"""`create_app()`: settings first, then the ledger, the hook, health and metrics.
+
+gunicorn imports this factory (Procfile `web: gunicorn 'receiver.app:create_app()'`), each worker
+builds its own app and its own ledger connections; nothing is shared in process memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from .. import metrics
+from ..config import Settings
+from ..cooperative import blocking_runner
+from ..errors import ConfigError, LedgerUnavailable, ReceiverError, StorageError
+from .hook import bp as ingest_bp
+from ..ledger import Ledger
+from ..logs import configure_logging
+from ..storage import open_storage
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, test_config: dict[str, Any] | None = None) -> Flask:
+    if settings is None:
+        try:
+            settings = Settings.from_env()
+        except ConfigError as exc:
+            # A bad setting under gunicorn: one line, exit 2, no traceback (contract.md).
+            print(f"receiver: configuration error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+    configure_logging()
+
+    app = Flask(__name__)
+    app.config["RECEIVER_SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = None  # ingest enforces its own limit with a JSON 413
+    if test_config:
+        app.config.update(test_config)
+
+    ledger = Ledger(settings.database_url, run_blocking=blocking_runner())
+    try:
+        ledger.create_schema()
+    except LedgerUnavailable as exc:
+        # Start anyway: deliveries get 503 (BatchRouter retries) and /readyz says why.
+        log.error("ledger not ready at start-up: %s", exc)
+    app.extensions["receiver.ledger"] = ledger
+    app.extensions["receiver.storage"] = open_storage(settings)
+
+    if settings.trusted_proxies:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        n = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n)  # type: ignore[method-assign]
+
+    app.register_blueprint(ingest_bp)
+    _register_health(app, ledger)
+    _register_errors(app)
+    return app
+
+
+def _register_health(app: Flask, ledger: Ledger) -> None:
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify(status="ok")
+
+    @app.get("/readyz")
+    def readyz() -> tuple[Response, int]:
+        checks: dict[str, str] = {}
+        try:
+            ledger.ping()
+            checks["ledger"] = "ok"
+        except ReceiverError as exc:
+            checks["ledger"] = str(exc)
+        try:
+            app.extensions["receiver.storage"].check()
+            checks["storage"] = "ok"
+        except StorageError as exc:
+            checks["storage"] = str(exc)
+        ready = all(v == "ok" for v in checks.values())
+        return jsonify(status="ready" if ready else "unavailable", checks=checks), 200 if ready else 503
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.render(ledger.stats), mimetype="text/plain; version=0.0.4; charset=utf-8")
+
+
+def _register_errors(app: Flask) -> None:
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int]:
+        code = exc.code or 500
+        return jsonify(error={"code": (exc.name or "error").lower().replace(" ", "_"), "message": exc.description}), code
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> tuple[Response, int]:
+        # Logged with its traceback for the operator; the client gets no internals.
+        log.exception("unhandled error")
+        return jsonify(error={"code": "internal_error", "message": "internal error; the delivery was not recorded"}), 500

@@ -1,0 +1,107 @@
+"""gunicorn settings for the hook (the root `gunicorn.conf.py` imports this module).
+
+Validated settings first: a bad value stops gunicorn with one line and exit code 2, before gunicorn
+logs anything.
+
+Worker class and counts: gevent, 2 processes, chosen from `bench/bench_ingest.py` on the 2-core
+machine (BENCHMARKS.md, "Ingest"; 64 keep-alive connections, durable deliveries/s against the
+HMAC-only reference run under the same settings; single runs, 2026-11-27 04:30 UTC):
+
+    gevent  -w 2    1,695-1,937/s  p99 64-90 ms   (reference 2,572-2,742/s)   <- chosen
+    gevent  -w 3    1,372/s        p99 104 ms     (reference 1,972/s)
+    gevent  -w 4    1,325/s        p99 123 ms     (reference 1,884/s)
+    gevent  -w 1    1,061/s        p99 114 ms     (reference 1,352/s)
+    gthread 2x8     1,281/s        p99 100 ms     (reference 2,163/s; 850-1,140/s in earlier runs)
+
+Why: each delivery's 200 waits for an fsync (SQLite, synchronous=FULL). With gthread every waiting
+request is an OS thread, and the GIL hand-offs when commits land cost more CPU than the work: the
+receiver reached 0.4 of the reference whatever the thread and process counts. Under gevent the
+waiting requests are greenlets, the commit runs on gevent's native thread pool
+(receiver/cooperative.py), and one commit serves every delivery that arrived meanwhile (groups of
+22-29 at 64 connections instead of 4). Two processes match the two cores. A stalled client holds a
+greenlet, not a thread (worker_connections per process), and every read has a deadline
+(receiver/web/gunicorn_worker.py).
+"""
+
+import gc
+import logging
+import os
+import shutil
+import sys
+import tempfile
+
+from receiver.config import Settings
+from receiver.errors import ConfigError
+
+try:
+    _settings = Settings.from_env()
+except ConfigError as _exc:
+    print(f"receiver: configuration error: {_exc}", file=sys.stderr)
+    sys.exit(2)
+
+bind = f"0.0.0.0:{_settings.port}"
+workers = 2
+# gevent, with a read deadline on every client socket (receiver/web/gunicorn_worker.py).
+worker_class = "receiver.web.gunicorn_worker.ReceiverGeventWorker"
+# Open connections per process, idle keep-alive ones and stalled clients included; each costs a
+# greenlet and a file descriptor, not a thread.
+worker_connections = 1000
+keepalive = 5
+backlog = 2048
+# Deliveries are answered in milliseconds; a worker stuck this long is restarted.
+timeout = 30
+graceful_timeout = 30
+# The ingest handler enforces its own body limit with a JSON 413; keep gunicorn's header limits.
+limit_request_line = 8190
+# X-Forwarded-* is trusted by the app itself, and only from RECEIVER_TRUSTED_PROXIES hops
+# (werkzeug's ProxyFix); gunicorn must not trust it on its own, or any client could claim https.
+forwarded_allow_ips = ""
+secure_scheme_headers: dict[str, str] = {}
+
+# prometheus-client multiprocess mode: every worker writes its counters here, /metrics sums them.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="receiver-metrics-")
+
+
+class _StalledClientFilter(logging.Filter):
+    """A read deadline that expires (receiver/web/gunicorn_worker.py) surfaces in gunicorn as a logged
+    traceback; it is a client's doing, so say it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, TimeoutError) and record.getMessage().startswith("Socket error"):
+            record.msg, record.args, record.exc_info, record.exc_text = (
+                "client stalled past RECEIVER_CLIENT_TIMEOUT_SECONDS; connection closed", (), None, None
+            )
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def post_worker_init(worker):
+    worker.log.error_log.addFilter(_StalledClientFilter())
+    # The app is loaded: move everything it allocated (~74,000 objects: Flask, marshmallow,
+    # SQLAlchemy, the app) out of the collector's reach. Each full collection walked them all and
+    # stopped the process's requests for 60-110 ms, once or twice a run; afterwards 2-3 ms
+    # (BENCHMARKS.md, "Ingest"). Nothing allocated at start-up is garbage: it lives as long as the worker.
+    gc.collect()
+    gc.freeze()
+
+
+def on_starting(server):  # noqa: ARG001
+    folder = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.endswith(".db"):
+            os.unlink(path)
+
+
+def child_exit(server, worker):  # noqa: ARG001
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):  # noqa: ARG001
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if os.path.basename(folder).startswith("receiver-metrics-"):
+        shutil.rmtree(folder, ignore_errors=True)
