@@ -26,8 +26,9 @@ from bench.bench_ingest import prepare_ledger, run_load  # noqa: E402
 
 
 def _worktree(ref: str, into: Path) -> Path:
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(into), ref], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(into), ref], check=True, capture_output=True
+    )
     return into
 
 
@@ -67,17 +68,26 @@ def main(argv: list[str] | None = None) -> int:
                         cpu[side].append(run["server_cpu_ms_per_delivery"])
                 ratios = [b / a for a, b in zip(rates["a"], rates["b"])]
                 cpu_ratios = [b / a for a, b in zip(cpu["a"], cpu["b"])]
-                row = {"connections": connections, "a_per_second": [round(r) for r in rates["a"]],
-                       "b_per_second": [round(r) for r in rates["b"]], "round_ratios": [round(r, 3) for r in ratios],
-                       "median_ratio": median(ratios), "b_faster_rounds": sum(r > 1 for r in ratios),
-                       "a_cpu_ms": [round(c, 3) for c in cpu["a"]], "b_cpu_ms": [round(c, 3) for c in cpu["b"]],
-                       "median_cpu_ratio": median(cpu_ratios)}
+                row = {
+                    "connections": connections,
+                    "a_per_second": [round(r) for r in rates["a"]],
+                    "b_per_second": [round(r) for r in rates["b"]],
+                    "round_ratios": [round(r, 3) for r in ratios],
+                    "median_ratio": median(ratios),
+                    "b_faster_rounds": sum(r > 1 for r in ratios),
+                    "a_cpu_ms": [round(c, 3) for c in cpu["a"]],
+                    "b_cpu_ms": [round(c, 3) for c in cpu["b"]],
+                    "median_cpu_ratio": median(cpu_ratios),
+                }
                 report["runs"].append(row)
-                print(f"{connections:>4} conns | A {median(rates['a']):6.0f}/s {median(cpu['a']):.3f} ms | "
-                      f"B {median(rates['b']):6.0f}/s {median(cpu['b']):.3f} ms | "
-                      f"B/A by round {', '.join(f'{r:.2f}' for r in ratios)} | median {row['median_ratio']:.3f}, "
-                      f"B faster in {row['b_faster_rounds']} of {len(ratios)} | B/A CPU per delivery "
-                      f"{row['median_cpu_ratio']:.3f}", flush=True)
+                print(
+                    f"{connections:>4} conns | A {median(rates['a']):6.0f}/s {median(cpu['a']):.3f} ms | "
+                    f"B {median(rates['b']):6.0f}/s {median(cpu['b']):.3f} ms | "
+                    f"B/A by round {', '.join(f'{r:.2f}' for r in ratios)} | median {row['median_ratio']:.3f}, "
+                    f"B faster in {row['b_faster_rounds']} of {len(ratios)} | B/A CPU per delivery "
+                    f"{row['median_cpu_ratio']:.3f}",
+                    flush=True,
+                )
         finally:
             for proc, _url in servers.values():
                 proc.stop()

@@ -189,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="runs per side and connection count; the median is reported")
     parser.add_argument("--gunicorn-args", default="", help="extra gunicorn arguments for both servers, e.g. '-k sync -w 4'")
     parser.add_argument("--only", choices=("both", "receiver", "reference"), default="both")
-    parser.add_argument("--database-url", help="the receiver's ledger (default: SQLite in a temporary folder), "
-                        "e.g. an empty PostgreSQL database")
+    parser.add_argument(
+        "--database-url", help="the receiver's ledger (default: SQLite in a temporary folder), e.g. an empty PostgreSQL database"
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     connection_counts = [int(c) for c in args.connections.split(",")]
@@ -227,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                     row["ratio"] = row["receiver"]["per_second"] / row["reference"]["per_second"]
                     # Each round runs the two sides a few seconds apart, so its ratio cancels the
                     # slower drift of this shared machine that a ratio of medians keeps.
-                    paired = [rec["per_second"] / ref["per_second"] for ref, rec in zip(samples["reference"], samples["receiver"])]
+                    paired = [
+                        rec["per_second"] / ref["per_second"] for ref, rec in zip(samples["reference"], samples["receiver"])
+                    ]
                     row["round_ratios"] = [round(r, 3) for r in paired]
                     row["ratio_of_rounds"] = median(paired)
                     # The rate ratio the two sides' CPU per delivery predicts when the cores are

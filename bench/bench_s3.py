@@ -58,9 +58,9 @@ LINE_BYTES = 1000
 def child_ours(batch_id: str) -> dict[str, Any]:
     """Run one job through the worker path in this (fresh) process."""
     from receiver.config import Settings
+    from receiver.jobs.worker import Worker
     from receiver.ledger import Ledger
     from receiver.storage import s3
-    from receiver.jobs.worker import Worker
 
     settings = Settings.from_env()
     ledger = Ledger(settings.database_url)
@@ -134,7 +134,9 @@ class Bench:
 
     def new_batch(self, size_mb: int) -> str:
         batch = http_json(
-            "POST", f"{self.emulator}/_emulator/batches", {"size_bytes": size_mb * MB, "line_bytes": LINE_BYTES, "status": "completed"}
+            "POST",
+            f"{self.emulator}/_emulator/batches",
+            {"size_bytes": size_mb * MB, "line_bytes": LINE_BYTES, "status": "completed"},
         )
         return batch["id"]
 
@@ -157,7 +159,9 @@ class Bench:
     def reference(self, size_mb: int) -> dict[str, Any]:
         batch_id = self.new_batch(size_mb)
         key = f"{PREFIX}/reference/{batch_id}.jsonl"
-        result = _child(["--child-reference", self.artifact_url(batch_id), str(self.workdir / f"{batch_id}.jsonl"), key], self.env)
+        result = _child(
+            ["--child-reference", self.artifact_url(batch_id), str(self.workdir / f"{batch_id}.jsonl"), key], self.env
+        )
         self.empty_bucket()
         return result
 
@@ -230,8 +234,11 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(args.repeats):
                     ref.append(bench.reference(size))
                     ours.append(bench.ours(size))
-                    print(f"{size} MB: reference {ref[-1]['seconds']:.2f} s ({ref[-1]['download_seconds']:.2f} + "
-                          f"{ref[-1]['upload_seconds']:.2f}), ours {ours[-1]['seconds']:.2f} s", flush=True)
+                    print(
+                        f"{size} MB: reference {ref[-1]['seconds']:.2f} s ({ref[-1]['download_seconds']:.2f} + "
+                        f"{ref[-1]['upload_seconds']:.2f}), ours {ours[-1]['seconds']:.2f} s",
+                        flush=True,
+                    )
                 row = {
                     "size_mb": size,
                     "reference_s": round(median([r["seconds"] for r in ref]), 2),
@@ -243,11 +250,16 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 row["ratio"] = round(row["ours_s"] / row["reference_s"], 2)
                 report["timing"].append(row)
-                print(f"{size} MB: median reference {row['reference_s']} s, ours {row['ours_s']} s, ratio {row['ratio']}", flush=True)
+                print(
+                    f"{size} MB: median reference {row['reference_s']} s, ours {row['ours_s']} s, ratio {row['ratio']}",
+                    flush=True,
+                )
             for size in [int(s) for s in args.memory_sizes_mb.split(",") if s]:
                 memory = bench.worker_peak_rss(size)
                 report["memory"].append(memory)
-                print(f"worker peak RSS for {size} MB: {memory['peak_hwm_mib']} MiB (idle {memory['idle_hwm_mib']} MiB)", flush=True)
+                print(
+                    f"worker peak RSS for {size} MB: {memory['peak_hwm_mib']} MiB (idle {memory['idle_hwm_mib']} MiB)", flush=True
+                )
         finally:
             emulator.stop()
     if len(report["memory"]) >= 2:

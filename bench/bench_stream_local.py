@@ -45,9 +45,7 @@ from bench._harness import (  # noqa: E402
 
 
 def artifact_url(api: str, batch_id: str) -> str:
-    req = urllib.request.Request(
-        f"{api}/v1/batches/{batch_id}/artifact-url", headers={"Authorization": f"Bearer {EMULATOR_KEY}"}
-    )
+    req = urllib.request.Request(f"{api}/v1/batches/{batch_id}/artifact-url", headers={"Authorization": f"Bearer {EMULATOR_KEY}"})
     with urllib.request.urlopen(req, timeout=30) as resp:
         answer = json.loads(resp.read())
     return next(v for k, v in answer.items() if isinstance(v, str) and v.startswith("http") and "error" not in k)
@@ -113,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             peaks: list[int] = []
             for attempt in range(args.repeats):
                 batch_id = f"bat_stream_{size_mb}mb_{attempt}_{os.getpid()}"
-                made = http_json(
-                    "POST", f"{api}/_emulator/batches", {"id": batch_id, "size_bytes": size, "status": "completed"}
-                )
+                made = http_json("POST", f"{api}/_emulator/batches", {"id": batch_id, "size_bytes": size, "status": "completed"})
                 work = base / batch_id
                 work.mkdir()
                 env = receiver_env(work, api)

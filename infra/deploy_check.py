@@ -79,7 +79,11 @@ def _public_access_block(s3: Any, bucket: str) -> Finding:
     if response is None:
         return Finding("public-access-block", False, f"none configured ({error})")
     config = response["PublicAccessBlockConfiguration"]
-    off = sorted(name for name in ("BlockPublicAcls", "BlockPublicPolicy", "IgnorePublicAcls", "RestrictPublicBuckets") if not config.get(name))
+    off = sorted(
+        name
+        for name in ("BlockPublicAcls", "BlockPublicPolicy", "IgnorePublicAcls", "RestrictPublicBuckets")
+        if not config.get(name)
+    )
     if off:
         return Finding("public-access-block", False, "off: " + ", ".join(off))
     return Finding("public-access-block", True, "all four settings on")

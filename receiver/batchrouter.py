@@ -193,16 +193,12 @@ class BatchRouterClient:
         A PUT that sets a value is idempotent, so it is retried like a GET. The secret is kept out
         of any error message, like the key.
         """
-        answer = self._request(
-            "PUT", "/v1/auth/account/delivery-webhook", body={"url": url, "secret": secret}, secrets=(secret,)
-        )
+        answer = self._request("PUT", "/v1/auth/account/delivery-webhook", body={"url": url, "secret": secret}, secrets=(secret,))
         return _object(answer, "delivery-webhook")
 
     # --- transport --------------------------------------------------------------------------------
 
-    def _request(
-        self, method: str, path: str, *, body: dict[str, Any] | None = None, secrets: tuple[str, ...] = ()
-    ) -> Any:
+    def _request(self, method: str, path: str, *, body: dict[str, Any] | None = None, secrets: tuple[str, ...] = ()) -> Any:
         """Send one request with retries; return the decoded JSON body (``{}`` for an empty one)."""
         return _decode(self._send(method, path, body=body, secrets=secrets), method, path)
 
@@ -500,8 +496,8 @@ def parse_retry_after(value: str | None, *, now: dt.datetime | None = None) -> f
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    now = now or dt.datetime.now(dt.timezone.utc)
+        when = when.replace(tzinfo=dt.UTC)
+    now = now or dt.datetime.now(dt.UTC)
     return max(0.0, (when - now).total_seconds())
 
 

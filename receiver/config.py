@@ -204,7 +204,9 @@ def _validate_storage_url(url: str) -> str:
         return url
     if len(scheme) == 1 and os.name == "nt":  # a drive letter
         return url
-    raise ConfigError("RECEIVER_STORAGE_URL", f"scheme {scheme!r} is not supported; use a local path, file:// or s3://bucket/prefix")
+    raise ConfigError(
+        "RECEIVER_STORAGE_URL", f"scheme {scheme!r} is not supported; use a local path, file:// or s3://bucket/prefix"
+    )
 
 
 def _validate_database_url(url: str) -> str:

@@ -32,7 +32,7 @@ def validate_batch_id(batch_id: object) -> str:
 
 
 def partition_date(stored_at: dt.datetime) -> str:
-    return stored_at.astimezone(dt.timezone.utc).strftime("%Y-%m-%d")
+    return stored_at.astimezone(dt.UTC).strftime("%Y-%m-%d")
 
 
 def results_key(batch_id: str, day: str, suffix: str = ".jsonl") -> str:
@@ -72,11 +72,11 @@ def suffix_for(url_path: str, content_type: str | None, content_encoding: str | 
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def rfc3339(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return moment.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def build_manifest(

@@ -13,7 +13,9 @@ import sys
 _PATTERNS = [
     re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._\-]+"),
     re.compile(r"\b((?:br|ob|bk)_(?:live|test)_)[A-Za-z0-9._\-]+"),
-    re.compile(r"(?i)((?:secret|api[_-]?key|token|signature|sig|x-amz-signature|x-amz-credential)[\"']?\s*[=:]\s*[\"']?)[^\s&\"',]+"),
+    re.compile(
+        r"(?i)((?:secret|api[_-]?key|token|signature|sig|x-amz-signature|x-amz-credential)[\"']?\s*[=:]\s*[\"']?)[^\s&\"',]+"
+    ),
 ]
 
 

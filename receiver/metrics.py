@@ -39,7 +39,9 @@ class LedgerCollector(Collector):
         yield jobs
         yield GaugeMetricFamily("receiver_queue_depth", "Jobs waiting to run (queued or retrying).", value=stats["queue_depth"])
         yield GaugeMetricFamily(
-            "receiver_counts_mismatch_batches", "Stored batches whose line count differs from the batch's item count.", value=stats["counts_mismatch"]
+            "receiver_counts_mismatch_batches",
+            "Stored batches whose line count differs from the batch's item count.",
+            value=stats["counts_mismatch"],
         )
         yield GaugeMetricFamily("receiver_stored_bytes", "Bytes of results stored.", value=stats["stored_bytes"])
         last = stats["last_delivery"]

@@ -90,16 +90,12 @@ class ArtifactServer:
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         request = Request(environ)
         with self._lock:
-            self.seen.append(
-                Seen(request.method, request.path, environ.get("RAW_URI", ""), dict(request.headers))
-            )
+            self.seen.append(Seen(request.method, request.path, environ.get("RAW_URI", ""), dict(request.headers)))
             fault = self.faults.popleft() if self.faults else None
         if fault is not None and fault.kind == "status":
             return Response(b"nope", status=fault.status, headers=fault.headers)(environ, start_response)
         if fault is not None and fault.kind == "redirect":
-            return Response(b"", status=fault.status or 302, headers={"Location": fault.location})(
-                environ, start_response
-            )
+            return Response(b"", status=fault.status or 302, headers={"Location": fault.location})(environ, start_response)
         artifact = self.artifacts.get(request.path)
         if artifact is None:
             return Response(b"not found", status=404)(environ, start_response)

@@ -40,11 +40,26 @@ def postgres_cluster() -> Iterator[str | None]:
         as_user = ["runuser", "-u", "postgres", "--"]
     data = os.path.join(folder, "data")
     port = free_port()
-    subprocess.run(as_user + [f"{bindir}/initdb", "-D", data, "-U", "receiver", "--auth=trust", "-E", "UTF8"], check=True, capture_output=True)
     subprocess.run(
-        as_user + [f"{bindir}/pg_ctl", "-D", data, "-l", os.path.join(folder, "log"), "-w", "-o",
-                   f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-        check=True, capture_output=True,
+        as_user + [f"{bindir}/initdb", "-D", data, "-U", "receiver", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        as_user
+        + [
+            f"{bindir}/pg_ctl",
+            "-D",
+            data,
+            "-l",
+            os.path.join(folder, "log"),
+            "-w",
+            "-o",
+            f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
     )
     try:
         url = f"postgresql://receiver@127.0.0.1:{port}/postgres"

@@ -84,9 +84,20 @@ def start_emulator(tmp_path: Path, api_key: str, name: str = "emulator") -> Emul
     svc = Service(
         name,
         [
-            sys.executable, "-m", "receiver.emulator", "--host", "127.0.0.1", "--port", str(port),
-            "--api-key", api_key, "--allow-insecure-webhooks", "--allow-private-webhooks",
-            "--retry-delays", "0.2,0.5,1,2,3,4,5", "--quiet",
+            sys.executable,
+            "-m",
+            "receiver.emulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--api-key",
+            api_key,
+            "--allow-insecure-webhooks",
+            "--allow-private-webhooks",
+            "--retry-delays",
+            "0.2,0.5,1,2,3,4,5",
+            "--quiet",
         ],
         dict(os.environ),
         tmp_path,
@@ -114,7 +125,10 @@ def store_secret(env: dict[str, str], secret: str) -> None:
 def start_web(env: dict[str, str], tmp_path: Path) -> Service:
     """gunicorn with the production settings (receiver.gunicorn_conf), as the Procfile runs it."""
     svc = Service(
-        "web", [sys.executable, "-m", "gunicorn", "-c", "python:receiver.web.gunicorn_conf", "receiver.app:create_app()"], env, tmp_path
+        "web",
+        [sys.executable, "-m", "gunicorn", "-c", "python:receiver.web.gunicorn_conf", "receiver.app:create_app()"],
+        env,
+        tmp_path,
     ).start()
     wait_http(f"http://127.0.0.1:{env['PORT']}/healthz", svc.proc)
     return svc
@@ -246,7 +260,9 @@ def job_states(env: dict[str, str]) -> dict[str, tuple[str, str | None]]:
     return {b: (s, e) for b, s, e in ledger_query(env, "SELECT batch_id, state, last_error FROM jobs")}
 
 
-def wait_jobs_settled(env: dict[str, str], batch_ids: Iterable[str], timeout: float, settled: tuple[str, ...] = ("stored", "dead")) -> dict[str, tuple[str, str | None]]:
+def wait_jobs_settled(
+    env: dict[str, str], batch_ids: Iterable[str], timeout: float, settled: tuple[str, ...] = ("stored", "dead")
+) -> dict[str, tuple[str, str | None]]:
     wanted = set(batch_ids)
 
     def done() -> dict[str, tuple[str, str | None]] | None:

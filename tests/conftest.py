@@ -61,7 +61,9 @@ class Service:
         log_path = self.log_path.with_name(f"{self.name}.{len(self.logs)}.log")
         self.logs.append(log_path)
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.env.get("RECEIVER_TEST_CWD"))
+        self.proc = subprocess.Popen(
+            self.args, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, cwd=self.env.get("RECEIVER_TEST_CWD")
+        )
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
@@ -104,9 +106,19 @@ def emulator(tmp_path: Path) -> Iterator[Emulator]:
     svc = Service(
         "emulator",
         [
-            sys.executable, "-m", "receiver.emulator", "--host", "127.0.0.1", "--port", str(port),
-            "--api-key", EMULATOR_KEY, "--allow-insecure-webhooks", "--allow-private-webhooks",
-            "--retry-delays", "0.2,0.5,1,2,4",
+            sys.executable,
+            "-m",
+            "receiver.emulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--api-key",
+            EMULATOR_KEY,
+            "--allow-insecure-webhooks",
+            "--allow-private-webhooks",
+            "--retry-delays",
+            "0.2,0.5,1,2,4",
         ],
         env,
         tmp_path,
@@ -234,7 +246,9 @@ def secret(receiver_env: dict[str, str], emulator: Emulator, web: Web) -> str:
     return value
 
 
-def run_cli(env: dict[str, str], *args: str, timeout: float = 120, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+def run_cli(
+    env: dict[str, str], *args: str, timeout: float = 120, input: bytes | None = None
+) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [sys.executable, "-m", "receiver", *args],
         env={**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))},

@@ -46,7 +46,11 @@ def test_documented_flat_batch(api, client) -> None:
     api.on("GET", "/v1/batches/bat_1", Canned(200, raw))
     batch = client.get_batch("bat_1")
     assert (batch.id, batch.status, batch.terminal, batch.completed, batch.expected_items) == (
-        "bat_1", "completed", True, True, 42,
+        "bat_1",
+        "completed",
+        True,
+        True,
+        42,
     )
     assert batch.raw == raw
     seen = api.seen[0]
@@ -97,11 +101,17 @@ def test_batch_id_is_one_percent_encoded_path_segment(api, client) -> None:
 @pytest.mark.parametrize(
     ("body", "links"),
     [
-        ({"url": "https://a/r", "expires_at": "2026-01-01T00:00:00Z"}, ArtifactLinks("https://a/r", None, "2026-01-01T00:00:00Z")),
+        (
+            {"url": "https://a/r", "expires_at": "2026-01-01T00:00:00Z"},
+            ArtifactLinks("https://a/r", None, "2026-01-01T00:00:00Z"),
+        ),
         ({"download_url": "https://a/r", "error_file_url": "https://a/e"}, ArtifactLinks("https://a/r", "https://a/e", None)),
         ({"artifact_url": "https://a/r", "errors_url": "https://a/e"}, ArtifactLinks("https://a/r", "https://a/e", None)),
         ({"signed_url": "https://a/r", "exceptions_url": "https://a/e"}, ArtifactLinks("https://a/r", "https://a/e", None)),
-        ({"artifact": {"url": "https://a/r", "error_url": "https://a/e", "expires_at": "t"}}, ArtifactLinks("https://a/r", "https://a/e", "t")),
+        (
+            {"artifact": {"url": "https://a/r", "error_url": "https://a/e", "expires_at": "t"}},
+            ArtifactLinks("https://a/r", "https://a/e", "t"),
+        ),
         ({"data": {"download_url": "https://a/r"}, "expires_at": "t"}, ArtifactLinks("https://a/r", None, "t")),
         ({"url": None, "download_url": "https://a/r", "error_file_url": None}, ArtifactLinks("https://a/r", None, None)),
     ],
@@ -263,7 +273,7 @@ def test_redirect_is_not_followed_and_the_key_stays_home(api, client) -> None:
 
 
 def test_parse_retry_after() -> None:
-    now = dt.datetime(2026, 6, 18, 12, 0, 0, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 6, 18, 12, 0, 0, tzinfo=dt.UTC)
     assert parse_retry_after("7") == 7
     assert parse_retry_after(" 2.5 ") == 2.5
     assert parse_retry_after("-3") == 0

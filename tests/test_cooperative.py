@@ -34,7 +34,11 @@ print(ticks)
 
 def _run(script: str, tmp_path: Path) -> str:
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
     )
     assert done.returncode == 0, done.stderr
@@ -125,8 +129,10 @@ def _one_worker_hook(tmp_path: Path, api_url: str, **env: str):  # type: ignore[
 
     env = make_receiver_env(tmp_path, api_url, RECEIVER_WEBHOOK_SECRET=SECRET, **env)
     svc = Service(
-        "web", [sys.executable, "-m", "gunicorn", "-c", "python:receiver.web.gunicorn_conf", "-w", "1", "receiver.app:create_app()"],
-        env, tmp_path,
+        "web",
+        [sys.executable, "-m", "gunicorn", "-c", "python:receiver.web.gunicorn_conf", "-w", "1", "receiver.app:create_app()"],
+        env,
+        tmp_path,
     ).start()
     url = f"http://127.0.0.1:{env['PORT']}"
     wait_http(f"{url}/healthz", svc.proc)
@@ -141,12 +147,18 @@ def _deliver_in_background(url: str, event_id: str):  # type: ignore[no-untyped-
 
     from receiver.signature import HEADER, sign
 
-    body = json.dumps({"id": event_id, "type": "batch.completed", "data": {"batch_id": "bat_" + event_id, "status": "completed"}}).encode()
+    body = json.dumps(
+        {"id": event_id, "type": "batch.completed", "data": {"batch_id": "bat_" + event_id, "status": "completed"}}
+    ).encode()
     answer: dict[str, object] = {}
 
     def post() -> None:
-        r = requests.post(f"{url}/hooks/batchrouter", data=body, timeout=60,
-                          headers={"Content-Type": "application/json", HEADER: sign(SECRET, body)})
+        r = requests.post(
+            f"{url}/hooks/batchrouter",
+            data=body,
+            timeout=60,
+            headers={"Content-Type": "application/json", HEADER: sign(SECRET, body)},
+        )
         answer["status"], answer["body"] = r.status_code, r.json()
 
     thread = threading.Thread(target=post)

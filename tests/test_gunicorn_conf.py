@@ -15,8 +15,10 @@ def test_each_worker_freezes_what_it_loaded_at_start(tmp_path: Path) -> None:
     full collection no longer walks them all (60-110 ms stalls under load; BENCHMARKS.md)."""
     env = make_receiver_env(tmp_path, "http://127.0.0.1:9")
     svc = Service(
-        "web", [sys.executable, "-m", "gunicorn", "-c", "python:receiver.web.gunicorn_conf", "-w", "1", "tests._probe_app:create_app()"],
-        env, tmp_path,
+        "web",
+        [sys.executable, "-m", "gunicorn", "-c", "python:receiver.web.gunicorn_conf", "-w", "1", "tests._probe_app:create_app()"],
+        env,
+        tmp_path,
     ).start()
     try:
         url = f"http://127.0.0.1:{env['PORT']}"

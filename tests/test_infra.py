@@ -192,7 +192,7 @@ def test_receiver_writes_through_the_stack_policy_only_under_its_prefix(endpoint
     set_moto_auth(endpoint, 0)
     try:
         writer = storage.open_writer("results/small/results.jsonl", token="t", size_hint=6)
-        writer.write(b'{}\n{}\n')
+        writer.write(b"{}\n{}\n")
         writer.commit()  # under one part: a single PutObject
         assert storage.put_if_absent("manifests/b.json", b"{}") is True
         assert storage.put_if_absent("manifests/b.json", b"{}") is False
@@ -202,7 +202,9 @@ def test_receiver_writes_through_the_stack_policy_only_under_its_prefix(endpoint
         assert storage.put_if_absent(".receiver-probe/x", b"ok") is True
         storage.delete(".receiver-probe/x")
 
-        with pytest.raises(StoragePermissionError, match=f"s3:DeleteObject denied on bucket {bucket} prefix br/prod .AccessDenied"):
+        with pytest.raises(
+            StoragePermissionError, match=f"s3:DeleteObject denied on bucket {bucket} prefix br/prod .AccessDenied"
+        ):
             storage.delete("manifests/b.json")  # delete is scoped to the readiness probe
         elsewhere = S3Storage(bucket, "br/other", client=as_receiver)
         with pytest.raises(StoragePermissionError, match=f"s3:PutObject denied on bucket {bucket} prefix br/other .AccessDenied"):
@@ -254,7 +256,12 @@ def _configure_like_the_template(s3: Any, bucket: str) -> None:
         Bucket=bucket,
         LifecycleConfiguration={
             "Rules": [
-                {"ID": "abort", "Status": "Enabled", "Filter": {"Prefix": ""}, "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}
+                {
+                    "ID": "abort",
+                    "Status": "Enabled",
+                    "Filter": {"Prefix": ""},
+                    "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+                }
             ]
         },
     )
@@ -297,7 +304,15 @@ def test_deploy_check_flags_a_bare_bucket(endpoint: str, capsys: pytest.CaptureF
 
 def test_deploy_check_runs_as_a_script(endpoint: str) -> None:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "infra" / "deploy_check.py"), "--bucket", "does-not-exist-x", "--endpoint-url", endpoint, "--skip-receiver"],
+        [
+            sys.executable,
+            str(ROOT / "infra" / "deploy_check.py"),
+            "--bucket",
+            "does-not-exist-x",
+            "--endpoint-url",
+            endpoint,
+            "--skip-receiver",
+        ],
         capture_output=True,
         text=True,
         check=False,

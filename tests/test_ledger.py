@@ -40,7 +40,9 @@ def ledger(request, tmp_path, pg_url):
 
 
 def deliver(led, event_id, batch_id="bat_1", terminal=True):
-    return led.record_delivery(event_id=event_id, event_type="batch.completed", batch_id=batch_id, status="completed", terminal=terminal)
+    return led.record_delivery(
+        event_id=event_id, event_type="batch.completed", batch_id=batch_id, status="completed", terminal=terminal
+    )
 
 
 def test_schema_creation_is_safe_when_processes_race(ledger):
@@ -77,8 +79,17 @@ def test_expired_lease_is_claimed_again_and_old_owner_cannot_finish(ledger):
     second = ledger.claim("w2", 5, now=now + 6)
     assert second is not None and second.attempts == 2 and second.planned_at == first.planned_at
     assert ledger.renew(["bat_1"], "w1", 5) == {"bat_1"}
-    assert not ledger.mark_stored("bat_1", "w1", batch_status="completed", manifest_key="m", stored_at=now,
-                                  bytes_=1, lines=1, expected_items=1, counts_match=True)
+    assert not ledger.mark_stored(
+        "bat_1",
+        "w1",
+        batch_status="completed",
+        manifest_key="m",
+        stored_at=now,
+        bytes_=1,
+        lines=1,
+        expected_items=1,
+        counts_match=True,
+    )
     assert ledger.job("bat_1")["state"] == RUNNING
 
 
@@ -96,8 +107,17 @@ def test_release_failed_dead_and_revival(ledger):
     assert ledger.stats()["dead"][0]["last_error"] == "gave up"
     assert deliver(ledger, "evt_2").job_queued  # a new terminal event revives a dead job
     job = ledger.claim("w1", 30)
-    assert ledger.mark_stored("bat_1", "w1", batch_status="completed", manifest_key="m", stored_at=time.time(),
-                              bytes_=10, lines=2, expected_items=3, counts_match=False)
+    assert ledger.mark_stored(
+        "bat_1",
+        "w1",
+        batch_status="completed",
+        manifest_key="m",
+        stored_at=time.time(),
+        bytes_=10,
+        lines=2,
+        expected_items=3,
+        counts_match=False,
+    )
     assert not deliver(ledger, "evt_3").job_queued  # a stored batch is never queued again
     assert not ledger.enqueue("bat_1")
     stats = ledger.stats()
@@ -128,7 +148,9 @@ def test_an_expired_secret_cache_is_refreshed_by_one_caller_at_a_time(ledger):
 
 def test_delivery_records_are_pruned_but_jobs_kept(ledger):
     old = time.time() - 20 * 86400
-    ledger.record_delivery(event_id="evt_old", event_type="batch.completed", batch_id="bat_1", status="completed", terminal=True, now=old)
+    ledger.record_delivery(
+        event_id="evt_old", event_type="batch.completed", batch_id="bat_1", status="completed", terminal=True, now=old
+    )
     assert ledger.prune_deliveries(14) == 1
     assert ledger.job("bat_1") is not None
     assert deliver(ledger, "evt_old").outcome == "accepted"  # forgotten, but the job row still dedups the batch
@@ -167,8 +189,10 @@ def test_a_group_tells_new_deliveries_from_ones_recorded_before(ledger):
             for i in range(10)
         ]
         if terminal_at is not None:
-            group = [_Pending((f"evt_t{i}", f"bat_{i}", "batch.completed", "completed", "accepted", now), queue_batch=i == terminal_at)
-                     for i in range(10)] + group
+            group = [
+                _Pending((f"evt_t{i}", f"bat_{i}", "batch.completed", "completed", "accepted", now), queue_batch=i == terminal_at)
+                for i in range(10)
+            ] + group
         ledger._group._commit_group(group)
         outcomes = [item.result.outcome for item in group]
         if terminal_at is None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import socket
 
 import pytest
-from tests._httpservers import Artifact, ArtifactServer, LiveServer
 
 from receiver.errors import UnsafeURL
 from receiver.jobs.netguard import URLPolicy, verify_peer
+from tests._httpservers import Artifact, ArtifactServer, LiveServer
 
 PUBLIC_V4 = "93.184.215.14"
 

@@ -13,8 +13,8 @@ import pytest
 from receiver.batchrouter import BatchRouterClient
 from receiver.errors import ArtifactUnavailable, BatchNotFound, IncompleteDownload, UnexpectedResponse
 from receiver.jobs.pages import MAX_EMPTY_PAGES, PAGE_LIMIT, store_pages
-from receiver.storage.local import LocalStorage
 from receiver.jobs.transfer import LineCounter
+from receiver.storage.local import LocalStorage
 from tests._httpservers import Canned
 
 KEY = "br_live_pages_key"
@@ -156,7 +156,12 @@ def test_pages_are_stored_in_order_and_only_whole(api, client, storage, tmp_path
     writer.commit()
     data = final.read_bytes()
     assert data == jsonl(rows(1, 5))
-    assert (result.bytes, result.sha256, result.lines, result.suffix) == (len(data), hashlib.sha256(data).hexdigest(), 5, ".jsonl")
+    assert (result.bytes, result.sha256, result.lines, result.suffix) == (
+        len(data),
+        hashlib.sha256(data).hexdigest(),
+        5,
+        ".jsonl",
+    )
     assert [s.raw_uri for s in api.seen] == [
         f"{RESULTS}?limit={PAGE_LIMIT}",
         f"{RESULTS}?limit={PAGE_LIMIT}&cursor=p2",
@@ -264,6 +269,7 @@ def test_unframed_raw_jsonl_is_kept_only_when_it_checks_out(storage, body, expec
 
             def open_writer(suffix: str, size: int | None):
                 return storage.open_writer(KEY_OF_FILE, token="t1", size_hint=size)
+
             if kept:
                 writer, result = store_pages(client, "bat_1", open_writer, expected_items=expected_items)
                 writer.abort()

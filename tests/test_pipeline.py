@@ -141,11 +141,16 @@ def test_bad_or_missing_signature_is_401_and_stores_nothing(emulator, web, worke
     body = sent["body"].encode()
     missing = requests.post(web.hook, data=body, headers={"Content-Type": "application/json"}, timeout=10)
     wrong = requests.post(
-        web.hook, data=body, headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign("not-the-secret", body)}, timeout=10
+        web.hook,
+        data=body,
+        headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign("not-the-secret", body)},
+        timeout=10,
     )
     tampered = requests.post(
-        web.hook, data=body.replace(b"completed", b"cancelled", 1),
-        headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign(secret, body)}, timeout=10,
+        web.hook,
+        data=body.replace(b"completed", b"cancelled", 1),
+        headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign(secret, body)},
+        timeout=10,
     )
     assert [r.status_code for r in (missing, wrong, tampered)] == [401, 401, 401]
     assert all(r.json()["error"]["code"] == "invalid_signature" for r in (missing, wrong, tampered))
@@ -168,7 +173,12 @@ def test_malformed_signed_body_is_400_and_service_stays_healthy(web, secret):
         b"[" * 100000 + b"]" * 100000,
     ]
     for body in cases:
-        r = requests.post(web.hook, data=body, headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign(secret, body)}, timeout=10)
+        r = requests.post(
+            web.hook,
+            data=body,
+            headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign(secret, body)},
+            timeout=10,
+        )
         assert r.status_code == 400, (body[:60], r.status_code, r.text[:200])
         assert r.json()["error"]["message"]
     assert requests.get(f"{web.url}/healthz", timeout=5).status_code == 200
@@ -177,15 +187,21 @@ def test_malformed_signed_body_is_400_and_service_stays_healthy(web, secret):
 
 def test_wrong_content_type_and_oversize_body(web, secret):
     body = json.dumps({"type": "batch.progress", "data": {"batch_id": "bat_x"}}).encode()
-    r = requests.post(web.hook, data=body, headers={"Content-Type": "text/plain", "X-BatchRouter-Signature": sign(secret, body)}, timeout=10)
+    r = requests.post(
+        web.hook, data=body, headers={"Content-Type": "text/plain", "X-BatchRouter-Signature": sign(secret, body)}, timeout=10
+    )
     assert r.status_code == 415
     big = b'{"pad": "' + b"x" * (1024 * 1024 + 10) + b'"}'
-    r = requests.post(web.hook, data=big, headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign(secret, big)}, timeout=10)
+    r = requests.post(
+        web.hook, data=big, headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign(secret, big)}, timeout=10
+    )
     assert r.status_code == 413
 
 
 def test_progress_event_is_ignored_and_redelivery_is_duplicate(web, secret):
-    body = json.dumps({"id": "evt_progress_1", "type": "batch.progress", "created": 1, "data": {"batch_id": "bat_p", "status": "processing"}}).encode()
+    body = json.dumps(
+        {"id": "evt_progress_1", "type": "batch.progress", "created": 1, "data": {"batch_id": "bat_p", "status": "processing"}}
+    ).encode()
     headers = {"Content-Type": "application/json", "X-BatchRouter-Signature": sign(secret, body)}
     first = requests.post(web.hook, data=body, headers=headers, timeout=10).json()
     second = requests.post(web.hook, data=body, headers=headers, timeout=10).json()
@@ -249,8 +265,9 @@ def test_range_unsupported_host_still_resumes_correctly(emulator, web, worker, s
 
 
 def test_sigkill_mid_download_leaves_no_final_file_and_a_new_worker_finishes(emulator, web, secret, receiver_env, tmp_path):
-    from .conftest import Service
     import sys
+
+    from .conftest import Service
 
     batch_id = emulator.create_batch(items=200_000, line_bytes=1000)["id"]  # 200 MB
     emulator.fault(batch_id=batch_id, target="artifact", kind="stall", after_bytes=20_000_000, stall_seconds=30)
@@ -273,10 +290,11 @@ def test_sigkill_mid_download_leaves_no_final_file_and_a_new_worker_finishes(emu
 
 
 def test_sigterm_releases_the_job_for_the_next_worker(emulator, web, secret, receiver_env, tmp_path):
-    from .conftest import Service
     import sys
 
     from receiver.ledger import Ledger
+
+    from .conftest import Service
 
     batch_id = emulator.create_batch(items=100_000, line_bytes=1000)["id"]
     emulator.fault(batch_id=batch_id, target="artifact", kind="stall", after_bytes=5_000_000, stall_seconds=2)
@@ -352,8 +370,12 @@ def test_bad_setting_is_one_line_and_exit_2(receiver_env):
     import sys
 
     env = dict(receiver_env, RECEIVER_STORAGE_URL="ftp://x/y")
-    out = subprocess.run([sys.executable, "-m", "gunicorn", "-c", "python:receiver.web.gunicorn_conf", "receiver.app:create_app()"],
-                         env=env, capture_output=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "python:receiver.web.gunicorn_conf", "receiver.app:create_app()"],
+        env=env,
+        capture_output=True,
+        timeout=30,
+    )
     assert out.returncode == 2
     assert out.stderr.decode().strip().count("\n") == 0 and "RECEIVER_STORAGE_URL" in out.stderr.decode()
 
@@ -361,14 +383,24 @@ def test_bad_setting_is_one_line_and_exit_2(receiver_env):
 def test_metrics_sum_across_gunicorn_workers(web, secret):
     for i in range(10):
         body = json.dumps({"id": f"evt_m{i}", "type": "batch.progress", "data": {"batch_id": "bat_m"}}).encode()
-        requests.post(web.hook, data=body, headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign(secret, body)}, timeout=10)
+        requests.post(
+            web.hook,
+            data=body,
+            headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign(secret, body)},
+            timeout=10,
+        )
     text = requests.get(f"{web.url}/metrics", timeout=10).text
-    line = next(l for l in text.splitlines() if l.startswith('receiver_deliveries_total{outcome="ignored"}'))
+    line = next(ln for ln in text.splitlines() if ln.startswith('receiver_deliveries_total{outcome="ignored"}'))
     assert float(line.split()[-1]) == 10
     assert "receiver_queue_depth" in text
 
 
 def test_no_secret_configured_means_401(web):
     body = b'{"type": "batch.progress"}'
-    r = requests.post(web.hook, data=body, headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign("anything-at-all", body)}, timeout=10)
+    r = requests.post(
+        web.hook,
+        data=body,
+        headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign("anything-at-all", body)},
+        timeout=10,
+    )
     assert r.status_code == 401

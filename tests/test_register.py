@@ -53,7 +53,9 @@ def caddy(tmp_path: Path) -> Iterator[Caddy]:
         "RECEIVER_TLS": "internal",
         "RECEIVER_UPSTREAM": f"127.0.0.1:{upstream}",
     }
-    svc = Service("caddy", [CADDY, "run", "--adapter", "caddyfile", "--config", str(ROOT / "infra" / "Caddyfile")], env, tmp_path).start()
+    svc = Service(
+        "caddy", [CADDY, "run", "--adapter", "caddyfile", "--config", str(ROOT / "infra" / "Caddyfile")], env, tmp_path
+    ).start()
     root_ca = home / "data" / "caddy" / "pki" / "authorities" / "local" / "root.crt"
 
     def serving() -> bool:
@@ -76,9 +78,19 @@ def emulator(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Emulato
     """conftest's emulator, verifying webhook certificates with Caddy's CA when the test uses Caddy."""
     port = free_port()
     args = [
-        sys.executable, "-m", "receiver.emulator", "--host", "127.0.0.1", "--port", str(port),
-        "--api-key", EMULATOR_KEY, "--allow-insecure-webhooks", "--allow-private-webhooks",
-        "--retry-delays", "0.2,0.5,1,2,4",
+        sys.executable,
+        "-m",
+        "receiver.emulator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--api-key",
+        EMULATOR_KEY,
+        "--allow-insecure-webhooks",
+        "--allow-private-webhooks",
+        "--retry-delays",
+        "0.2,0.5,1,2,4",
     ]
     if "caddy" in request.fixturenames:
         args += ["--ca-file", str(request.getfixturevalue("caddy").root_ca)]
@@ -105,7 +117,9 @@ def stored_secrets(env: dict[str, str]) -> tuple[str | None, list]:
 
 def deliver(hook: str, secret: str) -> int:
     """POST a progress event (nothing is queued) signed with `secret`; the status code."""
-    body = json.dumps({"id": "evt_" + os.urandom(8).hex(), "type": "batch.progress", "data": {"batch_id": "batch_r", "status": "processing"}}).encode()
+    body = json.dumps(
+        {"id": "evt_" + os.urandom(8).hex(), "type": "batch.progress", "data": {"batch_id": "batch_r", "status": "processing"}}
+    ).encode()
     r = requests.post(hook, data=body, headers={"Content-Type": "application/json", HEADER: sign(secret, body)}, timeout=10)
     return r.status_code
 
@@ -261,7 +275,10 @@ def test_register_and_deliver_over_https_through_caddy(request, caddy, receiver_
     assert attempts and attempts[0]["url"] == caddy.hook and attempts[0]["status"] == 200
 
     # Only the hook and liveness go through the front.
-    assert requests.get(caddy.hook.replace("/hooks/batchrouter", "/metrics"), verify=str(caddy.root_ca), timeout=5).status_code == 404
+    assert (
+        requests.get(caddy.hook.replace("/hooks/batchrouter", "/metrics"), verify=str(caddy.root_ca), timeout=5).status_code
+        == 404
+    )
     secret, _ = stored_secrets(receiver_env)
     assert secret not in text(untrusted, r) + caddy.service.output()
 
@@ -274,7 +291,8 @@ def test_register_and_deliver_over_https_through_caddy(request, caddy, receiver_
     [(0, "http", "127.0.0.1", "localhost"), (1, "https", "203.0.113.9", "hooks.example.com")],
 )
 def test_forwarded_headers_are_trusted_only_from_the_configured_proxies(tmp_path, trusted, scheme, client, host):
-    from flask import jsonify, request as flask_request
+    from flask import jsonify
+    from flask import request as flask_request
 
     from receiver.app import create_app
     from receiver.config import Settings
@@ -286,11 +304,19 @@ def test_forwarded_headers_are_trusted_only_from_the_configured_proxies(tmp_path
     def probe():
         return jsonify(scheme=flask_request.scheme, remote_addr=flask_request.remote_addr, host=flask_request.host)
 
-    seen = app.test_client().get(
-        "/_probe",
-        headers={"X-Forwarded-Proto": "https", "X-Forwarded-For": "198.51.100.66, 203.0.113.9", "X-Forwarded-Host": "hooks.example.com"},
-        environ_base={"REMOTE_ADDR": "127.0.0.1"},
-    ).get_json()
+    seen = (
+        app.test_client()
+        .get(
+            "/_probe",
+            headers={
+                "X-Forwarded-Proto": "https",
+                "X-Forwarded-For": "198.51.100.66, 203.0.113.9",
+                "X-Forwarded-Host": "hooks.example.com",
+            },
+            environ_base={"REMOTE_ADDR": "127.0.0.1"},
+        )
+        .get_json()
+    )
     # With one trusted proxy only its own entry counts: the spoofed 198.51.100.66 is ignored.
     assert seen == {"scheme": scheme, "remote_addr": client, "host": host}
 
@@ -309,7 +335,12 @@ def test_s3_check_warns_with_the_fix_when_no_rule_aborts_incomplete_uploads():
         assert status == WARN and "put-bucket-lifecycle-configuration" in detail and "batchrouter/" in detail
 
         def rule(prefix: str) -> dict:
-            return {"ID": "abort", "Status": "Enabled", "Filter": {"Prefix": prefix}, "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}
+            return {
+                "ID": "abort",
+                "Status": "Enabled",
+                "Filter": {"Prefix": prefix},
+                "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+            }
 
         s3.put_bucket_lifecycle_configuration(Bucket="results", LifecycleConfiguration={"Rules": [rule("other/")]})
         assert check_s3_abort_rule(s3, "results", "batchrouter")[0] == WARN
@@ -352,10 +383,14 @@ def test_caddy_holds_a_trickling_request_until_it_is_whole(caddy):
     body = b'{"event": "batch.progress", "batch_id": "bat_trickle"}'
     context = ssl.create_default_context(cafile=str(caddy.root_ca))
     port = int(caddy.hook.split(":")[2].split("/")[0])
-    with socket.create_connection(("localhost", port), timeout=30) as raw, context.wrap_socket(raw, server_hostname="localhost") as tls:
+    with (
+        socket.create_connection(("localhost", port), timeout=30) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
         tls.sendall(
             b"POST /hooks/batchrouter HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10]
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[:10]
         )
         assert not reached.wait(2.0), "Caddy opened the upstream request before the body had arrived"
         tls.sendall(body[10:])

@@ -332,8 +332,13 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
             # Two attempts per S3 request (botocore's own retries would ride out a short outage
             # unseen): the outage reaches the worker, which must abort and retry the upload.
             overrides.update(
-                {"RECEIVER_STORAGE_URL": "s3://chaos/receiver", "AWS_ENDPOINT_URL_S3": proxy.url, "AWS_MAX_ATTEMPTS": "2",
-                 "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"}
+                {
+                    "RECEIVER_STORAGE_URL": "s3://chaos/receiver",
+                    "AWS_ENDPOINT_URL_S3": proxy.url,
+                    "AWS_MAX_ATTEMPTS": "2",
+                    "AWS_CONFIG_FILE": "/dev/null",
+                    "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+                }
             )
             outage: Any = _S3Outage(proxy)
         else:
@@ -383,8 +388,12 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
                     if paged and fault["target"] == "artifact":
                         # Cut /results instead: only its body is longer than 1,000 bytes among the
                         # job's three API calls (batch, artifact-url, results), each taking one count.
-                        fault = {"target": "api", "kind": rng.choice(["drop", "truncate"]), "count": 3,
-                                 "after_bytes": rng.randint(1000, max(1000, size // 2))}
+                        fault = {
+                            "target": "api",
+                            "kind": rng.choice(["drop", "truncate"]),
+                            "count": 3,
+                            "after_bytes": rng.randint(1000, max(1000, size // 2)),
+                        }
                     if fault["kind"] in ("drop", "truncate", "stall") and fault["target"] == "artifact":
                         fault["after_bytes"] = rng.randint(1, max(1, size // 2))
                     emulator.fault(batch_id=spec["id"], **fault)
@@ -403,8 +412,12 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
                 time.sleep(rng.uniform(0, 0.2))
             # Keep the chaos going while the backlog drains, then let it settle.
             wait_for(
-                lambda: chaos.errors or chaos.counts["receiver_workers_killed"] >= 3 and chaos.counts["gunicorn_workers_killed"] >= 3,
-                timeout=300, interval=0.5, what="chaos to have struck",
+                lambda: (
+                    chaos.errors or chaos.counts["receiver_workers_killed"] >= 3 and chaos.counts["gunicorn_workers_killed"] >= 3
+                ),
+                timeout=300,
+                interval=0.5,
+                what="chaos to have struck",
             )
         chaos_seconds = time.monotonic() - started
         for w in workers:
@@ -517,7 +530,13 @@ def _worker_failures(workers: list[Any]) -> dict[str, int]:
         text = w.output()
         counts.update(f"job attempt: {m}" for m in re.findall(r"attempt \d+ failed, retry in [-\d.]+s: (\w+)", text))
         counts.update(f"dead: {m}" for m in re.findall(r"dead after \d+ attempts: (\w+)", text))
-        counts.update(f"resumed: {m}" for m in re.findall(r"artifact download: .*?(stalled past the read timeout|closed the connection|answered \d+|cannot reach|broke off)", text))
+        counts.update(
+            f"resumed: {m}"
+            for m in re.findall(
+                r"artifact download: .*?(stalled past the read timeout|closed the connection|answered \d+|cannot reach|broke off)",
+                text,
+            )
+        )
     return dict(counts)
 
 
@@ -591,14 +610,17 @@ def hostile(tmp_path_factory: pytest.TempPathFactory):
     stack.stop()
     leaks = secret_leaks([stack.tmp], stack.outputs, [stack.secret, stack.api_key])
     assert not leaks, leaks
-    record_figures("hostile", {"answers_by_status": {str(k): v for k, v in sorted(stack.answers.items())},
-                               "answers_5xx": sum(v for k, v in stack.answers.items() if k >= 500),
-                               "requests": sum(stack.answers.values())})
+    record_figures(
+        "hostile",
+        {
+            "answers_by_status": {str(k): v for k, v in sorted(stack.answers.items())},
+            "answers_5xx": sum(v for k, v in stack.answers.items() if k >= 500),
+            "requests": sum(stack.answers.values()),
+        },
+    )
 
 
-_json_leaf = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=40)
-)
+_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=40))
 _json = st.recursive(
     _json_leaf,
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
@@ -608,7 +630,8 @@ _delivery_like = st.fixed_dictionaries(
     {},
     optional={
         "id": st.one_of(st.text(max_size=60), st.integers(), st.none()),
-        "type": st.sampled_from(["batch.completed", "batch.failed", "batch.progress", "batch.canceled", "x"]) | st.text(max_size=20),
+        "type": st.sampled_from(["batch.completed", "batch.failed", "batch.progress", "batch.canceled", "x"])
+        | st.text(max_size=20),
         "event": st.sampled_from(["batch.completed", "batch.expired"]) | _json,
         "batch_id": st.from_regex(_BATCH_ID, fullmatch=True) | st.text(max_size=30) | _json,
         "status": st.sampled_from(["completed", "processing", "failed"]) | _json,
@@ -619,9 +642,19 @@ _delivery_like = st.fixed_dictionaries(
 )
 _encodings = st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-32", "latin-1"])
 _content_types = st.sampled_from(
-    ["application/json", "application/json; charset=utf-16", "application/cloudevents+json", "APPLICATION/JSON",
-     "text/plain", "text/json", "", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
-     "application/json; charset=ebcdic", "application/jsonx"]
+    [
+        "application/json",
+        "application/json; charset=utf-16",
+        "application/cloudevents+json",
+        "APPLICATION/JSON",
+        "text/plain",
+        "text/json",
+        "",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/json; charset=ebcdic",
+        "application/jsonx",
+    ]
 ) | st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40).map(str.strip)
 _header_names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=20).filter(
     lambda n: n.lower() not in ("content-length", "transfer-encoding", "host", "connection", "expect", "content-type")
@@ -667,7 +700,11 @@ def test_fuzzed_requests_never_get_5xx_and_unsigned_ones_are_refused(hostile: _H
             assert answer["status"] in ("accepted", "duplicate", "ignored")
             assert ledger_query(hostile.env, "SELECT 1 FROM deliveries WHERE event_id = ?", (answer["event_id"],))
             doc = json.loads(body)
-            for holder in (doc.get("data") if isinstance(doc.get("data"), dict) else {}, doc, doc.get("batch") if isinstance(doc.get("batch"), dict) else {}):
+            for holder in (
+                doc.get("data") if isinstance(doc.get("data"), dict) else {},
+                doc,
+                doc.get("batch") if isinstance(doc.get("batch"), dict) else {},
+            ):
                 for key in ("batch_id", "id"):
                     if isinstance(holder.get(key), str) and _BATCH_ID.fullmatch(holder[key]):
                         hostile.signed_batches.add(holder[key])
@@ -721,7 +758,12 @@ def test_hostile_encodings_nesting_and_sizes(hostile: _Hostile) -> None:
     from receiver.signature import sign
 
     chunks = (b"x" * 65536 for _ in range(40))
-    r = hostile.http.post(hostile.hook, data=chunks, headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign(hostile.secret, b"")}, timeout=60)
+    r = hostile.http.post(
+        hostile.hook,
+        data=chunks,
+        headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign(hostile.secret, b"")},
+        timeout=60,
+    )
     hostile.answers[r.status_code] += 1
     assert r.status_code == 413
     # A Content-Length that lies (longer than the body, then the client closes) gets no 5xx either.
@@ -730,7 +772,9 @@ def test_hostile_encodings_nesting_and_sizes(hostile: _Hostile) -> None:
     hostile.assert_healthy()
 
 
-def _raw_request(hostile: _Hostile, body: bytes, *, declared: int | None = None, trickle: float = 0.0, close_early: bool = False) -> bytes:
+def _raw_request(
+    hostile: _Hostile, body: bytes, *, declared: int | None = None, trickle: float = 0.0, close_early: bool = False
+) -> bytes:
     """One POST over a raw socket, optionally trickled byte by byte; returns what came back."""
     import socket
 
@@ -785,9 +829,14 @@ def test_slow_clients_are_answered_and_do_not_stop_the_service(hostile: _Hostile
 
 
 _dangerous = st.lists(
-    st.sampled_from(list("abc019_-.") + ["/", "\\", "..", "%2e", "%2f", "\x00", "\n", " ", ":", "~", "\u2024", "\uff0e", "\u2215", "é", "$", "*", "?"]),
+    st.sampled_from(
+        list("abc019_-.")
+        + ["/", "\\", "..", "%2e", "%2f", "\x00", "\n", " ", ":", "~", "\u2024", "\uff0e", "\u2215", "é", "$", "*", "?"]
+    ),
     max_size=16,
-).map("".join) | st.sampled_from(["..", ".", "../etc", "..\\..\\x", "a/../../b", "/etc/passwd", "~root", "a" * 201, ".hidden", "x/..", "%2e%2e", "..."])
+).map("".join) | st.sampled_from(
+    ["..", ".", "../etc", "..\\..\\x", "a/../../b", "/etc/passwd", "~root", "a" * 201, ".hidden", "x/..", "%2e%2e", "..."]
+)
 
 
 def test_batch_ids_that_could_escape_the_storage_root_are_refused(hostile: _Hostile) -> None:
@@ -797,7 +846,11 @@ def test_batch_ids_that_could_escape_the_storage_root_are_refused(hostile: _Host
     @given(batch_id=_dangerous, shape=st.sampled_from(["envelope", "flat", "batch"]))
     def check(batch_id: str, shape: str) -> None:
         payload = {
-            "envelope": {"id": "evt_" + secrets_hex(), "type": "batch.completed", "data": {"batch_id": batch_id, "status": "completed"}},
+            "envelope": {
+                "id": "evt_" + secrets_hex(),
+                "type": "batch.completed",
+                "data": {"batch_id": batch_id, "status": "completed"},
+            },
             "flat": {"event": "batch.completed", "batch_id": batch_id},
             "batch": {"id": "evt_" + secrets_hex(), "type": "batch.completed", "batch": {"id": batch_id, "status": "completed"}},
         }[shape]
@@ -870,7 +923,7 @@ def test_artifact_urls_and_redirects_into_the_network_are_refused_unless_allowli
         cases = [(f"bat_ssrf_{i:02d}", url, None) for i, url in enumerate(internal)]
         # The artifact host itself is allowed (listed), and redirects into the network.
         cases += [(f"bat_ssrf_redirect_{i:02d}", f"{origin_srv.url}/a.jsonl", url) for i, url in enumerate(internal[:9])]
-        for batch_id, url, redirect in cases:
+        for batch_id, url, _redirect in cases:
             api.on("GET", f"/v1/batches/{batch_id}", Canned(200, {"id": batch_id, "status": "completed", "item_count": 50}))
             api.on("GET", f"/v1/batches/{batch_id}/artifact-url", Canned(200, {"url": url}))
         env = receiver_env(tmp_path, api_srv.url, api_key, RECEIVER_ARTIFACT_HOSTS="127.0.0.1", RECEIVER_MAX_ATTEMPTS="2")
@@ -895,12 +948,21 @@ def test_artifact_urls_and_redirects_into_the_network_are_refused_unless_allowli
 
         # Listed, the same loopback host is fetched: the refusals above were the policy's doing.
         listed = receiver_env(tmp_path, api_srv.url, api_key, RECEIVER_ARTIFACT_HOSTS="127.0.0.1,localhost")
-        api.on("GET", "/v1/batches/bat_ssrf_listed", Canned(200, {"id": "bat_ssrf_listed", "status": "completed", "item_count": 50}))
+        api.on(
+            "GET", "/v1/batches/bat_ssrf_listed", Canned(200, {"id": "bat_ssrf_listed", "status": "completed", "item_count": 50})
+        )
         api.on("GET", "/v1/batches/bat_ssrf_listed/artifact-url", Canned(200, {"url": f"http://localhost:{port}/a.jsonl"}))
         done = run_cli(listed, "fetch", "bat_ssrf_listed", timeout=120)
         outputs += [done.stdout.decode(), done.stderr.decode()]
         assert done.returncode == 0, done.stderr
         assert len(canary.seen) == 1 and "Authorization" not in canary.seen[0].headers
     assert not secret_leaks([tmp_path], outputs, [api_key])
-    record_figures("ssrf", {"artifact_urls_refused": len(internal), "redirects_refused": len(cases) - len(internal),
-                            "connections_to_internal_canary": 0, "allowlisted_control_stored": True})
+    record_figures(
+        "ssrf",
+        {
+            "artifact_urls_refused": len(internal),
+            "redirects_refused": len(cases) - len(internal),
+            "connections_to_internal_canary": 0,
+            "allowlisted_control_stored": True,
+        },
+    )

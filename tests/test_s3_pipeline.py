@@ -150,7 +150,9 @@ def gate(moto: str) -> Iterator[S3Gate]:
 @pytest.fixture
 def s3(moto: str) -> Any:
     """A boto3 client straight to moto: how the tests look at what the receiver stored."""
-    return boto3.client("s3", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    return boto3.client(
+        "s3", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
 
 
 @pytest.fixture
@@ -356,8 +358,12 @@ def test_readyz_reports_storage_unreachable_while_s3_is_down(web, network, bucke
     assert requests.get(f"{web.url}/readyz", timeout=30).status_code == 200
 
 
-def test_access_denied_ends_the_job_dead_naming_bucket_and_permission(emulator, web, worker, secret, s3, bucket, gate, receiver_env):
-    gate.deny = lambda call: call.headers.get("x-gate-bucket") == bucket and call.method in ("PUT", "POST") and "/results/" in call.key
+def test_access_denied_ends_the_job_dead_naming_bucket_and_permission(
+    emulator, web, worker, secret, s3, bucket, gate, receiver_env
+):
+    gate.deny = lambda call: (
+        call.headers.get("x-gate-bucket") == bucket and call.method in ("PUT", "POST") and "/results/" in call.key
+    )
     batch_id = emulator.create_batch(items=12_000, line_bytes=1000)["id"]
     emulator.complete(batch_id)
     dead = wait_for(lambda: (j := job(receiver_env, batch_id)).get("state") == "dead" and j, timeout=60, what="a dead job")
@@ -397,7 +403,9 @@ def test_bucket_from_the_cloudformation_template_stores_a_batch(emulator, web, s
             Capabilities=["CAPABILITY_IAM"],
         )
         cloudformation.get_waiter("stack_create_complete").wait(StackName=stack, WaiterConfig={"Delay": 1, "MaxAttempts": 30})
-        outputs = {o["OutputKey"]: o["OutputValue"] for o in cloudformation.describe_stacks(StackName=stack)["Stacks"][0]["Outputs"]}
+        outputs = {
+            o["OutputKey"]: o["OutputValue"] for o in cloudformation.describe_stacks(StackName=stack)["Stacks"][0]["Outputs"]
+        }
     bucket, storage_url = outputs["BucketName"], outputs["StorageUrl"]
     assert storage_url == f"s3://{bucket}/batchrouter/prod"
 
@@ -414,7 +422,9 @@ def test_bucket_from_the_cloudformation_template_stores_a_batch(emulator, web, s
     assert incomplete_uploads(s3, bucket) == []
 
 
-def test_sigterm_mid_upload_aborts_the_multipart_upload_and_releases_the_job(emulator, web, secret, s3, bucket, receiver_env, tmp_path):
+def test_sigterm_mid_upload_aborts_the_multipart_upload_and_releases_the_job(
+    emulator, web, secret, s3, bucket, receiver_env, tmp_path
+):
     batch_id = emulator.create_batch(items=40_000, line_bytes=1000)["id"]
     emulator.fault(batch_id=batch_id, target="artifact", kind="stall", after_bytes=20 * MB, stall_seconds=2)
     worker = Service("worker-a", [sys.executable, "-m", "receiver", "worker"], receiver_env, tmp_path).start()

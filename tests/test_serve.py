@@ -25,7 +25,10 @@ def test_serve_with_emulator_runs_the_readme_walkthrough(tmp_path: Path) -> None
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "receiver", "serve", "--emulator", "--emulator-port", str(emulator_port)],
-        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         emulator = f"http://127.0.0.1:{emulator_port}"
@@ -33,7 +36,9 @@ def test_serve_with_emulator_runs_the_readme_walkthrough(tmp_path: Path) -> None
         wait_http(f"http://127.0.0.1:{web_port}/readyz", proc, timeout=30)
 
         # The README's two curl commands.
-        requests.post(f"{emulator}/_emulator/batches", json={"id": "bat_demo", "items": 1000, "status": "processing"}, timeout=10).raise_for_status()
+        requests.post(
+            f"{emulator}/_emulator/batches", json={"id": "bat_demo", "items": 1000, "status": "processing"}, timeout=10
+        ).raise_for_status()
         requests.post(f"{emulator}/_emulator/batches/bat_demo/complete", json={}, timeout=10).raise_for_status()
 
         storage = tmp_path / "receiver-data" / "storage"

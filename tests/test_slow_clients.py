@@ -31,8 +31,11 @@ def test_stalled_clients_are_cut_off_and_the_hook_keeps_answering(web: Web, secr
     # test was written): half stop inside their headers, half inside a body they announced.
     stalled = [_stall(port, b"POST /hooks/batchrouter HTTP/1.1\r\nHost: x\r\n") for _ in range(100)]
     stalled += [
-        _stall(port, b"POST /hooks/batchrouter HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-               b"Content-Length: 100\r\n\r\n{\"id\": ")
+        _stall(
+            port,
+            b"POST /hooks/batchrouter HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"id": ',
+        )
         for _ in range(100)
     ]
     try:
@@ -42,8 +45,12 @@ def test_stalled_clients_are_cut_off_and_the_hook_keeps_answering(web: Web, secr
         from receiver.signature import sign
 
         body = b'{"event": "batch.progress", "batch_id": "bat_slow", "status": "processing"}'
-        r = requests.post(web.hook, data=body, timeout=30,
-                          headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign(secret, body)})
+        r = requests.post(
+            web.hook,
+            data=body,
+            timeout=30,
+            headers={"Content-Type": "application/json", "X-BatchRouter-Signature": sign(secret, body)},
+        )
         assert r.status_code == 200, r.text
 
         # Every stalled connection was closed by the server (EOF, or a 408 for the one in its body).

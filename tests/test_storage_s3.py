@@ -206,7 +206,9 @@ def test_sse_headers(client: Any, bucket: str) -> None:
     assert head["ServerSideEncryption"] == "AES256"
 
     seen = _record(client)
-    kms = S3Storage(bucket, "k", client=client, sse="aws:kms", kms_key_id="alias/receiver", part_size=5 * MiB, buffer_bytes=20 * MiB)
+    kms = S3Storage(
+        bucket, "k", client=client, sse="aws:kms", kms_key_id="alias/receiver", part_size=5 * MiB, buffer_bytes=20 * MiB
+    )
     writer = kms.open_writer(KEY, token="t")
     for block in _blocks(6):
         writer.write(block)
@@ -274,7 +276,7 @@ def test_cleanup_partials_aborts_uploads_under_the_prefix_only(storage: S3Storag
 
 def test_cleanup_partials_spares_recent_uploads() -> None:
     """moto reports every upload as initiated in 2010, so the age filter is checked on a stub."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     uploads = [
         {"Key": "p/a", "UploadId": "old", "Initiated": now - dt.timedelta(hours=2)},
         {"Key": "p/b", "UploadId": "new", "Initiated": now - dt.timedelta(seconds=5)},
@@ -373,7 +375,9 @@ def test_access_denied_names_bucket_prefix_and_action(endpoint: str, client: Any
     iam.create_user(UserName=user)
     policy = {
         "Version": "2012-10-17",
-        "Statement": [{"Effect": "Allow", "Action": ["s3:PutObject", "s3:GetObject"], "Resource": f"arn:aws:s3:::{bucket}/allowed/*"}],
+        "Statement": [
+            {"Effect": "Allow", "Action": ["s3:PutObject", "s3:GetObject"], "Resource": f"arn:aws:s3:::{bucket}/allowed/*"}
+        ],
     }
     iam.put_user_policy(UserName=user, PolicyName="receiver", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName=user)["AccessKey"]
@@ -440,7 +444,10 @@ def test_put_if_absent_falls_back_when_conditional_writes_are_not_implemented(cl
 
     def refuse_if_none_match(params: dict[str, Any], **kwargs: Any) -> Any:
         if "If-None-Match" in params.get("headers", {}):
-            body = {"Error": {"Code": "NotImplemented", "Message": "header not implemented"}, "ResponseMetadata": {"HTTPStatusCode": 501}}
+            body = {
+                "Error": {"Code": "NotImplemented", "Message": "header not implemented"},
+                "ResponseMetadata": {"HTTPStatusCode": 501},
+            }
             return (type("Response", (), {"status_code": 501, "headers": {}})(), body)
         return None
 

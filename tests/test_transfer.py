@@ -20,8 +20,8 @@ from receiver.errors import (
     UnsafeURL,
 )
 from receiver.jobs.netguard import URLPolicy
-from receiver.storage.base import Writer
 from receiver.jobs.transfer import Downloader, TransferResult
+from receiver.storage.base import Writer
 from tests._httpservers import Artifact, ArtifactServer, Canned, Fault, LiveServer, ScriptedServer
 
 LISTED = URLPolicy(("127.0.0.1",))
@@ -256,9 +256,7 @@ def test_403_asks_for_a_fresh_url() -> None:
 
 
 def test_expired_url_mid_download_refreshes_and_resumes() -> None:
-    app, server = serve(
-        {"/results.jsonl": Artifact(BODY)}, Fault("drop", after=200_000), Fault("status", status=403)
-    )
+    app, server = serve({"/results.jsonl": Artifact(BODY)}, Fault("drop", after=200_000), Fault("status", status=403))
     source = UrlSource(server.url + "/results.jsonl")
     with server:
         writer, result = downloader().fetch(source, Opener())

@@ -7,13 +7,15 @@ import pytest
 from receiver import layout
 from receiver.config import Settings
 from receiver.errors import ConfigError, PayloadError, SignatureError, UnsafeBatchId, UnsupportedDatabase
-from receiver.web.schemas import parse_delivery
 from receiver.signature import sign, verify
+from receiver.web.schemas import parse_delivery
 
 
 def test_signature_matches_nodes_hex_hmac():
     # The worked example of GitHub's webhook docs: the same hex HMAC-SHA256 scheme as BatchRouter's.
-    assert sign("It's a Secret to Everybody", b"Hello, World!") == "757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+    assert (
+        sign("It's a Secret to Everybody", b"Hello, World!") == "757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
+    )
 
 
 def test_signature_accepts_any_listed_secret_and_prefix():
@@ -34,7 +36,10 @@ def test_no_secrets_means_nothing_verifies():
 
 
 def test_envelope_and_flat_shapes():
-    env = parse_delivery({"id": "evt_1", "type": "batch.completed", "created": 1, "data": {"batch_id": "bat_1", "status": "completed", "x": [1]}}, b"")
+    env = parse_delivery(
+        {"id": "evt_1", "type": "batch.completed", "created": 1, "data": {"batch_id": "bat_1", "status": "completed", "x": [1]}},
+        b"",
+    )
     assert (env.event_id, env.event_type, env.batch_id, env.terminal) == ("evt_1", "batch.completed", "bat_1", True)
     flat = parse_delivery({"event": "batch.canceled", "batch_id": "bat_2", "output_file_url": None}, b"")
     assert flat.terminal and flat.batch_id == "bat_2" and flat.event_id.startswith("derived_")
@@ -100,7 +105,9 @@ def test_layout_keys():
 
 
 def test_settings_defaults_and_lists():
-    s = Settings.from_mapping({"RECEIVER_WEBHOOK_SECRET": " one secret! , two-secret ", "RECEIVER_ARTIFACT_HOSTS": "127.0.0.1, Files.Example.com"})
+    s = Settings.from_mapping(
+        {"RECEIVER_WEBHOOK_SECRET": " one secret! , two-secret ", "RECEIVER_ARTIFACT_HOSTS": "127.0.0.1, Files.Example.com"}
+    )
     assert s.webhook_secrets == ("one secret!", "two-secret")
     assert s.artifact_hosts == ("127.0.0.1", "files.example.com")
     assert s.storage_url == "./receiver-data/storage" and s.database_url.startswith("sqlite:///")

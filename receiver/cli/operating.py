@@ -30,8 +30,8 @@ def fetch(batch_ids: tuple[str, ...]) -> None:
             layout.validate_batch_id(batch_id)
         except ReceiverError as exc:
             raise click.BadParameter(f"{batch_id!r}: {exc}", param_hint="BATCH_ID") from None
-    from ..logs import configure_logging
     from ..jobs.worker import Worker
+    from ..logs import configure_logging
 
     configure_logging(logging.WARNING)
     ledger = open_ledger(settings)
@@ -122,11 +122,24 @@ def list_batches(as_json: bool) -> None:
 
 
 def _public_job(row: dict[str, Any]) -> dict[str, Any]:
-    out = {k: row[k] for k in ("batch_id", "state", "attempts", "batch_status", "manifest_key", "bytes", "lines", "expected_items", "counts_match", "last_error")}
+    out = {
+        k: row[k]
+        for k in (
+            "batch_id",
+            "state",
+            "attempts",
+            "batch_status",
+            "manifest_key",
+            "bytes",
+            "lines",
+            "expected_items",
+            "counts_match",
+            "last_error",
+        )
+    }
     out["stored_at"] = iso(row["stored_at"])
     out["updated_at"] = iso(row["updated_at"])
     return out
-
 
 
 @click.command()
@@ -172,7 +185,10 @@ def status(as_json: bool) -> None:
     secrets = ledger.secret_info(now)
     stats["secrets"] = {
         "stored": [
-            {"age_seconds": round(now - s.created_at), "expires_in_seconds": None if s.expires_at is None else round(s.expires_at - now)}
+            {
+                "age_seconds": round(now - s.created_at),
+                "expires_in_seconds": None if s.expires_at is None else round(s.expires_at - now),
+            }
             for s in secrets
         ],
         "from_environment": len(settings.webhook_secrets),
@@ -181,20 +197,26 @@ def status(as_json: bool) -> None:
         click.echo(json.dumps(stats, indent=2))
         return
     jobs = stats["jobs"]
-    click.echo(f"queue depth: {stats['queue_depth']} (queued {jobs['queued']}, retrying {stats['retrying']}, running {jobs['running']})")
+    click.echo(
+        f"queue depth: {stats['queue_depth']} (queued {jobs['queued']}, retrying {stats['retrying']}, running {jobs['running']})"
+    )
     click.echo(f"stored: {jobs['stored']}  dead: {jobs['dead']}  count mismatches: {stats['counts_mismatch']}")
     last = stats["last_delivery"]
     click.echo(
-        "last delivery: "
-        + (f"{iso(last['received_at'])} {last['event_type']} {last['batch_id'] or ''}" if last else "none yet")
+        "last delivery: " + (f"{iso(last['received_at'])} {last['event_type']} {last['batch_id'] or ''}" if last else "none yet")
     )
     total = len(secrets) + len(settings.webhook_secrets)
-    click.echo(f"accepted webhook secrets: {total}" + ("  (every delivery gets 401 until `receiver register`)" if not total else ""))
+    click.echo(
+        f"accepted webhook secrets: {total}" + ("  (every delivery gets 401 until `receiver register`)" if not total else "")
+    )
     for s in stats["secrets"]["stored"]:
-        expiry = "current" if s["expires_in_seconds"] is None else f"retiring in {s['expires_in_seconds'] // 3600}h{s['expires_in_seconds'] % 3600 // 60:02d}m"
+        expiry = (
+            "current"
+            if s["expires_in_seconds"] is None
+            else f"retiring in {s['expires_in_seconds'] // 3600}h{s['expires_in_seconds'] % 3600 // 60:02d}m"
+        )
         click.echo(f"  stored secret, age {s['age_seconds'] // 3600}h{s['age_seconds'] % 3600 // 60:02d}m, {expiry}")
     if settings.webhook_secrets:
         click.echo(f"  {len(settings.webhook_secrets)} from RECEIVER_WEBHOOK_SECRET")
     for row in stats["dead"]:
         click.echo(f"dead: {row['batch_id']} after {row['attempts']} attempts: {row['last_error']}")
-

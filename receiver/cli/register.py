@@ -13,8 +13,16 @@ from .registration import BATCHROUTER_RETRY_WINDOW_SECONDS, FAIL, WARN, Step, ru
 
 
 @click.command()
-@click.option("--url", metavar="URL", help="Public HTTPS URL of this receiver's hook, e.g. https://hooks.example.com/hooks/batchrouter. Default: RECEIVER_PUBLIC_URL.")
-@click.option("--rotate", is_flag=True, help="Make a new signing secret current; the previous one stays accepted for RECEIVER_SECRET_GRACE_HOURS (default 48).")
+@click.option(
+    "--url",
+    metavar="URL",
+    help="Public HTTPS URL of this receiver's hook, e.g. https://hooks.example.com/hooks/batchrouter. Default: RECEIVER_PUBLIC_URL.",
+)
+@click.option(
+    "--rotate",
+    is_flag=True,
+    help="Make a new signing secret current; the previous one stays accepted for RECEIVER_SECRET_GRACE_HOURS (default 48).",
+)
 @click.option("--insecure", is_flag=True, help="Allow a plain http:// URL on a loopback host (the local emulator only).")
 @click.option(
     "--ca-file",
@@ -47,8 +55,14 @@ def register(url: str | None, rotate: bool, insecure: bool, ca_file: str | None)
             click.echo(step.line())
 
     if rotate and settings.secret_grace_seconds < BATCHROUTER_RETRY_WINDOW_SECONDS:
-        show(Step(WARN, "grace period", f"RECEIVER_SECRET_GRACE_HOURS is {settings.secret_grace_seconds / 3600:g} h, shorter than "
-                                        "BatchRouter's 24 h of retries: a retried delivery signed with the previous secret may be refused"))
+        show(
+            Step(
+                WARN,
+                "grace period",
+                f"RECEIVER_SECRET_GRACE_HOURS is {settings.secret_grace_seconds / 3600:g} h, shorter than "
+                "BatchRouter's 24 h of retries: a retried delivery signed with the previous secret may be refused",
+            )
+        )
     try:
         result = run(settings, url, rotate=rotate, ca_file=ca_file, on_step=show)
     except ConfigError as exc:
@@ -60,7 +74,9 @@ def register(url: str | None, rotate: bool, insecure: bool, ca_file: str | None)
     if not result.minted:
         summary = "the current signing secret was kept (--rotate makes a new one)"
     elif result.retired:
-        summary = f"a new signing secret is current; the previous one stays accepted for {settings.secret_grace_seconds / 3600:g} h"
+        summary = (
+            f"a new signing secret is current; the previous one stays accepted for {settings.secret_grace_seconds / 3600:g} h"
+        )
     else:
         summary = "a new signing secret is current"
     click.echo(f"registered {url}: {summary}")

@@ -115,9 +115,14 @@ def validate_hook_url(url: str, *, insecure: bool, source: str = "--url") -> str
         raise ConfigError(source, "has an invalid port") from None
     if parts.scheme == "http":
         if not insecure:
-            raise ConfigError(source, "must be https:// (BatchRouter delivers over HTTPS only); --insecure allows http:// on loopback")
+            raise ConfigError(
+                source, "must be https:// (BatchRouter delivers over HTTPS only); --insecure allows http:// on loopback"
+            )
         if not is_loopback(parts.hostname):
-            raise ConfigError(source, "must be https://; plain http:// is allowed only on a loopback host (localhost, 127.0.0.1, ::1) with --insecure")
+            raise ConfigError(
+                source,
+                "must be https://; plain http:// is allowed only on a loopback host (localhost, 127.0.0.1, ::1) with --insecure",
+            )
     return url.strip()
 
 
@@ -191,7 +196,10 @@ def _check_key(client: Any, result: Checklist) -> bool:
     try:
         account = client.get_account()
     except AuthenticationFailed:
-        result.fail("API key", "refused by BatchRouter (401): check BATCHROUTER_API_KEY, and that a test key goes with BATCHROUTER_API_URL=https://test.api.batchrouter.com")
+        result.fail(
+            "API key",
+            "refused by BatchRouter (401): check BATCHROUTER_API_KEY, and that a test key goes with BATCHROUTER_API_URL=https://test.api.batchrouter.com",
+        )
         return False
     except APIError as exc:
         result.fail("API key", f"could not be checked: {exc}")
@@ -234,7 +242,10 @@ def check_s3_abort_rule(client: Any, bucket: str, prefix: str) -> tuple[str, str
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         if code != "NoSuchLifecycleConfiguration":
-            return WARN, f"could not read the lifecycle of bucket {bucket} ({code or exc}); it needs s3:GetLifecycleConfiguration to be checked"
+            return (
+                WARN,
+                f"could not read the lifecycle of bucket {bucket} ({code or exc}); it needs s3:GetLifecycleConfiguration to be checked",
+            )
         rules = []
     except BotoCoreError as exc:
         return WARN, f"could not read the lifecycle of bucket {bucket}: {exc}"
@@ -247,8 +258,16 @@ def check_s3_abort_rule(client: Any, bucket: str, prefix: str) -> tuple[str, str
             return OK, f"rule {rule.get('ID') or '(unnamed)'} aborts them after {days} day(s)"
     scope = f"{prefix}/" if prefix else ""
     fix = json.dumps(
-        {"Rules": [{"ID": "abort-incomplete-multipart-uploads", "Status": "Enabled", "Filter": {"Prefix": scope},
-                    "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1}}]},
+        {
+            "Rules": [
+                {
+                    "ID": "abort-incomplete-multipart-uploads",
+                    "Status": "Enabled",
+                    "Filter": {"Prefix": scope},
+                    "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
+                }
+            ]
+        },
         separators=(",", ":"),
     )
     return WARN, (
@@ -389,7 +408,9 @@ def _self_test(url: str, secret: str, ledger: Any, ca_file: str | None, result: 
     except ValueError:
         answer = None
     if not isinstance(answer, dict) or answer.get("status") not in ("accepted", "ignored", "duplicate"):
-        result.fail("signature", f"{url} answered 200 but not as a receiver does ({_short(response.data.decode('utf-8', 'replace'))})")
+        result.fail(
+            "signature", f"{url} answered 200 but not as a receiver does ({_short(response.data.decode('utf-8', 'replace'))})"
+        )
         return
     try:
         recorded = delivery_recorded(ledger, event_id)

@@ -14,7 +14,12 @@ from ._common import ConfigurationError, load_settings, open_ledger
 
 
 @click.command()
-@click.option("--emulator", "with_emulator", is_flag=True, help="Also run a local BatchRouter emulator and point the receiver at it (no account needed).")
+@click.option(
+    "--emulator",
+    "with_emulator",
+    is_flag=True,
+    help="Also run a local BatchRouter emulator and point the receiver at it (no account needed).",
+)
 @click.option("--emulator-port", default=8081, show_default=True, help="Port of the emulator started by --emulator.")
 def serve(with_emulator: bool, emulator_port: int) -> None:
     """Run the web server (gunicorn) and the worker together, on the embedded defaults.
@@ -47,7 +52,7 @@ def serve(with_emulator: bool, emulator_port: int) -> None:
         click.echo(
             f"receiver: serving on http://127.0.0.1:{settings.port} with the emulator on {settings.api_url}\n"
             f"  complete a batch:  curl -s -XPOST {settings.api_url}/_emulator/batches -H 'content-type: application/json'"
-            " -d '{\"items\": 1000, \"status\": \"completed\", \"deliver\": true}'\n"
+            ' -d \'{"items": 1000, "status": "completed", "deliver": true}\'\n'
             f"  results land in:   {settings.storage_url}/results/  (see `receiver ls`)",
             err=True,
         )
@@ -60,8 +65,8 @@ def serve(with_emulator: bool, emulator_port: int) -> None:
 def worker() -> None:
     """Run the job runner alone (the Procfile's `worker:`)."""
     settings = load_settings()
-    from ..logs import configure_logging
     from ..jobs.worker import Worker
+    from ..logs import configure_logging
 
     configure_logging()
     ledger = open_ledger(settings)
@@ -73,7 +78,6 @@ def worker() -> None:
     runner.run_forever()
 
 
-
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
 @click.pass_context
 def emulator(ctx: click.Context) -> None:
@@ -81,4 +85,3 @@ def emulator(ctx: click.Context) -> None:
     from ..emulator.__main__ import main as emulator_main
 
     sys.exit(emulator_main(list(ctx.args)))
-

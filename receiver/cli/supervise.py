@@ -32,7 +32,10 @@ def supervise(children: list[subprocess.Popen[bytes]]) -> int:
         exited = [c for c in children if c.poll() is not None]
         if exited:
             code = exited[0].returncode or 1
-            print(f"receiver: {exited[0].args[2] if len(exited[0].args) > 2 else exited[0].args} exited ({exited[0].returncode}); stopping", file=sys.stderr)
+            print(
+                f"receiver: {exited[0].args[2] if len(exited[0].args) > 2 else exited[0].args} exited ({exited[0].returncode}); stopping",
+                file=sys.stderr,
+            )
             break
         time.sleep(0.2)
     for child in children:
@@ -48,14 +51,24 @@ def supervise(children: list[subprocess.Popen[bytes]]) -> int:
     return code
 
 
-def start_emulator_for_serve(settings: Settings, env: dict[str, str], port: int) -> tuple[dict[str, str], subprocess.Popen[bytes]]:
+def start_emulator_for_serve(
+    settings: Settings, env: dict[str, str], port: int
+) -> tuple[dict[str, str], subprocess.Popen[bytes]]:
     """Start `receiver emulator` on loopback and point the receiver's settings at it."""
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "receiver.emulator",
-            "--host", "127.0.0.1", "--port", str(port), "--api-key", EMULATOR_KEY,
-            "--allow-insecure-webhooks", "--allow-private-webhooks",
+            sys.executable,
+            "-m",
+            "receiver.emulator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--api-key",
+            EMULATOR_KEY,
+            "--allow-insecure-webhooks",
+            "--allow-private-webhooks",
         ],
         env=env,
     )

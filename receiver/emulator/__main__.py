@@ -17,9 +17,7 @@ def _delays(text: str) -> tuple[float, ...]:
     try:
         delays = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            "expected comma-separated seconds, e.g. 0.5,1,2,4"
-        ) from None
+        raise argparse.ArgumentTypeError("expected comma-separated seconds, e.g. 0.5,1,2,4") from None
     if any(d < 0 for d in delays):
         raise argparse.ArgumentTypeError("delays must not be negative")
     return delays
@@ -37,18 +35,14 @@ def build_parser(prog: str = "python -m receiver.emulator") -> argparse.Argument
         ),
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument(
-        "--port", type=int, default=8081, help="port to bind; 0 picks one (default 8081)"
-    )
+    parser.add_argument("--port", type=int, default=8081, help="port to bind; 0 picks one (default 8081)")
     parser.add_argument(
         "--api-key",
         default=DEFAULT_API_KEY,
         help=f"bearer key the API accepts (default {DEFAULT_API_KEY})",
     )
     parser.add_argument("--webhook-url", help="initial delivery target, as if registered with PUT")
-    parser.add_argument(
-        "--webhook-secret", help="signing secret of --webhook-url (8-256 characters)"
-    )
+    parser.add_argument("--webhook-secret", help="signing secret of --webhook-url (8-256 characters)")
     parser.add_argument(
         "--artifact-base-url",
         help="base of signed artifact URLs (default: the URL the client used to reach the API)",
@@ -60,9 +54,7 @@ def build_parser(prog: str = "python -m receiver.emulator") -> argparse.Argument
         metavar="SECONDS",
         help="lifetime of signed artifact URLs (default 300)",
     )
-    parser.add_argument(
-        "--allow-insecure-webhooks", action="store_true", help="accept http:// delivery webhooks"
-    )
+    parser.add_argument("--allow-insecure-webhooks", action="store_true", help="accept http:// delivery webhooks")
     parser.add_argument(
         "--allow-private-webhooks",
         action="store_true",
@@ -75,9 +67,7 @@ def build_parser(prog: str = "python -m receiver.emulator") -> argparse.Argument
         metavar="S,S,...",
         help=f"seconds between delivery attempts (default {_DEFAULT_DELAYS})",
     )
-    parser.add_argument(
-        "--ca-file", metavar="PEM", help="CA bundle to verify the webhook's TLS certificate"
-    )
+    parser.add_argument("--ca-file", metavar="PEM", help="CA bundle to verify the webhook's TLS certificate")
     parser.add_argument("--quiet", action="store_true", help="do not log every request")
     return parser
 

@@ -53,9 +53,7 @@ from .state import (
 DEFAULT_API_KEY = "br_test_emulator"
 #: Host names of cloud metadata services; never a delivery target, whatever the config says.
 METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata"})
-METADATA_ADDRESSES = frozenset(
-    {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
-)
+METADATA_ADDRESSES = frozenset({ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")})
 
 
 @dataclasses.dataclass
@@ -87,9 +85,7 @@ class Emulator:
         if config.webhook_url and config.webhook_secret:
             webhook = WebhookTarget(config.webhook_url, config.webhook_secret, utcnow())
         self.state = State(webhook)
-        self.deliverer = Deliverer(
-            self.state.record_delivery, config.retry_delays, ca_file=config.ca_file
-        )
+        self.deliverer = Deliverer(self.state.record_delivery, config.retry_delays, ca_file=config.ca_file)
         # A fresh random key per instance: a guessed or forged artifact URL never validates.
         self._url_key = secrets.token_bytes(32)
 
@@ -104,7 +100,7 @@ class Emulator:
         base = (self.config.artifact_base_url or request.host_url).rstrip("/")
         sig = self._url_signature(batch_id, name, expires)
         path = f"/artifacts/{quote(batch_id, safe='')}/{quote(name)}"
-        expires_at = dt.datetime.fromtimestamp(expires, dt.timezone.utc)
+        expires_at = dt.datetime.fromtimestamp(expires, dt.UTC)
         return f"{base}{path}?expires={expires}&sig={sig}", expires_at
 
     def check_url(self, batch_id: str, name: str) -> str | None:
@@ -122,9 +118,7 @@ class Emulator:
 
     # --- deliveries -------------------------------------------------------------------------------
 
-    def event_body(
-        self, batch: Batch, form: str, event_id: str | None, event_type: str | None
-    ) -> dict[str, Any]:
+    def event_body(self, batch: Batch, form: str, event_id: str | None, event_type: str | None) -> dict[str, Any]:
         """A delivery for `batch` in its current status, in one of the two documented forms."""
         status = batch.spelled_status()
         if event_type is None:
@@ -178,9 +172,7 @@ def create_app(config: EmulatorConfig | None = None) -> Flask:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
-        code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(
-            exc.code or 500, "internal_error"
-        )
+        code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.code or 500, "internal_error")
         return error(exc.code or 500, code, exc.description or exc.name)
 
     return app
@@ -225,9 +217,7 @@ def status_fault_response(fault: Fault) -> Response | None:
     return None
 
 
-def faulty_body(
-    chunks: Iterable[bytes], fault: Fault, sock: socket.socket | None
-) -> Iterator[bytes]:
+def faulty_body(chunks: Iterable[bytes], fault: Fault, sock: socket.socket | None) -> Iterator[bytes]:
     """Send `fault.after_bytes` of `chunks`, then break the body the way `fault.kind` says.
 
     The dev server closes every connection after its response (it sends `Connection: close`), so
@@ -281,9 +271,7 @@ def _api_gate() -> Response | None:
             return replaced
         g.fault = fault
     scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        key.strip().encode(), emu.config.api_key.encode()
-    ):
+    if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), emu.config.api_key.encode()):
         return error(401, "unauthorized", "Missing or invalid API key.")
     return None
 
@@ -309,9 +297,7 @@ def put_delivery_webhook() -> Response:
     emu = emulator()
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        return error(
-            400, "invalid_request", "Body must be a JSON object.", {"body": "not a JSON object"}
-        )
+        return error(400, "invalid_request", "Body must be a JSON object.", {"body": "not a JSON object"})
     url, secret = body.get("url"), body.get("secret")
     problems = webhook_problems(url, secret, emu.config)
     if problems:
@@ -478,10 +464,7 @@ artifacts = Blueprint("artifacts", __name__, url_prefix="/artifacts")
 
 def access_denied(message: str, code: str = "AccessDenied") -> Response:
     """An S3-style 403, which is what an expired or tampered presigned URL gets."""
-    body = (
-        '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f"<Error><Code>{code}</Code><Message>{message}</Message></Error>"
-    )
+    body = f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>'
     return Response(body, status=403, content_type="application/xml")
 
 
@@ -525,9 +508,7 @@ def serve_file(batch: Batch, file: content.AnyArtifact) -> Response:
         if wanted is not None and len(wanted.ranges) == 1 and if_range in (None, etag):
             span = wanted.range_for_length(size)
             if span is None:
-                return Response(
-                    status=416, headers={"Content-Range": f"bytes */{size}", "Content-Length": "0"}
-                )
+                return Response(status=416, headers={"Content-Range": f"bytes */{size}", "Content-Length": "0"})
             start, stop = span
             status = 206
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
@@ -602,12 +583,7 @@ def create_batch() -> tuple[Response, int]:
     emu = emulator()
     body = _json_object()
     batch_id = body.get("id") or "bat_" + secrets.token_hex(8)
-    if (
-        not isinstance(batch_id, str)
-        or len(batch_id) > 200
-        or "/" in batch_id
-        or not batch_id.isprintable()
-    ):
+    if not isinstance(batch_id, str) or len(batch_id) > 200 or "/" in batch_id or not batch_id.isprintable():
         raise _Invalid("id", "must be at most 200 printable characters without '/'")
     line_bytes = _int(body, "line_bytes", 200, minimum=1)
     assert line_bytes is not None
@@ -698,9 +674,7 @@ def complete_batch(batch_id: str) -> Response:
     text = json.dumps(event, separators=(",", ":"))
     answer: dict[str, Any] = {"event_id": event.get("id"), "body": text, "delivery_ids": []}
     if deliver and target is not None:
-        sent = _send(
-            emu, target.url, target.secret, text.encode(), batch.id, event.get("id"), copies, wait
-        )
+        sent = _send(emu, target.url, target.secret, text.encode(), batch.id, event.get("id"), copies, wait)
         answer.update(sent)
     return jsonify(answer)
 

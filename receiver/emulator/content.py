@@ -49,12 +49,8 @@ class _Template:
 
 _ID = '{"customer_item_id":"item-'
 RESULT_OK = _Template(_ID, '","status":"succeeded","output":{"text":"', '"}}\n')
-RESULT_FAILED = _Template(
-    _ID, '","status":"failed","error":{"code":"provider_error","message":"Provider error ', '"}}\n'
-)
-ERROR_LINE = _Template(
-    _ID, '","error":{"code":"provider_error","message":"Provider error ', '"}}\n'
-)
+RESULT_FAILED = _Template(_ID, '","status":"failed","error":{"code":"provider_error","message":"Provider error ', '"}}\n')
+ERROR_LINE = _Template(_ID, '","error":{"code":"provider_error","message":"Provider error ', '"}}\n')
 
 
 def id_width(items: int) -> int:
@@ -236,9 +232,7 @@ class GzipArtifact:
 AnyArtifact = Artifact | GzipArtifact
 
 
-def results_file(
-    items: int, line_bytes: int, error_items: int = 0, compress: bool = False
-) -> AnyArtifact:
+def results_file(items: int, line_bytes: int, error_items: int = 0, compress: bool = False) -> AnyArtifact:
     """`results.jsonl`: every item, the last `error_items` of them failed.
 
     BatchRouter's older docs say failed items appear in the output file with a structured error code
@@ -253,9 +247,7 @@ def results_file(
     return GzipArtifact(artifact) if compress else artifact
 
 
-def errors_file(
-    items: int, line_bytes: int, error_items: int, compress: bool = False
-) -> AnyArtifact | None:
+def errors_file(items: int, line_bytes: int, error_items: int, compress: bool = False) -> AnyArtifact | None:
     """`errors.jsonl`: one line per failed item, or None when no item failed."""
     if not error_items:
         return None

@@ -43,9 +43,7 @@ class Deliverer:
         self._retry_delays = tuple(retry_delays)
         self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
         # Redirects are not followed and urllib3's own retries are off: every attempt is ours.
-        self._http = urllib3.PoolManager(
-            cert_reqs="CERT_REQUIRED", ca_certs=ca_file, retries=False, num_pools=20
-        )
+        self._http = urllib3.PoolManager(cert_reqs="CERT_REQUIRED", ca_certs=ca_file, retries=False, num_pools=20)
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
 
@@ -126,13 +124,9 @@ class Deliverer:
             if ok:
                 return
 
-    def _attempt(
-        self, url: str, headers: dict[str, str], body: bytes
-    ) -> tuple[int | None, str | None]:
+    def _attempt(self, url: str, headers: dict[str, str], body: bytes) -> tuple[int | None, str | None]:
         try:
-            response = self._http.request(
-                "POST", url, body=body, headers=headers, timeout=self._timeout, redirect=False
-            )
+            response = self._http.request("POST", url, body=body, headers=headers, timeout=self._timeout, redirect=False)
         except Exception as exc:  # no answer at all is a failed attempt too, as for BatchRouter
             return None, f"{type(exc).__name__}: {exc}"
         return response.status, None

@@ -56,9 +56,7 @@ def serve(config: EmulatorConfig, *, quiet: bool = False) -> None:
         stop(server)
 
 
-def start_in_thread(
-    config: EmulatorConfig, *, quiet: bool = True
-) -> tuple[BaseWSGIServer, str]:
+def start_in_thread(config: EmulatorConfig, *, quiet: bool = True) -> tuple[BaseWSGIServer, str]:
     """Start a server on a daemon thread; return it and its base URL. Stop it with :func:`stop`."""
     server = make_emulator_server(config, quiet=quiet)
     thread = threading.Thread(

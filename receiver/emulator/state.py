@@ -32,11 +32,11 @@ BODY_FAULTS = ("drop", "truncate", "stall")
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def rfc3339(moment: dt.datetime) -> str:
-    text = moment.astimezone(dt.timezone.utc).isoformat(timespec="milliseconds")
+    text = moment.astimezone(dt.UTC).isoformat(timespec="milliseconds")
     return text.replace("+00:00", "Z")
 
 
@@ -176,11 +176,7 @@ class State:
 
     def deliveries(self, delivery_id: str | None = None) -> list[dict[str, Any]]:
         with self._lock:
-            return [
-                dict(r)
-                for r in self._deliveries
-                if delivery_id is None or r["delivery_id"] == delivery_id
-            ]
+            return [dict(r) for r in self._deliveries if delivery_id is None or r["delivery_id"] == delivery_id]
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

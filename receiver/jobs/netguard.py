@@ -160,18 +160,14 @@ class URLPolicy:
         listed = host in self.allowed_hosts
         if scheme == "http" and not listed:
             raise UnsafeURL(
-                f"artifact URL for {host!r} is plain http; only https is allowed unless the host is "
-                "in RECEIVER_ARTIFACT_HOSTS"
+                f"artifact URL for {host!r} is plain http; only https is allowed unless the host is in RECEIVER_ARTIFACT_HOSTS"
             )
         if listed:
             return
         for ip in _resolve(host, parts.port or (443 if scheme == "https" else 80)):
             why = address_refusal(ip)
             if why is not None:
-                raise UnsafeURL(
-                    f"artifact host {host!r} resolves to {ip}, {why}; list it in RECEIVER_ARTIFACT_HOSTS "
-                    "to allow it"
-                )
+                raise UnsafeURL(f"artifact host {host!r} resolves to {ip}, {why}; list it in RECEIVER_ARTIFACT_HOSTS to allow it")
 
     def pool_manager(self, *, num_pools: int = 16, maxsize: int = 8) -> PoolManager:
         """A urllib3 pool for artifact downloads, separate from the API client's.

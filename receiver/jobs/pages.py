@@ -11,7 +11,7 @@ final key before the last page is in.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from collections.abc import Callable
 
 from ..batchrouter import BatchRouterClient
 from ..errors import BadRequest, IncompleteDownload, UnexpectedResponse

@@ -49,8 +49,8 @@ from ..errors import (
     TransferError,
 )
 from ..layout import suffix_for
-from .netguard import URLPolicy
 from ..storage.base import Writer
+from .netguard import URLPolicy
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +164,7 @@ class Downloader:
                 _close(response)
                 refreshes += 1
                 if refreshes > self._max_refreshes:
-                    raise ArtifactExpired(
-                        f"artifact host {host!r} answered {status} after {self._max_refreshes} fresh URLs"
-                    )
+                    raise ArtifactExpired(f"artifact host {host!r} answered {status} after {self._max_refreshes} fresh URLs")
                 url = get_url()
                 continue
             if status == 404:
@@ -290,9 +288,7 @@ class _State:
             self._sink = _Sink(self.writer, before_write=self._lines.feed)
             return skip
         # A resumed request must be for the same object, or the stored bytes would be a splice.
-        if (size is not None and self.size is not None and size != self.size) or (
-            etag and self.etag and etag != self.etag
-        ):
+        if (size is not None and self.size is not None and size != self.size) or (etag and self.etag and etag != self.etag):
             raise DownloadFailed("the artifact changed while it was being downloaded")
         if self.size is None:
             self.size = size
@@ -314,9 +310,7 @@ class _State:
         written = self.writer.bytes_written
         if written != self.received or (self.size is not None and written != self.size):
             raise IncompleteDownload(f"stored {written} bytes of the {self.size or self.received} promised")
-        return TransferResult(
-            bytes=written, sha256=self._sha256.hexdigest(), lines=self._lines.finish(), suffix=self.suffix
-        )
+        return TransferResult(bytes=written, sha256=self._sha256.hexdigest(), lines=self._lines.finish(), suffix=self.suffix)
 
     def abort(self) -> None:
         """Stop the sink, then abort the writer (if one was opened); never raises."""
@@ -400,9 +394,7 @@ def _body_failure(exc: Exception, host: str | None, state: _State) -> TransferEr
     if isinstance(exc, ReadTimeoutError):
         return DownloadFailed(f"artifact host {host!r} stalled past the read timeout")
     if isinstance(exc, ProtocolError) and any(isinstance(arg, http.client.IncompleteRead) for arg in exc.args):
-        return IncompleteDownload(
-            f"artifact host {host!r} closed the connection after {state.received} of {state.size} bytes"
-        )
+        return IncompleteDownload(f"artifact host {host!r} closed the connection after {state.received} of {state.size} bytes")
     return DownloadFailed(f"artifact download from {host!r} broke off: {type(exc).__name__}: {exc}")
 
 

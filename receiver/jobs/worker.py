@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import layout
-from . import pages
 from ..batchrouter import ArtifactLinks, Batch, BatchRouterClient
 from ..config import Settings
 from ..errors import (
@@ -34,6 +33,7 @@ from ..errors import (
 )
 from ..ledger import DEAD, STORED, Job, Ledger
 from ..storage import Storage, Writer
+from . import pages
 from .transfer import Downloader, TransferResult
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ class Worker:
 
     @classmethod
     def from_settings(cls, settings: Settings, ledger: Ledger | None = None) -> Worker:
-        from .netguard import URLPolicy
         from ..storage import open_storage
+        from .netguard import URLPolicy
 
         ledger = ledger or Ledger(settings.database_url)
         return cls(
@@ -183,7 +183,9 @@ class Worker:
         if state == DEAD:
             log.error("job %s dead after %d attempts: %s", job.batch_id, job.attempts, message)
         else:
-            log.warning("job %s attempt %d failed, retry in %.1fs: %s", job.batch_id, job.attempts, retry_at - time.time(), message)
+            log.warning(
+                "job %s attempt %d failed, retry in %.1fs: %s", job.batch_id, job.attempts, retry_at - time.time(), message
+            )
         return state
 
     def _process(self, running: _Running, progress: Progress | None) -> None:
@@ -198,7 +200,7 @@ class Worker:
             self._adopt_existing(job, manifest_key)
             return
 
-        stored_at = dt.datetime.fromtimestamp(job.planned_at or time.time(), dt.timezone.utc)
+        stored_at = dt.datetime.fromtimestamp(job.planned_at or time.time(), dt.UTC)
         day = layout.partition_date(stored_at)
         self._clean_earlier_attempts(batch_id, day)
         token = f"{self.owner[-12:]}-{job.attempts}"
@@ -212,7 +214,11 @@ class Worker:
                 source = "results_pages"
                 files.append(
                     self._store(
-                        running, "results", day, token, progress,
+                        running,
+                        "results",
+                        day,
+                        token,
+                        progress,
                         lambda open_writer, on_progress: pages.store_pages(
                             self.client, batch_id, open_writer, on_progress, expected_items=batch.expected_items
                         ),
@@ -254,7 +260,10 @@ class Worker:
         )
         if manifest["counts_match"] is False:
             log.warning(
-                "batch %s stored with %s lines but BatchRouter counts %s items", batch_id, results and results["lines"], batch.expected_items
+                "batch %s stored with %s lines but BatchRouter counts %s items",
+                batch_id,
+                results and results["lines"],
+                batch.expected_items,
             )
         log.info("batch %s stored (%s, %d files)", batch_id, batch.status, len(files))
 
@@ -277,7 +286,11 @@ class Worker:
             return url
 
         return self._store(
-            running, kind, day, token, progress,
+            running,
+            kind,
+            day,
+            token,
+            progress,
             lambda open_writer, on_progress: self.downloader.fetch(get_url, open_writer, on_progress),
         )
 

@@ -80,4 +80,3 @@ def sqlite_pragmas(dbapi_conn: sqlite3.Connection, busy_timeout_seconds: float) 
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_seconds * 1000)}")
     cur.close()
-

@@ -216,11 +216,7 @@ class Ledger:
         """Make `secret` current; every other current secret stays accepted for `grace_seconds`."""
         now = time.time() if now is None else now
         with self._begin() as conn:
-            conn.execute(
-                secrets.update()
-                .where(secrets.c.expires_at.is_(None))
-                .values(expires_at=now + grace_seconds)
-            )
+            conn.execute(secrets.update().where(secrets.c.expires_at.is_(None)).values(expires_at=now + grace_seconds))
             conn.execute(secrets.insert().values(secret=secret, created_at=now, expires_at=None))
         self._secret_cache = None
 
@@ -398,12 +394,8 @@ class Ledger:
         now = time.time() if now is None else now
         with self._connect() as conn:
             by_state = dict(conn.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)).all())
-            retrying = conn.execute(
-                sa.select(sa.func.count()).where(jobs.c.state == FAILED)
-            ).scalar_one()
-            mismatched = conn.execute(
-                sa.select(sa.func.count()).where(jobs.c.counts_match.is_(False))
-            ).scalar_one()
+            retrying = conn.execute(sa.select(sa.func.count()).where(jobs.c.state == FAILED)).scalar_one()
+            mismatched = conn.execute(sa.select(sa.func.count()).where(jobs.c.counts_match.is_(False))).scalar_one()
             stored_bytes = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(jobs.c.bytes), 0))).scalar_one()
             last = conn.execute(
                 sa.select(deliveries.c.received_at, deliveries.c.event_type, deliveries.c.batch_id)

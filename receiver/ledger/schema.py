@@ -95,4 +95,3 @@ class SecretInfo:
     id: int
     created_at: float
     expires_at: float | None
-

@@ -407,7 +407,11 @@ class S3Storage(Storage):
             return self.client
         if self._probe_client is None:
             self._probe_client = make_client(
-                checksum=self.checksum, max_attempts=1, connect_timeout=PROBE_TIMEOUT, read_timeout=PROBE_TIMEOUT, max_pool_connections=2
+                checksum=self.checksum,
+                max_attempts=1,
+                connect_timeout=PROBE_TIMEOUT,
+                read_timeout=PROBE_TIMEOUT,
+                max_pool_connections=2,
             )
         return self._probe_client
 
@@ -417,7 +421,7 @@ class S3Storage(Storage):
         The backstop for writers that died without aborting (a kill -9, a lost machine); the bucket's
         AbortIncompleteMultipartUpload lifecycle rule is the backstop's backstop.
         """
-        cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than_seconds)
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=older_than_seconds)
         paginator = self.client.get_paginator("list_multipart_uploads")
         removed = 0
         with self._errors("ListMultipartUploads"):
@@ -428,9 +432,7 @@ class S3Storage(Storage):
                     continue
                 with self._errors("AbortMultipartUpload", upload["Key"]):
                     try:
-                        self.client.abort_multipart_upload(
-                            Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                        )
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
                     except ClientError as exc:
                         if _code(exc) != "NoSuchUpload":
                             raise

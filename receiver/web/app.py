@@ -17,10 +17,10 @@ from .. import metrics
 from ..config import Settings
 from ..cooperative import blocking_runner
 from ..errors import ConfigError, LedgerUnavailable, ReceiverError, StorageError
-from .hook import bp as ingest_bp
 from ..ledger import Ledger
 from ..logs import configure_logging
 from ..storage import open_storage
+from .hook import bp as ingest_bp
 
 log = logging.getLogger(__name__)
 

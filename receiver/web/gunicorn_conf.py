@@ -71,7 +71,10 @@ class _StalledClientFilter(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, TimeoutError) and record.getMessage().startswith("Socket error"):
             record.msg, record.args, record.exc_info, record.exc_text = (
-                "client stalled past RECEIVER_CLIENT_TIMEOUT_SECONDS; connection closed", (), None, None
+                "client stalled past RECEIVER_CLIENT_TIMEOUT_SECONDS; connection closed",
+                (),
+                None,
+                None,
             )
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True

@@ -16,8 +16,8 @@ from .. import metrics
 from ..config import Settings
 from ..errors import LedgerUnavailable, PayloadError, SignatureError
 from ..ledger import Ledger
-from .schemas import parse_delivery
 from ..signature import HEADER, verify
+from .schemas import parse_delivery
 
 log = logging.getLogger(__name__)
 
