@@ -11,11 +11,7 @@ sees it, and redirects are not followed, so it cannot be carried to another host
 
 from __future__ import annotations
 
-import datetime as dt
-import email.utils
 import json
-import math
-import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -27,6 +23,7 @@ import urllib3
 from urllib3.exceptions import HTTPError as _Urllib3Error
 
 from . import __version__
+from .batch_status import TERMINAL_STATUSES
 from .errors import (
     APIError,
     APITransientError,
@@ -40,10 +37,7 @@ from .errors import (
     RateLimited,
     UnexpectedResponse,
 )
-
-#: Terminal statuses: the documented four (facts §4, docs.batchrouter.com/guides/results/) plus
-#: ``canceled``, the spelling the operator's own tooling reads on the wire (facts §4, S6).
-TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "canceled", "expired"})
+from .retry import backoff, parse_retry_after
 
 #: Named exceptions by status, from the error table at docs.batchrouter.com/reference/errors/ (facts §8).
 _ERRORS_BY_STATUS: dict[int, type[APIError]] = {
@@ -254,7 +248,7 @@ class BatchRouterClient:
                     raise error
                 delay = error.retry_after
             else:
-                delay = min(self._backoff_cap, _BACKOFF_BASE * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                delay = backoff(attempt, base=_BACKOFF_BASE, cap=self._backoff_cap)
             time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -475,30 +469,6 @@ def _error_from_response(response: Any, method: str, path: str, hidden: tuple[st
         details=details,
         retry_after=parse_retry_after(response.headers.get("Retry-After")),
     )
-
-
-def parse_retry_after(value: str | None, *, now: dt.datetime | None = None) -> float | None:
-    """Seconds to wait from a `Retry-After` header: delta-seconds or an HTTP-date (RFC 9110 §10.2.3).
-
-    None when the header is absent or unreadable; never negative.
-    """
-    if value is None or not value.strip():
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        pass
-    else:
-        return max(0.0, seconds) if math.isfinite(seconds) else None
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.UTC)
-    now = now or dt.datetime.now(dt.UTC)
-    return max(0.0, (when - now).total_seconds())
 
 
 def _scrub(text: str, hidden: tuple[str, ...]) -> str:

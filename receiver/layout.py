@@ -1,6 +1,6 @@
-"""Where things live in storage, and the manifest that commits a batch.
+"""Where things live in storage: the keys of results, errors, manifests and files being written.
 
-This is the layout downstream jobs read (contract.md, "Storage layout"); changing a key here breaks
+This is the layout downstream jobs read (docs/architecture.md, "The public interface"); changing a key here breaks
 them. Hive-style `dt=`/`batch_id=` folders let DuckDB, Spark and Athena read the results in place.
 """
 
@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Any
 
-from . import __version__
 from .errors import UnsafeBatchId
 
 #: A batch id is one path segment: letters, digits, `_`, `-`, `.` (not `.`/`..`), at most 200.
@@ -69,48 +67,3 @@ def suffix_for(url_path: str, content_type: str | None, content_encoding: str | 
     if path.endswith(".gz") or "gzip" in ctype or (content_encoding or "").lower() == "gzip":
         return ".jsonl.gz"
     return ".jsonl"
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-def rfc3339(moment: dt.datetime) -> str:
-    return moment.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def build_manifest(
-    *,
-    batch_id: str,
-    status: str,
-    files: list[dict[str, Any]],
-    stored_at: dt.datetime,
-    event_ids: list[str],
-    source: str | None,
-    expected_items: int | None,
-    batch: dict[str, Any],
-) -> dict[str, Any]:
-    """The commit marker: written last, after every file it lists is whole at its final key.
-
-    `source` is ``artifact`` (the signed download), ``results_pages`` (paged through /results when
-    there was no download) or None (a batch that ended without results).
-
-    `counts_match` compares the lines of the results file with the batch's item count; it is None
-    when BatchRouter gave no count or there is no results file.
-    """
-    results = [f for f in files if f["key"].startswith(RESULTS + "/")]
-    counts_match: bool | None = None
-    if expected_items is not None and results:
-        counts_match = results[0]["lines"] == expected_items
-    return {
-        "batch_id": batch_id,
-        "status": status,
-        "files": files,
-        "stored_at": rfc3339(stored_at),
-        "event_ids": sorted(set(event_ids)),
-        "source": source,
-        "expected_items": expected_items,
-        "counts_match": counts_match,
-        "batch": batch,
-        "receiver_version": __version__,
-    }

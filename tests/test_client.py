@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from receiver.batchrouter import ArtifactLinks, BatchRouterClient, parse_retry_after
+from receiver.batchrouter import ArtifactLinks, BatchRouterClient
 from receiver.config import Settings
 from receiver.errors import (
     APIError,
@@ -23,6 +23,7 @@ from receiver.errors import (
     RateLimited,
     UnexpectedResponse,
 )
+from receiver.retry import parse_retry_after
 from tests._httpservers import Canned, LiveServer, ScriptedServer
 
 KEY = "br_live_k3y_that_must_not_leak"

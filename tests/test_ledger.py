@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import datetime as dt
 import time
 
 import pytest
 
 from receiver.ledger import DEAD, FAILED, QUEUED, RUNNING, STORED, Ledger
+from receiver.manifest import Manifest, StoredFile
 
 from ._postgres import postgres_cluster
 
@@ -79,17 +81,7 @@ def test_expired_lease_is_claimed_again_and_old_owner_cannot_finish(ledger):
     second = ledger.claim("w2", 5, now=now + 6)
     assert second is not None and second.attempts == 2 and second.planned_at == first.planned_at
     assert ledger.renew(["bat_1"], "w1", 5) == {"bat_1"}
-    assert not ledger.mark_stored(
-        "bat_1",
-        "w1",
-        batch_status="completed",
-        manifest_key="m",
-        stored_at=now,
-        bytes_=1,
-        lines=1,
-        expected_items=1,
-        counts_match=True,
-    )
+    assert not ledger.mark_stored("bat_1", "w1", _manifest("bat_1", lines=1, expected_items=1))
     assert ledger.job("bat_1")["state"] == RUNNING
 
 
@@ -107,17 +99,7 @@ def test_release_failed_dead_and_revival(ledger):
     assert ledger.stats()["dead"][0]["last_error"] == "gave up"
     assert deliver(ledger, "evt_2").job_queued  # a new terminal event revives a dead job
     job = ledger.claim("w1", 30)
-    assert ledger.mark_stored(
-        "bat_1",
-        "w1",
-        batch_status="completed",
-        manifest_key="m",
-        stored_at=time.time(),
-        bytes_=10,
-        lines=2,
-        expected_items=3,
-        counts_match=False,
-    )
+    assert ledger.mark_stored("bat_1", "w1", _manifest("bat_1", lines=2, expected_items=3))
     assert not deliver(ledger, "evt_3").job_queued  # a stored batch is never queued again
     assert not ledger.enqueue("bat_1")
     stats = ledger.stats()
@@ -200,3 +182,17 @@ def test_a_group_tells_new_deliveries_from_ones_recorded_before(ledger):
         else:
             assert outcomes == ["accepted"] * 10 + ["duplicate"] * 10
             assert [item.result.job_queued for item in group[:10]] == [i == terminal_at for i in range(10)]
+
+
+def _manifest(batch_id: str, *, lines: int, expected_items: int) -> Manifest:
+    results = StoredFile(key=f"results/dt=2026-01-01/batch_id={batch_id}/results.jsonl", bytes=10, sha256="0" * 64, lines=lines)
+    return Manifest(
+        batch_id=batch_id,
+        status="completed",
+        files=(results,),
+        stored_at=dt.datetime.now(dt.UTC),
+        event_ids=(),
+        source="artifact",
+        expected_items=expected_items,
+        batch={"id": batch_id},
+    )

@@ -350,7 +350,11 @@ def test_fetch_ls_cat_status(emulator, receiver_env, tmp_path):
 
     missing = run_cli(receiver_env, "fetch", "bat_unknown_to_batchrouter")
     assert missing.returncode == 1
-    assert b"bat_unknown_to_batchrouter" in missing.stderr
+    assert b"bat_unknown_to_batchrouter: BatchRouter does not know this batch (404)" in missing.stderr
+    # A mistyped id leaves nothing behind: no dead row in `ls` or `status`.
+    listing = json.loads(run_cli(receiver_env, "ls", "--json").stdout)
+    assert [r["batch_id"] for r in listing] == [batch_id]
+    assert json.loads(run_cli(receiver_env, "status", "--json").stdout)["jobs"]["dead"] == 0
 
 
 def test_bad_setting_is_one_line_and_exit_2(receiver_env):

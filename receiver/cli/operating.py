@@ -7,13 +7,16 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .. import layout
 from ..errors import ConfigError, ObjectNotFound, ReceiverError
 from ._common import ConfigurationError, Failure, iso, load_settings, open_ledger
+
+if TYPE_CHECKING:
+    from ..jobs.worker import Worker
 
 
 @click.command()
@@ -44,24 +47,19 @@ def fetch(batch_ids: tuple[str, ...]) -> None:
         raise Failure(f"{len(failed)} of {len(batch_ids)} batches not stored: {', '.join(failed)}")
 
 
-def _fetch_one(runner: Any, batch_id: str) -> bool:
-    from ..ledger import DEAD, STORED
+def _fetch_one(runner: Worker, batch_id: str) -> bool:
+    from ..ledger import STORED
 
-    runner.ledger.enqueue(batch_id, origin="fetch")
-    while True:
-        row = runner.ledger.job(batch_id)
-        if row["state"] == STORED:
-            click.echo(f"{batch_id}: stored ({row['batch_status']}) {row['manifest_key']}")
-            return True
-        if row["state"] == DEAD:
-            click.echo(f"{batch_id}: failed: {row['last_error']}", err=True)
-            return False
-        job = runner.ledger.claim(runner.owner, runner.settings.lease_seconds, batch_id=batch_id)
-        if job is None:  # another worker holds it, or its retry is not due yet
-            time.sleep(0.5)
-            continue
-        with _progress(batch_id) as progress:
-            runner.run_job(job, progress)
+    with _progress(batch_id) as progress:
+        row = runner.run_batch(batch_id, progress)
+    if row is None:
+        click.echo(f"{batch_id}: BatchRouter does not know this batch (404)", err=True)
+        return False
+    if row["state"] == STORED:
+        click.echo(f"{batch_id}: stored ({row['batch_status']}) {row['manifest_key']}")
+        return True
+    click.echo(f"{batch_id}: failed: {row['last_error']}", err=True)
+    return False
 
 
 class _progress:

@@ -25,7 +25,6 @@ import hashlib
 import http.client
 import logging
 import queue
-import random
 import re
 import threading
 import time
@@ -39,7 +38,6 @@ from urllib3.exceptions import HTTPError as _Urllib3Error
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 
 from .. import __version__
-from ..batchrouter import parse_retry_after
 from ..errors import (
     ArtifactExpired,
     ArtifactMissing,
@@ -49,6 +47,7 @@ from ..errors import (
     TransferError,
 )
 from ..layout import suffix_for
+from ..retry import backoff, parse_retry_after
 from ..storage.base import Writer
 from .netguard import URLPolicy
 
@@ -223,7 +222,7 @@ class Downloader:
         if retry_after is not None:
             delay = min(retry_after, RETRY_AFTER_CAP)
         else:
-            delay = min(_BACKOFF_CAP, _BACKOFF_BASE * 2 ** (failures - 1)) * random.uniform(0.5, 1.0)
+            delay = backoff(failures, base=_BACKOFF_BASE, cap=_BACKOFF_CAP)
         log.info("artifact download: %s; resuming in %.1fs (%d/%d)", error, delay, failures, self._max_resumes)
         time.sleep(delay)
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
+import enum
 import logging
-import random
 import signal
 import threading
 import time
@@ -25,6 +24,7 @@ from ..batchrouter import ArtifactLinks, Batch, BatchRouterClient
 from ..config import Settings
 from ..errors import (
     ArtifactUnavailable,
+    BatchNotFound,
     BatchNotTerminal,
     JobCancelled,
     LeaseLost,
@@ -32,6 +32,8 @@ from ..errors import (
     ReceiverError,
 )
 from ..ledger import DEAD, STORED, Job, Ledger
+from ..manifest import Manifest, StoredFile
+from ..retry import backoff
 from ..storage import Storage, Writer
 from . import pages
 from .transfer import Downloader, TransferResult
@@ -41,13 +43,26 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int | None], None]
 
 
+class Stop(enum.Enum):
+    """Why a job in hand was stopped before it finished."""
+
+    #: SIGTERM or stop(): give the job back, untouched, for the next worker.
+    SHUTDOWN = "shutting down"
+    #: The heartbeat could not renew the lease: another worker may hold the job; publish nothing.
+    LEASE_LOST = "lease lost"
+
+
 @dataclasses.dataclass
 class _Running:
     """A job in hand: its cancel flag is set on SIGTERM (release) or when its lease is lost."""
 
     job: Job
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
-    reason: str = ""
+    reason: Stop | None = None
+
+    def stop(self, reason: Stop) -> None:
+        self.reason = self.reason or reason
+        self.cancel.set()
 
 
 class Worker:
@@ -117,12 +132,12 @@ class Worker:
                     self.stopping.wait(self.poll_interval)
                     continue
                 pool.submit(self._run_in_slot, job)
-            self._cancel_all("shutting down")
+            self._cancel_all(Stop.SHUTDOWN)
         log.info("worker %s stopped", self.owner)
 
     def stop(self) -> None:
         self.stopping.set()
-        self._cancel_all("shutting down")
+        self._cancel_all(Stop.SHUTDOWN)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: stop claiming, give back leases, abort unfinished uploads."""
@@ -144,6 +159,23 @@ class Worker:
 
     # --- one job ----------------------------------------------------------------------------------
 
+    def run_batch(self, batch_id: str, progress: Progress | None = None) -> dict[str, Any] | None:
+        """Queue `batch_id` and run it on this thread until it is stored or dead (`receiver fetch`).
+
+        Returns the job's final row, or None when BatchRouter does not know the batch (the row a
+        fetch created for it is gone again). A job another worker holds is waited for, not taken.
+        """
+        self.ledger.enqueue(batch_id, origin="fetch")
+        while True:
+            row = self.ledger.job(batch_id)
+            if row is None or row["state"] in (STORED, DEAD):
+                return row
+            job = self.ledger.claim(self.owner, self.settings.lease_seconds, batch_id=batch_id)
+            if job is None:  # another worker holds it, or its retry is not due yet
+                self.stopping.wait(self.poll_interval)
+                continue
+            self.run_job(job, progress)
+
     def run_job(self, job: Job, progress: Progress | None = None) -> str:
         """Run a claimed job to `stored`, `failed` (retry later), `dead`, or release it."""
         running = _Running(job)
@@ -152,12 +184,12 @@ class Worker:
         try:
             self._process(running, progress)
             return STORED
+        except LeaseLost:
+            log.warning("job %s: lease lost to another worker; dropped without publishing", job.batch_id)
+            return "lost"
         except JobCancelled:
-            if running.reason == "lease lost":
-                log.warning("job %s: lease lost to another worker; dropped without publishing", job.batch_id)
-                return "lost"
             self.ledger.release(job.batch_id, self.owner)
-            log.info("job %s released (%s)", job.batch_id, running.reason)
+            log.info("job %s released (%s)", job.batch_id, running.reason and running.reason.value)
             return "released"
         except ReceiverError as exc:
             return self._failed(job, exc)
@@ -170,12 +202,17 @@ class Worker:
 
     def _failed(self, job: Job, exc: BaseException) -> str:
         message = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, BatchNotFound) and job.origin == "fetch":
+            # Asked for by hand and unknown to BatchRouter (a typo, another account): nothing to
+            # keep, and a permanent dead row would only clutter `ls` and `status`.
+            self.ledger.forget_job(job.batch_id, self.owner)
+            log.error("job %s: %s; forgotten", job.batch_id, message)
+            return "forgotten"
         transient = getattr(exc, "transient", True)
         if transient and job.attempts < self.settings.max_attempts:
             delay = getattr(exc, "retry_after", None)
             if delay is None:
-                delay = min(self.settings.retry_cap_seconds, self.settings.retry_base_seconds * 2 ** (job.attempts - 1))
-                delay *= random.uniform(0.8, 1.2)
+                delay = backoff(job.attempts, base=self.settings.retry_base_seconds, cap=self.settings.retry_cap_seconds)
             retry_at = time.time() + min(delay, 3600.0)
         else:
             retry_at = None
@@ -204,7 +241,7 @@ class Worker:
         day = layout.partition_date(stored_at)
         self._clean_earlier_attempts(batch_id, day)
         token = f"{self.owner[-12:]}-{job.attempts}"
-        files: list[dict[str, Any]] = []
+        files: list[StoredFile] = []
         source: str | None = None
         if batch.completed:
             try:
@@ -231,45 +268,34 @@ class Worker:
                     files.append(self._download(running, links, "errors", day, token, progress))
 
         self._check(running)
-        manifest = layout.build_manifest(
+        manifest = Manifest(
             batch_id=batch_id,
             status=batch.status,
-            files=files,
+            files=tuple(files),
             stored_at=stored_at,
-            event_ids=self.ledger.event_ids(batch_id),
+            event_ids=tuple(self.ledger.event_ids(batch_id)),
             source=source,
             expected_items=batch.expected_items,
             batch=batch.raw,
         )
-        body = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
-        if not self.storage.put_if_absent(manifest_key, body):
+        if not self.storage.put_if_absent(manifest_key, manifest.to_bytes()):
             log.info("job %s: manifest already published by another worker", batch_id)
             self._adopt_existing(job, manifest_key)
             return
-        results = next((f for f in files if f["key"].startswith(layout.RESULTS + "/")), None)
-        self.ledger.mark_stored(
-            batch_id,
-            self.owner,
-            batch_status=batch.status,
-            manifest_key=manifest_key,
-            stored_at=stored_at.timestamp(),
-            bytes_=sum(f["bytes"] for f in files),
-            lines=results["lines"] if results else None,
-            expected_items=batch.expected_items,
-            counts_match=manifest["counts_match"],
-        )
-        if manifest["counts_match"] is False:
+        self.ledger.mark_stored(batch_id, self.owner, manifest)
+        if manifest.counts_match is False:
+            results = manifest.results
             log.warning(
                 "batch %s stored with %s lines but BatchRouter counts %s items",
                 batch_id,
-                results and results["lines"],
+                results and results.lines,
                 batch.expected_items,
             )
         log.info("batch %s stored (%s, %d files)", batch_id, batch.status, len(files))
 
     def _download(
         self, running: _Running, links: ArtifactLinks, kind: str, day: str, token: str, progress: Progress | None
-    ) -> dict[str, Any]:
+    ) -> StoredFile:
         """Stream one artifact (results or errors) to its final key; returns its manifest entry."""
         batch_id = running.job.batch_id
         first = links.results_url if kind == "results" else links.errors_url
@@ -302,7 +328,7 @@ class Worker:
         token: str,
         progress: Progress | None,
         fetch: Callable[[Callable[[str, int | None], Writer], Progress], tuple[Writer, TransferResult]],
-    ) -> dict[str, Any]:
+    ) -> StoredFile:
         """Run `fetch` (a download or the results pages) into the writer for `kind`'s final key,
         commit it unless the job was cancelled meanwhile, and return its manifest entry."""
         batch_id = running.job.batch_id
@@ -343,32 +369,19 @@ class Worker:
 
     def _adopt_existing(self, job: Job, manifest_key: str) -> None:
         """The batch is already published (an earlier attempt, or another worker): record it."""
-        manifest = json.loads(self.storage.get_bytes(manifest_key))
-        results = next((f for f in manifest.get("files", []) if f["key"].startswith(layout.RESULTS + "/")), None)
-        stored_at = dt.datetime.fromisoformat(manifest["stored_at"].replace("Z", "+00:00")).timestamp()
-        self.ledger.mark_stored(
-            job.batch_id,
-            self.owner,
-            batch_status=manifest.get("status", ""),
-            manifest_key=manifest_key,
-            stored_at=stored_at,
-            bytes_=sum(f.get("bytes", 0) for f in manifest.get("files", [])),
-            lines=results["lines"] if results else None,
-            expected_items=manifest.get("expected_items"),
-            counts_match=manifest.get("counts_match"),
-        )
+        manifest = Manifest.from_bytes(self.storage.get_bytes(manifest_key))
+        self.ledger.mark_stored(job.batch_id, self.owner, manifest)
 
     def _check(self, running: _Running) -> None:
         if running.cancel.is_set():
-            if running.reason == "lease lost":
+            if running.reason is Stop.LEASE_LOST:
                 raise LeaseLost(f"lease on {running.job.batch_id} lost")
-            raise JobCancelled(running.reason)
+            raise JobCancelled(running.reason.value if running.reason else "cancelled")
 
-    def _cancel_all(self, reason: str) -> None:
+    def _cancel_all(self, reason: Stop) -> None:
         with self._lock:
             for running in self._running.values():
-                running.reason = running.reason or reason
-                running.cancel.set()
+                running.stop(reason)
 
     # --- background duties ------------------------------------------------------------------------
 
@@ -388,8 +401,7 @@ class Worker:
                 for batch_id in lost:
                     running = self._running.get(batch_id)
                     if running is not None:
-                        running.reason = "lease lost"
-                        running.cancel.set()
+                        running.stop(Stop.LEASE_LOST)
 
     def _housekeeping(self) -> None:
         try:
@@ -405,8 +417,8 @@ class Worker:
             log.warning("housekeeping skipped: %s", exc)
 
 
-def _file_entry(key: str, result: TransferResult) -> dict[str, Any]:
-    return {"key": key, "bytes": result.bytes, "sha256": result.sha256, "lines": result.lines}
+def _file_entry(key: str, result: TransferResult) -> StoredFile:
+    return StoredFile(key=key, bytes=result.bytes, sha256=result.sha256, lines=result.lines)
 
 
 __all__ = ["Worker", "Batch"]

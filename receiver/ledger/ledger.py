@@ -24,8 +24,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from .. import layout
 from ..cooperative import BlockingRunner, run_in_place
 from ..errors import LedgerError, LedgerUnavailable
+from ..manifest import Manifest
 from .engine import READ_ONLY, create_engine, describe, sqlite_path
 from .group_commit import GroupCommit, PostgresGroupCommit, SQLiteGroupCommit
 from .schema import (
@@ -291,20 +293,14 @@ class Ledger:
             )
         return set(batch_ids) - held
 
-    def mark_stored(
-        self,
-        batch_id: str,
-        owner: str,
-        *,
-        batch_status: str,
-        manifest_key: str,
-        stored_at: float,
-        bytes_: int | None,
-        lines: int | None,
-        expected_items: int | None,
-        counts_match: bool | None,
-    ) -> bool:
+    def mark_stored(self, batch_id: str, owner: str, manifest: Manifest) -> bool:
+        """Record that `manifest` is published for the batch whose lease `owner` holds.
+
+        False when the lease was lost meanwhile: the manifest is out there (it is the commit
+        marker), and the worker that holds the job now adopts it.
+        """
         now = time.time()
+        results = manifest.results
         with self._begin() as conn:
             return bool(
                 conn.execute(
@@ -316,13 +312,13 @@ class Ledger:
                         lease_expires_at=None,
                         last_error=None,
                         updated_at=now,
-                        stored_at=stored_at,
-                        batch_status=batch_status,
-                        manifest_key=manifest_key,
-                        bytes=bytes_,
-                        lines=lines,
-                        expected_items=expected_items,
-                        counts_match=counts_match,
+                        stored_at=manifest.stored_at.timestamp(),
+                        batch_status=manifest.status,
+                        manifest_key=layout.manifest_key(batch_id),
+                        bytes=manifest.bytes,
+                        lines=results.lines if results else None,
+                        expected_items=manifest.expected_items,
+                        counts_match=manifest.counts_match,
                     )
                 ).rowcount
             )
@@ -345,6 +341,11 @@ class Ledger:
                 )
             )
         return state
+
+    def forget_job(self, batch_id: str, owner: str) -> None:
+        """Delete a job we hold whose batch BatchRouter does not know (a mistyped `receiver fetch`)."""
+        with self._begin() as conn:
+            conn.execute(jobs.delete().where(jobs.c.batch_id == batch_id, jobs.c.lease_owner == owner))
 
     def release(self, batch_id: str, owner: str) -> None:
         """Give a job back untouched (SIGTERM): the next worker starts it at once, no attempt spent."""

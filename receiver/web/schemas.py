@@ -19,13 +19,9 @@ from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
 
+from ..batch_status import TERMINAL_EVENTS, TERMINAL_STATUSES
 from ..errors import PayloadError, UnsafeBatchId
 from ..layout import validate_batch_id
-
-#: Event types that mean the batch reached a terminal status (api-facts §3.3, §4; both spellings).
-TERMINAL_EVENTS = frozenset({"batch.completed", "batch.failed", "batch.cancelled", "batch.canceled", "batch.expired"})
-#: Terminal statuses of GET /v1/batches/{id} (api-facts §4), with the US spelling seen on the wire.
-TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "canceled", "expired"})
 
 
 class _Short(fields.String):
