@@ -12,8 +12,8 @@ import pytest
 
 from receiver.batchrouter import BatchRouterClient
 from receiver.errors import ArtifactUnavailable, BatchNotFound, IncompleteDownload, UnexpectedResponse
-from receiver.jobs.pages import MAX_EMPTY_PAGES, PAGE_LIMIT, store_pages
-from receiver.jobs.transfer import LineCounter
+from receiver.jobs.pages import MAX_EMPTY_PAGES, PAGE_LIMIT, write_pages
+from receiver.jobs.tally import LineCounter
 from receiver.storage.local import LocalStorage
 from tests._httpservers import Canned
 
@@ -42,12 +42,22 @@ def jsonl(items: list[dict]) -> bytes:
 
 
 def read_page(client, **query) -> tuple[bytes, int, str | None]:
-    """The page's body, its rows (counted as its lines, as store_pages does) and its next cursor."""
+    """The page's body, its rows (counted as its lines, as write_pages does) and its next cursor."""
     with client.results_page("bat_1", **query) as page:
         counter = LineCounter()
         body = b"".join(page.chunks)
         counter.feed(body)
         return body, counter.finish(), page.next_cursor
+
+
+def store_pages(client, batch_id, open_writer, progress=None, *, expected_items=None):
+    """As the worker does it: open the `.jsonl` writer, page into it, abort it on failure."""
+    writer = open_writer(".jsonl", None)
+    try:
+        return writer, write_pages(client, batch_id, writer, progress, expected_items=expected_items)
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def store(client, storage):

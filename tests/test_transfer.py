@@ -57,7 +57,7 @@ class MemoryWriter(Writer):
 
 
 class Opener:
-    """`open_writer` for fetch: records each call."""
+    """`open_writer` for a download: records each call."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, int | None]] = []
@@ -71,7 +71,7 @@ class Opener:
 
 
 class UrlSource:
-    """`get_url` for fetch: a fresh signed URL each call (`?sig=1`, `?sig=2`, ...)."""
+    """`get_url` for a download: a fresh signed URL each call (`?sig=1`, `?sig=2`, ...)."""
 
     def __init__(self, base: str) -> None:
         self.base = base
@@ -86,6 +86,18 @@ def downloader(**kwargs) -> Downloader:
     kwargs.setdefault("block_size", 256 * 1024)
     kwargs.setdefault("read_timeout", 5)
     return Downloader(kwargs.pop("policy", LISTED), **kwargs)
+
+
+def fetch(dl: Downloader, get_url, open_writer, progress=None) -> tuple[MemoryWriter, TransferResult]:
+    """As the worker does it: open the download, open a writer for what it answered, stream into
+    it, abort the writer on failure."""
+    with dl.open(get_url) as download:
+        writer = open_writer(download.suffix, download.size)
+        try:
+            return writer, download.stream_into(writer, progress)
+        except BaseException:
+            writer.abort()
+            raise
 
 
 def serve(artifacts: dict[str, Artifact], *faults: Fault, ranges: bool = True) -> tuple[ArtifactServer, LiveServer]:
@@ -117,8 +129,8 @@ def test_plain_artifact_is_stored_exactly_with_hash_and_lines() -> None:
     opener = Opener()
     sizes: list[int] = []
     with server:
-        writer, result = downloader().fetch(
-            UrlSource(server.url + "/results.jsonl"), opener, lambda done, total: sizes.append(done)
+        writer, result = fetch(
+            downloader(), UrlSource(server.url + "/results.jsonl"), opener, lambda done, total: sizes.append(done)
         )
     assert_exact(writer, result, BODY, 20_000)
     assert result.suffix == ".jsonl"
@@ -132,7 +144,7 @@ def test_plain_artifact_is_stored_exactly_with_hash_and_lines() -> None:
 def test_line_count_counts_a_last_line_without_newline(body: bytes, lines: int) -> None:
     _, server = serve({"/r.jsonl": Artifact(body)})
     with server:
-        writer, result = downloader().fetch(UrlSource(server.url + "/r.jsonl"), Opener())
+        writer, result = fetch(downloader(), UrlSource(server.url + "/r.jsonl"), Opener())
     assert_exact(writer, result, body, lines)
 
 
@@ -142,7 +154,7 @@ def test_gzip_artifact_keeps_compressed_bytes_and_counts_decompressed_lines() ->
     app, server = serve({"/results.jsonl.gz": Artifact(body, content_type="application/gzip")})
     opener = Opener()
     with server:
-        writer, result = downloader(block_size=64 * 1024).fetch(UrlSource(server.url + "/results.jsonl.gz"), opener)
+        writer, result = fetch(downloader(block_size=64 * 1024), UrlSource(server.url + "/results.jsonl.gz"), opener)
     assert_exact(writer, result, body, 50_000)
     assert result.suffix == ".jsonl.gz"
     assert opener.calls == [(".jsonl.gz", len(body))]
@@ -152,7 +164,7 @@ def test_content_encoding_gzip_is_stored_undecoded_as_jsonl_gz() -> None:
     body = gzip.compress(jsonl(1000))
     _, server = serve({"/results": Artifact(body, content_type="application/x-ndjson", content_encoding="gzip")})
     with server:
-        writer, result = downloader().fetch(UrlSource(server.url + "/results"), Opener())
+        writer, result = fetch(downloader(), UrlSource(server.url + "/results"), Opener())
     assert_exact(writer, result, body, 1000)
     assert result.suffix == ".jsonl.gz"
 
@@ -161,7 +173,7 @@ def test_gzip_artifact_that_does_not_decompress_fails_and_aborts() -> None:
     _, server = serve({"/r.jsonl.gz": Artifact(b"\x1f\x8b\x08\x00garbage-not-deflate" * 100)})
     opener = Opener()
     with server, pytest.raises(CorruptArtifact):
-        downloader().fetch(UrlSource(server.url + "/r.jsonl.gz"), opener)
+        fetch(downloader(), UrlSource(server.url + "/r.jsonl.gz"), opener)
     assert opener.writers[0].aborted
 
 
@@ -172,7 +184,7 @@ def test_dropped_connection_resumes_with_range() -> None:
     app, server = serve({"/results.jsonl": Artifact(BODY)}, Fault("drop", after=300_000))
     opener = Opener()
     with server:
-        writer, result = downloader().fetch(UrlSource(server.url + "/results.jsonl"), opener)
+        writer, result = fetch(downloader(), UrlSource(server.url + "/results.jsonl"), opener)
     assert_exact(writer, result, BODY, 20_000)
     assert len(opener.calls) == 1  # one writer, fed across both responses
     assert [s.headers.get("Range") for s in app.seen] == [None, "bytes=300000-"]
@@ -182,7 +194,7 @@ def test_dropped_connection_resumes_with_range() -> None:
 def test_host_without_range_support_resends_and_the_prefix_is_discarded() -> None:
     app, server = serve({"/results.jsonl": Artifact(BODY)}, Fault("drop", after=300_000), ranges=False)
     with server:
-        writer, result = downloader().fetch(UrlSource(server.url + "/results.jsonl"), Opener())
+        writer, result = fetch(downloader(), UrlSource(server.url + "/results.jsonl"), Opener())
     assert_exact(writer, result, BODY, 20_000)
     assert app.seen[1].headers.get("Range") == "bytes=300000-"
 
@@ -191,7 +203,7 @@ def test_gzip_resume_continues_the_line_count() -> None:
     body = gzip.compress(jsonl(30_000))
     _, server = serve({"/r.jsonl.gz": Artifact(body)}, Fault("drop", after=len(body) // 3), Fault("no-range"))
     with server:
-        writer, result = downloader(block_size=32 * 1024).fetch(UrlSource(server.url + "/r.jsonl.gz"), Opener())
+        writer, result = fetch(downloader(block_size=32 * 1024), UrlSource(server.url + "/r.jsonl.gz"), Opener())
     assert_exact(writer, result, body, 30_000)
 
 
@@ -199,7 +211,7 @@ def test_stalled_host_hits_the_read_timeout_then_resumes() -> None:
     app, server = serve({"/results.jsonl": Artifact(BODY)}, Fault("stall", after=600_000, seconds=4))
     started = time.monotonic()
     with server:
-        writer, result = downloader(read_timeout=0.5).fetch(UrlSource(server.url + "/results.jsonl"), Opener())
+        writer, result = fetch(downloader(read_timeout=0.5), UrlSource(server.url + "/results.jsonl"), Opener())
     assert time.monotonic() - started < 3
     assert_exact(writer, result, BODY, 20_000)
     # Two whole 256 KiB blocks reached the writer before the stall; the partial third is fetched again.
@@ -211,7 +223,7 @@ def test_short_body_never_succeeds_and_the_writer_is_aborted() -> None:
     app, server = serve({"/results.jsonl": Artifact(BODY)}, *faults)
     opener = Opener()
     with server, pytest.raises(IncompleteDownload) as caught:
-        downloader(max_resumes=2).fetch(UrlSource(server.url + "/results.jsonl"), opener)
+        fetch(downloader(max_resumes=2), UrlSource(server.url + "/results.jsonl"), opener)
     assert caught.value.transient
     assert len(app.seen) == 3
     assert opener.writers[0].aborted and not opener.writers[0].committed
@@ -226,7 +238,7 @@ def test_server_errors_are_retried_honouring_retry_after() -> None:
     )
     started = time.monotonic()
     with server:
-        writer, result = downloader().fetch(UrlSource(server.url + "/results.jsonl"), Opener())
+        writer, result = fetch(downloader(), UrlSource(server.url + "/results.jsonl"), Opener())
     assert time.monotonic() - started >= 1.0
     assert_exact(writer, result, BODY, 20_000)
     assert len(app.seen) == 3
@@ -237,7 +249,7 @@ def test_persistent_server_errors_raise_download_failed() -> None:
     _, server = serve({"/results.jsonl": Artifact(BODY)}, *faults)
     opener = Opener()
     with server, pytest.raises(DownloadFailed) as caught:
-        downloader(max_resumes=2).fetch(UrlSource(server.url + "/results.jsonl"), opener)
+        fetch(downloader(max_resumes=2), UrlSource(server.url + "/results.jsonl"), opener)
     assert caught.value.transient
     assert opener.calls == []
 
@@ -249,7 +261,7 @@ def test_403_asks_for_a_fresh_url() -> None:
     app, server = serve({"/results.jsonl": Artifact(BODY)}, Fault("status", status=403))
     source = UrlSource(server.url + "/results.jsonl")
     with server:
-        writer, result = downloader().fetch(source, Opener())
+        writer, result = fetch(downloader(), source, Opener())
     assert_exact(writer, result, BODY, 20_000)
     assert source.calls == 2
     assert [s.raw_uri for s in app.seen] == ["/results.jsonl?sig=1", "/results.jsonl?sig=2"]
@@ -259,7 +271,7 @@ def test_expired_url_mid_download_refreshes_and_resumes() -> None:
     app, server = serve({"/results.jsonl": Artifact(BODY)}, Fault("drop", after=200_000), Fault("status", status=403))
     source = UrlSource(server.url + "/results.jsonl")
     with server:
-        writer, result = downloader().fetch(source, Opener())
+        writer, result = fetch(downloader(), source, Opener())
     assert_exact(writer, result, BODY, 20_000)
     assert source.calls == 2
     assert app.seen[-1].raw_uri.endswith("sig=2") and app.seen[-1].headers.get("Range") == "bytes=200000-"
@@ -270,7 +282,7 @@ def test_url_that_stays_expired_raises_artifact_expired() -> None:
     _, server = serve({"/results.jsonl": Artifact(BODY)}, *faults)
     source = UrlSource(server.url + "/results.jsonl")
     with server, pytest.raises(ArtifactExpired):
-        downloader(max_refreshes=3).fetch(source, Opener())
+        fetch(downloader(max_refreshes=3), source, Opener())
     assert source.calls == 4
 
 
@@ -278,7 +290,7 @@ def test_404_raises_artifact_missing() -> None:
     _, server = serve({})
     opener = Opener()
     with server, pytest.raises(ArtifactMissing):
-        downloader().fetch(UrlSource(server.url + "/gone.jsonl"), opener)
+        fetch(downloader(), UrlSource(server.url + "/gone.jsonl"), opener)
     assert opener.calls == []
 
 
@@ -289,9 +301,9 @@ def test_unlisted_host_is_refused_before_connecting() -> None:
     app, server = serve({"/results.jsonl": Artifact(BODY)})
     with server:
         with pytest.raises(UnsafeURL):
-            downloader(policy=URLPolicy(())).fetch(UrlSource(server.url + "/results.jsonl"), Opener())
+            fetch(downloader(policy=URLPolicy(())), UrlSource(server.url + "/results.jsonl"), Opener())
         with pytest.raises(UnsafeURL):
-            downloader().fetch(UrlSource(f"http://localhost:{server.port}/results.jsonl"), Opener())
+            fetch(downloader(), UrlSource(f"http://localhost:{server.port}/results.jsonl"), Opener())
     assert app.seen == []
 
 
@@ -304,18 +316,18 @@ def test_redirect_to_an_unsafe_place_is_refused(location: str) -> None:
     with server:
         app.faults.append(Fault("redirect", status=302, location=location.format(port=server.port)))
         with pytest.raises(UnsafeURL):
-            downloader().fetch(UrlSource(server.url + "/results.jsonl"), Opener())
+            fetch(downloader(), UrlSource(server.url + "/results.jsonl"), Opener())
     assert len(app.seen) == 1
 
 
 def test_redirect_to_an_allowed_url_is_followed_and_limited() -> None:
     app, server = serve({"/final.jsonl": Artifact(BODY)}, Fault("redirect", status=307, location="/final.jsonl"))
     with server:
-        writer, result = downloader().fetch(UrlSource(server.url + "/results.jsonl"), Opener())
+        writer, result = fetch(downloader(), UrlSource(server.url + "/results.jsonl"), Opener())
         assert_exact(writer, result, BODY, 20_000)
         app.faults.extend(Fault("redirect", status=302, location="/again") for _ in range(6))
         with pytest.raises(DownloadFailed, match="redirected more than 5"):
-            downloader().fetch(UrlSource(server.url + "/results.jsonl"), Opener())
+            fetch(downloader(), UrlSource(server.url + "/results.jsonl"), Opener())
 
 
 # --- the API key never reaches an artifact host -----------------------------------------------------
@@ -339,7 +351,7 @@ def test_artifact_on_the_api_host_never_gets_the_api_key() -> None:
         )
         client = BatchRouterClient(server.url, "br_live_topsecret")
         get_url: Callable[[], str] = lambda: client.get_artifact_links("bat_1").results_url  # noqa: E731
-        writer, result = downloader().fetch(get_url, Opener())
+        writer, result = fetch(downloader(), get_url, Opener())
         client.close()
     assert_exact(writer, result, BODY, 20_000)
     assert all(s.headers.get("Authorization") == "Bearer br_live_topsecret" for s in api.seen)
@@ -355,7 +367,7 @@ def test_an_exception_from_progress_aborts_the_writer() -> None:
         raise RuntimeError("lease lost")
 
     with server, pytest.raises(RuntimeError, match="lease lost"):
-        downloader().fetch(UrlSource(server.url + "/results.jsonl"), opener, progress)
+        fetch(downloader(), UrlSource(server.url + "/results.jsonl"), opener, progress)
     assert opener.writers[0].aborted
 
 
@@ -376,6 +388,6 @@ def test_a_storage_failure_stops_the_download_with_its_own_error() -> None:
 
     app, server = serve({"/results.jsonl": Artifact(BODY)})
     with server, pytest.raises(StorageUnavailable):
-        downloader(block_size=64 * 1024).fetch(UrlSource(server.url + "/results.jsonl"), open_writer)
+        fetch(downloader(block_size=64 * 1024), UrlSource(server.url + "/results.jsonl"), open_writer)
     assert writers[0].aborted
     assert len(app.seen) == 1  # not retried as if the network had failed

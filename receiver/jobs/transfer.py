@@ -28,9 +28,7 @@ import queue
 import re
 import threading
 import time
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 from urllib3 import BaseHTTPResponse, Timeout
@@ -41,7 +39,6 @@ from .. import __version__
 from ..errors import (
     ArtifactExpired,
     ArtifactMissing,
-    CorruptArtifact,
     DownloadFailed,
     IncompleteDownload,
     TransferError,
@@ -50,6 +47,7 @@ from ..layout import suffix_for
 from ..retry import backoff, parse_retry_after
 from ..storage.base import Writer
 from .netguard import URLPolicy
+from .tally import GzipLineCounter, LineCounter, TransferResult
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +57,11 @@ RETRY_AFTER_CAP = 30.0
 #: Backoff before a resume when the host gave no `Retry-After`: short, the host usually recovers fast.
 _BACKOFF_BASE = 0.25
 _BACKOFF_CAP = 4.0
-#: Most decompressed bytes produced at once while counting the lines of a gzip artifact: bounds
-#: memory however well a block compresses.
-_INFLATE_CHUNK = 4 << 20
 
 _REDIRECT = frozenset({301, 302, 303, 307, 308})
 #: What an expired or revoked signed URL looks like: S3 and GCS answer 403, others 401 or 410.
 _EXPIRED = frozenset({401, 403, 410})
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class TransferResult:
-    """What was stored: the figures that go into the manifest."""
-
-    bytes: int
-    sha256: str
-    #: Lines of the text: of the decompressed text for a gzip artifact.
-    lines: int
-    #: ``.jsonl`` or ``.jsonl.gz`` (layout.suffix_for).
-    suffix: str
 
 
 class Downloader:
@@ -106,96 +89,15 @@ class Downloader:
     def close(self) -> None:
         self._pool.clear()
 
-    def fetch(
-        self,
-        get_url: Callable[[], str],
-        open_writer: Callable[[str, int | None], Writer],
-        progress: Callable[[int, int | None], None] | None = None,
-    ) -> tuple[Writer, TransferResult]:
-        """Download the artifact into a writer opened with ``open_writer(suffix, size)``.
+    def open(self, get_url: Callable[[], str]) -> Download:
+        """Request the artifact until its host answers with its first bytes (200 or 206).
 
-        `get_url` is called at the start and again each time the host says the signed URL expired.
-        `progress(received, size)` is called on the caller's thread after each block (`received`
-        may run a few blocks ahead of what the writer has stored); an exception it raises (a lost
-        lease, say) stops the download. The writer is returned uncommitted: the caller commits it.
-        If fetch raises, it has aborted the writer it opened.
+        `get_url` is called now and again each time the host says the signed URL expired. What the
+        answer says (size, suffix) lets the caller open the right writer before any byte is read;
+        :meth:`Download.stream_into` then moves the bytes.
         """
-        state = _State(open_writer, progress)
-        try:
-            self._run(get_url, state)
-            return state.writer, state.result()  # type: ignore[return-value]
-        except BaseException:
-            state.abort()
-            raise
-
-    def _run(self, get_url: Callable[[], str], state: _State) -> None:
-        url = get_url()
-        refreshes = resumes = redirects = 0
-        while True:
-            self._policy.check(url)
-            host = urlsplit(url).hostname
-            headers = dict(self._headers)
-            offset = state.stored()
-            if offset:
-                headers["Range"] = f"bytes={offset}-"
-            try:
-                response = self._pool.urlopen(
-                    "GET", url, headers=headers, timeout=self._timeout, preload_content=False, decode_content=False
-                )
-            except (_Urllib3Error, OSError) as exc:
-                resumes += 1
-                self._pause(resumes, DownloadFailed(f"cannot reach artifact host {host!r}: {type(exc).__name__}"))
-                continue
-
-            status = response.status
-            if status in _REDIRECT:
-                location = response.headers.get("Location")
-                _close(response)
-                redirects += 1
-                if not location:
-                    raise DownloadFailed(f"artifact host {host!r} answered {status} without a Location")
-                if redirects > MAX_REDIRECTS:
-                    raise DownloadFailed(f"artifact download redirected more than {MAX_REDIRECTS} times")
-                url = urljoin(url, location)
-                continue
-            redirects = 0
-            if status in _EXPIRED:
-                _close(response)
-                refreshes += 1
-                if refreshes > self._max_refreshes:
-                    raise ArtifactExpired(f"artifact host {host!r} answered {status} after {self._max_refreshes} fresh URLs")
-                url = get_url()
-                continue
-            if status == 404:
-                _close(response)
-                raise ArtifactMissing(f"artifact host {host!r} answered 404 for the artifact URL")
-            if status == 429 or status >= 500:
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                _close(response)
-                resumes += 1
-                self._pause(resumes, DownloadFailed(f"artifact host {host!r} answered {status}"), retry_after)
-                continue
-            if status not in (200, 206):
-                _close(response)
-                raise DownloadFailed(f"artifact host {host!r} answered an unexpected {status}")
-
-            try:
-                skip = state.begin(response, url)
-                self._copy(response, state, skip)
-            except _Urllib3Error as exc:  # the body broke off: a drop, a stall, a short body, TLS
-                resumes += 1
-                self._pause(resumes, _body_failure(exc, host, state))
-                continue
-            finally:
-                _close(response)
-            if state.size is not None and state.received < state.size:
-                resumes += 1
-                self._pause(
-                    resumes,
-                    IncompleteDownload(f"artifact host {host!r} sent {state.received} of {state.size} bytes"),
-                )
-                continue
-            return
+        requests = _Requests(self, get_url)
+        return Download(self, requests, requests.next_response(offset=0))
 
     def _copy(self, response: BaseHTTPResponse, state: _State, skip: int) -> None:
         """Move the body into the writer, block by block; the hot loop of the whole receiver."""
@@ -227,65 +129,174 @@ class Downloader:
         time.sleep(delay)
 
 
-class _State:
-    """Everything one fetch accumulates across its requests: writer, hash, line count, size."""
+class Download:
+    """An artifact whose host has answered: its size and suffix are known, its body not yet read.
 
-    def __init__(
-        self,
-        open_writer: Callable[[str, int | None], Writer],
-        progress: Callable[[int, int | None], None] | None,
-    ) -> None:
-        self._open_writer = open_writer
+    The caller opens a writer for :attr:`suffix` and :attr:`size` and hands it to
+    :meth:`stream_into`; the writer stays the caller's to commit or abort. Use it as a context
+    manager (or call :meth:`close`) so that an answer never streamed gives its connection back.
+    """
+
+    def __init__(self, downloader: Downloader, requests: _Requests, response: BaseHTTPResponse) -> None:
+        self._downloader = downloader
+        self._requests = requests
+        self._response: BaseHTTPResponse | None = response
+        self.size = _answered_size(response)
+        #: ``.jsonl`` or ``.jsonl.gz`` (layout.suffix_for).
+        self.suffix = suffix_for(
+            urlsplit(requests.url).path, response.headers.get("Content-Type"), response.headers.get("Content-Encoding")
+        )
+        self.etag = response.headers.get("ETag")
+
+    def __enter__(self) -> Download:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._response is not None:
+            _close(self._response)
+            self._response = None
+
+    def stream_into(self, writer: Writer, progress: Callable[[int, int | None], None] | None = None) -> TransferResult:
+        """Write the whole artifact into `writer` (uncommitted), resuming where a request broke off.
+
+        `progress(received, size)` is called on the caller's thread after each block (`received`
+        may run a few blocks ahead of what the writer has stored); an exception it raises (a lost
+        lease, say) stops the download. Whatever this raises, `writer` is left for the caller to
+        abort.
+        """
+        if self._response is None:
+            raise RuntimeError("a Download streams once")
+        state = _State(writer, progress, self)
+        response: BaseHTTPResponse | None = self._response
+        self._response = None
+        requests = self._requests
+        host = urlsplit(requests.url).hostname
+        try:
+            while True:
+                if response is None:
+                    response = requests.next_response(offset=state.stored())
+                    host = urlsplit(requests.url).hostname
+                try:
+                    skip = state.begin(response)
+                    self._downloader._copy(response, state, skip)
+                except _Urllib3Error as exc:  # the body broke off: a drop, a stall, a short body, TLS
+                    requests.pause(_body_failure(exc, host, state))
+                    continue
+                finally:
+                    _close(response)
+                    response = None
+                if state.size is not None and state.received < state.size:
+                    requests.pause(IncompleteDownload(f"artifact host {host!r} sent {state.received} of {state.size} bytes"))
+                    continue
+                return state.result()
+        except BaseException:
+            state.stop()
+            raise
+
+
+class _Requests:
+    """The requests of one download: the current URL, redirects, fresh URLs and resumes so far."""
+
+    def __init__(self, downloader: Downloader, get_url: Callable[[], str]) -> None:
+        self._downloader = downloader
+        self._get_url = get_url
+        self.url = get_url()
+        self._refreshes = self._resumes = 0
+
+    def pause(self, error: TransferError, retry_after: float | None = None) -> None:
+        self._resumes += 1
+        self._downloader._pause(self._resumes, error, retry_after)
+
+    def next_response(self, offset: int) -> BaseHTTPResponse:
+        """GET the artifact from byte `offset` until a 200 or 206 answers; returns it unread."""
+        downloader = self._downloader
+        redirects = 0
+        while True:
+            url = self.url
+            downloader._policy.check(url)
+            host = urlsplit(url).hostname
+            headers = dict(downloader._headers)
+            if offset:
+                headers["Range"] = f"bytes={offset}-"
+            try:
+                response = downloader._pool.urlopen(
+                    "GET", url, headers=headers, timeout=downloader._timeout, preload_content=False, decode_content=False
+                )
+            except (_Urllib3Error, OSError) as exc:
+                self.pause(DownloadFailed(f"cannot reach artifact host {host!r}: {type(exc).__name__}"))
+                continue
+
+            status = response.status
+            if status in _REDIRECT:
+                location = response.headers.get("Location")
+                _close(response)
+                redirects += 1
+                if not location:
+                    raise DownloadFailed(f"artifact host {host!r} answered {status} without a Location")
+                if redirects > MAX_REDIRECTS:
+                    raise DownloadFailed(f"artifact download redirected more than {MAX_REDIRECTS} times")
+                self.url = urljoin(url, location)
+                continue
+            redirects = 0
+            if status in _EXPIRED:
+                _close(response)
+                self._refreshes += 1
+                if self._refreshes > downloader._max_refreshes:
+                    raise ArtifactExpired(
+                        f"artifact host {host!r} answered {status} after {downloader._max_refreshes} fresh URLs"
+                    )
+                self.url = self._get_url()
+                continue
+            if status == 404:
+                _close(response)
+                raise ArtifactMissing(f"artifact host {host!r} answered 404 for the artifact URL")
+            if status == 429 or status >= 500:
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+                _close(response)
+                self.pause(DownloadFailed(f"artifact host {host!r} answered {status}"), retry_after)
+                continue
+            if status not in (200, 206):
+                _close(response)
+                raise DownloadFailed(f"artifact host {host!r} answered an unexpected {status}")
+            return response
+
+
+class _State:
+    """Everything one download accumulates across its requests: hash, line count, size."""
+
+    def __init__(self, writer: Writer, progress: Callable[[int, int | None], None] | None, download: Download) -> None:
+        self.writer = writer
         self._progress = progress
-        self.writer: Writer | None = None
-        self._sink: _Sink | None = None
-        self.suffix = ".jsonl"
-        self.size: int | None = None
-        self.etag: str | None = None
+        self.suffix = download.suffix
+        self.size = download.size
+        self.etag = download.etag
         #: Bytes taken from the network and handed to the sink (the writer may still be behind).
         self.received = 0
         self._sha256 = hashlib.sha256()
-        self._lines: LineCounter = LineCounter()
+        self._lines: LineCounter = GzipLineCounter() if self.suffix.endswith(".gz") else LineCounter()
+        # The line count runs on the sink's thread: bytes.count holds the GIL while the hash and
+        # the socket read on this thread do not, so the two threads overlap.
+        self._sink = _Sink(writer, before_write=self._lines.feed)
+        self._first = True
 
     def stored(self) -> int:
         """Bytes the writer holds, once it has caught up: where a resumed request starts."""
-        if self._sink is None:
-            return 0
         self._sink.drain()
-        assert self.writer is not None
         return self.writer.bytes_written
 
-    def begin(self, response: BaseHTTPResponse, url: str) -> int:
-        """Check a 200/206 against what we hold; open the writer on the first one.
-
-        Returns how many leading bytes of the body to discard (a 200 answering a range request).
-        """
+    def begin(self, response: BaseHTTPResponse) -> int:
+        """Check a 200/206 against what we hold. Returns how many leading bytes of the body to
+        discard (a 200 answering a range request)."""
+        if self._first:
+            self._first = False
+            return 0
         offset = self.stored()
-        skip = 0
-        if response.status == 206:
-            match = _CONTENT_RANGE.fullmatch((response.headers.get("Content-Range") or "").strip())
-            if match is None:
-                raise DownloadFailed("artifact host answered 206 without a usable Content-Range")
-            start = int(match.group(1))
-            if start != offset:
-                raise DownloadFailed(f"artifact host resumed at byte {start}, not at byte {offset}")
-            size = None if match.group(3) == "*" else int(match.group(3))
-        else:
-            skip = offset
-            size = _content_length(response)
+        skip = 0 if response.status == 206 else offset
+        size = _answered_size(response, offset)
         etag = response.headers.get("ETag")
-        if self.writer is None:
-            self.size, self.etag = size, etag
-            self.suffix = suffix_for(
-                urlsplit(url).path, response.headers.get("Content-Type"), response.headers.get("Content-Encoding")
-            )
-            if self.suffix.endswith(".gz"):
-                self._lines = _GzipLineCounter()
-            self.writer = self._open_writer(self.suffix, size)
-            # The line count runs on the sink's thread: bytes.count holds the GIL while the hash
-            # and the socket read on this thread do not, so the two threads overlap.
-            self._sink = _Sink(self.writer, before_write=self._lines.feed)
-            return skip
         # A resumed request must be for the same object, or the stored bytes would be a splice.
         if (size is not None and self.size is not None and size != self.size) or (etag and self.etag and etag != self.etag):
             raise DownloadFailed("the artifact changed while it was being downloaded")
@@ -294,7 +305,6 @@ class _State:
         return skip
 
     def feed(self, block: bytes) -> None:
-        assert self._sink is not None
         if self.size is not None and self.received + len(block) > self.size:
             raise DownloadFailed(f"artifact host sent more than the {self.size} bytes it promised")
         self._sha256.update(block)
@@ -304,22 +314,15 @@ class _State:
             self._progress(self.received, self.size)
 
     def result(self) -> TransferResult:
-        assert self.writer is not None and self._sink is not None
         self._sink.close()
         written = self.writer.bytes_written
         if written != self.received or (self.size is not None and written != self.size):
             raise IncompleteDownload(f"stored {written} bytes of the {self.size or self.received} promised")
         return TransferResult(bytes=written, sha256=self._sha256.hexdigest(), lines=self._lines.finish(), suffix=self.suffix)
 
-    def abort(self) -> None:
-        """Stop the sink, then abort the writer (if one was opened); never raises."""
-        if self._sink is not None:
-            self._sink.close(discard=True)
-        if self.writer is not None:
-            try:
-                self.writer.abort()
-            except Exception:
-                log.warning("could not abort the writer of a failed download", exc_info=True)
+    def stop(self) -> None:
+        """Stop the sink and drop what it holds; never raises. The writer is the caller's."""
+        self._sink.close(discard=True)
 
 
 class _Sink:
@@ -397,6 +400,22 @@ def _body_failure(exc: Exception, host: str | None, state: _State) -> TransferEr
     return DownloadFailed(f"artifact download from {host!r} broke off: {type(exc).__name__}: {exc}")
 
 
+def _answered_size(response: BaseHTTPResponse, offset: int = 0) -> int | None:
+    """The whole artifact's size as a 200 (Content-Length) or a 206 (Content-Range) gives it.
+
+    A 206 must start at `offset`, the bytes already held: anything else would splice the file.
+    """
+    if response.status != 206:
+        return _content_length(response)
+    match = _CONTENT_RANGE.fullmatch((response.headers.get("Content-Range") or "").strip())
+    if match is None:
+        raise DownloadFailed("artifact host answered 206 without a usable Content-Range")
+    start = int(match.group(1))
+    if start != offset:
+        raise DownloadFailed(f"artifact host resumed at byte {start}, not at byte {offset}")
+    return None if match.group(3) == "*" else int(match.group(3))
+
+
 def _content_length(response: BaseHTTPResponse) -> int | None:
     value = response.headers.get("Content-Length")
     if value is None or not value.strip().isdigit():
@@ -408,57 +427,3 @@ def _close(response: BaseHTTPResponse) -> None:
     """Close a response and give its pool slot back; an unread body (a 403 page, say) is not read."""
     response.close()
     response.release_conn()
-
-
-class LineCounter:
-    """Counts lines fed in blocks: newlines, plus one for a last line without a newline."""
-
-    def __init__(self) -> None:
-        self.newlines = 0
-        self.last = b"\n"
-
-    def feed(self, block: bytes) -> None:
-        if block:
-            self.newlines += block.count(b"\n")
-            self.last = block[-1:]
-
-    def finish(self) -> int:
-        return self.newlines + (self.last != b"\n")
-
-
-class _GzipLineCounter(LineCounter):
-    """Counts the lines of the decompressed text of gzip bytes, streaming, in bounded memory.
-
-    The compressed bytes are what is stored; this only reads them. A file of several gzip members
-    (RFC 1952 §2.2, what ``cat a.gz b.gz`` makes) is counted whole.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._inflate = zlib.decompressobj(wbits=31)
-        self._seen_input = False
-
-    def feed(self, block: bytes) -> None:
-        data = block
-        self._seen_input = self._seen_input or bool(block)
-        try:
-            while True:
-                if self._inflate.eof:
-                    if not data:
-                        return
-                    self._inflate = zlib.decompressobj(wbits=31)  # the next member
-                out = self._inflate.decompress(data, _INFLATE_CHUNK)
-                super().feed(out)
-                if self._inflate.eof:
-                    data = self._inflate.unused_data
-                    continue
-                data = self._inflate.unconsumed_tail
-                if not data and len(out) < _INFLATE_CHUNK:
-                    return
-        except zlib.error as exc:
-            raise CorruptArtifact(f"the gzip artifact does not decompress: {exc}") from None
-
-    def finish(self) -> int:
-        if self._seen_input and not self._inflate.eof:
-            raise CorruptArtifact("the gzip artifact ends in the middle of its compressed stream")
-        return super().finish()

@@ -249,16 +249,15 @@ class Worker:
             except ArtifactUnavailable as exc:
                 log.info("job %s: no signed download (%s); paging through its results", batch_id, exc)
                 source = "results_pages"
+                writer = self.storage.open_writer(layout.results_key(batch_id, day), token=token)
                 files.append(
                     self._store(
                         running,
-                        "results",
-                        day,
-                        token,
-                        progress,
-                        lambda open_writer, on_progress: pages.store_pages(
-                            self.client, batch_id, open_writer, on_progress, expected_items=batch.expected_items
+                        writer,
+                        lambda writer, on_progress: pages.write_pages(
+                            self.client, batch_id, writer, on_progress, expected_items=batch.expected_items
                         ),
+                        progress,
                     )
                 )
             else:
@@ -311,39 +310,29 @@ class Worker:
                 raise BatchNotTerminal(f"artifact-url no longer names a {kind} file for {batch_id}")
             return url
 
-        return self._store(
-            running,
-            kind,
-            day,
-            token,
-            progress,
-            lambda open_writer, on_progress: self.downloader.fetch(get_url, open_writer, on_progress),
-        )
+        key_for = layout.results_key if kind == "results" else layout.errors_key
+        with self.downloader.open(get_url) as download:
+            writer = self.storage.open_writer(key_for(batch_id, day, download.suffix), token=token, size_hint=download.size)
+            return self._store(running, writer, download.stream_into, progress)
 
     def _store(
         self,
         running: _Running,
-        kind: str,
-        day: str,
-        token: str,
+        writer: Writer,
+        write: Callable[[Writer, Progress], TransferResult],
         progress: Progress | None,
-        fetch: Callable[[Callable[[str, int | None], Writer], Progress], tuple[Writer, TransferResult]],
     ) -> StoredFile:
-        """Run `fetch` (a download or the results pages) into the writer for `kind`'s final key,
-        commit it unless the job was cancelled meanwhile, and return its manifest entry."""
-        batch_id = running.job.batch_id
-        key_for = layout.results_key if kind == "results" else layout.errors_key
-
-        def open_writer(suffix: str, size: int | None) -> Writer:
-            return self.storage.open_writer(key_for(batch_id, day, suffix), token=token, size_hint=size)
+        """Run `write` (a download or the results pages) into `writer`, commit it unless the job
+        was cancelled meanwhile, and return its manifest entry. The writer is ours alone to commit
+        or abort."""
 
         def on_progress(done: int, total: int | None) -> None:
             self._check(running)
             if progress is not None:
                 progress(done, total)
 
-        writer, result = fetch(open_writer, on_progress)
         try:
+            result = write(writer, on_progress)
             self._check(running)
             writer.commit()
         except BaseException:
