@@ -310,7 +310,8 @@ def _expected_items(raw: dict[str, Any]) -> int | None:
     ``item_count`` is documented (docs.batchrouter.com/guides/results/); ``counts.total`` is what the
     operator's tooling reads (facts §4, S6); ``items_total`` is the older webhook docs' name (S4).
     """
-    counts = raw.get("counts") if isinstance(raw.get("counts"), dict) else {}
+    found = raw.get("counts")
+    counts: dict[str, Any] = found if isinstance(found, dict) else {}
     for value in (raw.get("item_count"), counts.get("total"), counts.get("items_total"), raw.get("items_total")):
         number = _count(value)
         if number is not None:

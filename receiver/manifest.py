@@ -71,7 +71,7 @@ class Manifest:
         return next((f for f in self.files if f.is_results), None)
 
     @property
-    def bytes(self) -> int:
+    def total_bytes(self) -> int:
         return sum(f.bytes for f in self.files)
 
     @property

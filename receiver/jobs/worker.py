@@ -217,7 +217,7 @@ class Worker:
         else:
             retry_at = None
         state = self.ledger.mark_failed(job.batch_id, self.owner, message, retry_at=retry_at)
-        if state == DEAD:
+        if retry_at is None:
             log.error("job %s dead after %d attempts: %s", job.batch_id, job.attempts, message)
         else:
             log.warning(

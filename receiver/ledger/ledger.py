@@ -315,7 +315,7 @@ class Ledger:
                         stored_at=manifest.stored_at.timestamp(),
                         batch_status=manifest.status,
                         manifest_key=layout.manifest_key(batch_id),
-                        bytes=manifest.bytes,
+                        bytes=manifest.total_bytes,
                         lines=results.lines if results else None,
                         expected_items=manifest.expected_items,
                         counts_match=manifest.counts_match,
@@ -394,7 +394,7 @@ class Ledger:
         """Queue depth, retries, failures and the last delivery, for `receiver status` and metrics."""
         now = time.time() if now is None else now
         with self._connect() as conn:
-            by_state = dict(conn.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)).all())
+            by_state: dict[str, int] = dict(conn.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)).all())
             retrying = conn.execute(sa.select(sa.func.count()).where(jobs.c.state == FAILED)).scalar_one()
             mismatched = conn.execute(sa.select(sa.func.count()).where(jobs.c.counts_match.is_(False))).scalar_one()
             stored_bytes = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(jobs.c.bytes), 0))).scalar_one()
