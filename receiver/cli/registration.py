@@ -219,80 +219,11 @@ def _check_storage(storage: Any, result: Checklist) -> bool:
         result.fail("storage", f"not writable: {type(exc).__name__}: {exc}")
         return False
     result.add(OK, "storage writable", storage.url)
-    client = getattr(storage, "client", None)
-    bucket = getattr(storage, "bucket", None)
-    if client is not None and isinstance(bucket, str):
-        status, detail = check_s3_abort_rule(client, bucket, getattr(storage, "prefix", "") or "")
-        result.add(status, "bucket aborts incomplete multipart uploads", detail)
+    abort_rule = storage.check_abort_rule()
+    if abort_rule is not None:
+        found, detail = abort_rule
+        result.add(OK if found else WARN, "bucket aborts incomplete multipart uploads", detail)
     return True
-
-
-def check_s3_abort_rule(client: Any, bucket: str, prefix: str) -> tuple[str, str]:
-    """(OK or WARN, detail): whether a lifecycle rule aborts multipart uploads under `prefix`.
-
-    The receiver aborts its own uploads, but a killed process leaves parts that S3 bills for until
-    a lifecycle rule's AbortIncompleteMultipartUpload removes them (S3 User Guide, "Configuring a
-    bucket lifecycle configuration to delete incomplete multipart uploads"). Never fatal.
-    """
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        config = client.get_bucket_lifecycle_configuration(Bucket=bucket)
-        rules = config.get("Rules", [])
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code != "NoSuchLifecycleConfiguration":
-            return (
-                WARN,
-                f"could not read the lifecycle of bucket {bucket} ({code or exc}); it needs s3:GetLifecycleConfiguration to be checked",
-            )
-        rules = []
-    except BotoCoreError as exc:
-        return WARN, f"could not read the lifecycle of bucket {bucket}: {exc}"
-    for rule in rules:
-        if rule.get("Status") != "Enabled" or "AbortIncompleteMultipartUpload" not in rule:
-            continue
-        rule_prefix = _rule_prefix(rule)
-        if rule_prefix is not None and prefix.startswith(rule_prefix.rstrip("/")):
-            days = rule["AbortIncompleteMultipartUpload"].get("DaysAfterInitiation")
-            return OK, f"rule {rule.get('ID') or '(unnamed)'} aborts them after {days} day(s)"
-    scope = f"{prefix}/" if prefix else ""
-    fix = json.dumps(
-        {
-            "Rules": [
-                {
-                    "ID": "abort-incomplete-multipart-uploads",
-                    "Status": "Enabled",
-                    "Filter": {"Prefix": scope},
-                    "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
-                }
-            ]
-        },
-        separators=(",", ":"),
-    )
-    return WARN, (
-        f"no lifecycle rule of bucket {bucket} aborts incomplete multipart uploads"
-        f"{' under ' + scope if scope else ''}; parts of a killed upload are billed until one does. Fix: "
-        f"deploy infra/cloudformation/bucket.yaml, or add the rule (merged with any existing ones, since "
-        f"this call replaces them): aws s3api put-bucket-lifecycle-configuration --bucket {bucket} "
-        f"--lifecycle-configuration '{fix}'"
-    )
-
-
-def _rule_prefix(rule: dict[str, Any]) -> str | None:
-    """The key prefix a lifecycle rule applies to ('' for the whole bucket), None if it filters on
-    anything else (tags, sizes) and so may not cover our uploads."""
-    if "Filter" not in rule:
-        return rule.get("Prefix", "")  # the legacy top-level Prefix
-    flt = rule["Filter"] or {}
-    if "And" in flt:
-        inner = flt["And"]
-        if inner.get("Tags") or "ObjectSizeGreaterThan" in inner or "ObjectSizeLessThan" in inner:
-            return None
-        return inner.get("Prefix", "")
-    if set(flt) - {"Prefix"}:
-        return None
-    return flt.get("Prefix", "")
 
 
 def _choose_secret(ledger: Any, rotate: bool, grace_seconds: float) -> tuple[str, bool, int]:
