@@ -6,8 +6,9 @@ The steps, each a line of the checklist the command prints:
    incomplete multipart uploads (a warning with the fix when it does not);
 2. the signing secret is stored in the ledger *before* BatchRouter learns it, so every instance
    accepts a delivery signed with it from the moment BatchRouter starts using it;
-3. `PUT /v1/auth/account/delivery-webhook` with the URL and the secret (batchrouter-api-facts.md §2.1:
-   HTTPS only, secret 8–256 characters, private and metadata hosts refused);
+3. `PUT /v1/auth/account/delivery-webhook` with the URL and the secret (HTTPS only, secret 8–256
+   characters, private and metadata hosts refused: docs/batchrouter-api.md, "Registering the
+   delivery webhook");
 4. a signed self-test delivery is POSTed to the public URL, through whatever TLS front is there, and
    the ledger is read back to confirm *this* receiver recorded it.
 
@@ -38,10 +39,11 @@ from ..config import Settings
 from ..errors import APIError, AuthenticationFailed, BadRequest, ConfigError, ReceiverError, StorageError
 from ..signature import HEADER, sign
 
-#: BatchRouter retries a delivery for 24 h (older docs: 8 tries over 24 h, api-facts §3); a grace
-#: period shorter than that rejects retries signed with the previous secret.
+#: BatchRouter retries a delivery for 24 h (older docs: 8 tries over 24 h; docs/batchrouter-api.md,
+#: "Deliveries"); a grace period shorter than that rejects retries signed with the previous secret.
 BATCHROUTER_RETRY_WINDOW_SECONDS = 24 * 3600
-#: `secrets.token_urlsafe(32)` is 43 characters; the contract asks for at least 32.
+#: `secrets.token_urlsafe(32)` is 43 characters; at least 32 are promised (docs/architecture.md,
+#: "Behaviour operators rely on").
 SECRET_BYTES = 32
 #: Web workers cache the accepted secrets for about a second (Ledger.accepted_secrets), so a 401 to
 #: the first self-test after a rotation is retried for this long before it counts as a refusal.
@@ -99,7 +101,8 @@ class Checklist:
 def validate_hook_url(url: str, *, insecure: bool, source: str = "--url") -> str:
     """The URL BatchRouter will deliver to, or ConfigError naming `source` and the fix.
 
-    BatchRouter only delivers over HTTPS (api-facts §2.1). Plain http is allowed for a loopback host
+    BatchRouter only delivers over HTTPS (docs/batchrouter-api.md, "Registering the delivery
+    webhook"). Plain http is allowed for a loopback host
     with `insecure`, which is how the emulator is used in development.
     """
     parts = urlsplit(url.strip())

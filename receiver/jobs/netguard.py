@@ -2,8 +2,8 @@
 
 An artifact URL comes from BatchRouter's API, yet we open it from inside the customer's network, so
 it is a server-side request forgery (SSRF) vector: a hostile or broken answer could point us at the
-cloud metadata service or an internal admin port. The rules are the contract's ("Behaviour operators
-rely on"): the scheme is ``https`` (or ``http`` on a listed host); a listed host is matched literally
+cloud metadata service or an internal admin port. The rules are those of docs/architecture.md,
+"Behaviour operators rely on": the scheme is ``https`` (or ``http`` on a listed host); a listed host is matched literally
 on the URL's host, at any port; any other host must resolve only to public addresses. A redirect is
 followed only to a URL that passes the same checks (the transfer follows them by hand).
 
