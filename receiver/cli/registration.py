@@ -28,7 +28,7 @@ import json
 import secrets as secrets_module
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import urllib3
@@ -38,6 +38,11 @@ from urllib3.exceptions import MaxRetryError, NewConnectionError, SSLError
 from ..config import Settings
 from ..errors import APIError, AuthenticationFailed, BadRequest, ConfigError, ReceiverError, StorageError
 from ..signature import HEADER, sign
+
+if TYPE_CHECKING:
+    from ..batchrouter import BatchRouterClient
+    from ..ledger import Ledger
+    from ..storage import Storage
 
 #: BatchRouter retries a delivery for 24 h (older docs: 8 tries over 24 h; docs/batchrouter-api.md,
 #: "Deliveries"); a grace period shorter than that rejects retries signed with the previous secret.
@@ -148,9 +153,9 @@ def run(
     rotate: bool = False,
     ca_file: str | None = None,
     on_step: Callable[[Step], None] | None = None,
-    client: Any = None,
-    ledger: Any = None,
-    storage: Any = None,
+    client: BatchRouterClient | None = None,
+    ledger: Ledger | None = None,
+    storage: Storage | None = None,
 ) -> Checklist:
     """Register `url` (already checked by :func:`validate_hook_url`) and return the checklist.
 
@@ -195,7 +200,7 @@ def run(
                 pass
 
 
-def _check_key(client: Any, result: Checklist) -> bool:
+def _check_key(client: BatchRouterClient, result: Checklist) -> bool:
     try:
         account = client.get_account()
     except AuthenticationFailed:
@@ -212,7 +217,7 @@ def _check_key(client: Any, result: Checklist) -> bool:
     return True
 
 
-def _check_storage(storage: Any, result: Checklist) -> bool:
+def _check_storage(storage: Storage, result: Checklist) -> bool:
     try:
         storage.check()
     except StorageError as exc:
@@ -229,7 +234,7 @@ def _check_storage(storage: Any, result: Checklist) -> bool:
     return True
 
 
-def _choose_secret(ledger: Any, rotate: bool, grace_seconds: float) -> tuple[str, bool, int]:
+def _choose_secret(ledger: Ledger, rotate: bool, grace_seconds: float) -> tuple[str, bool, int]:
     """(secret, whether it is new, how many current secrets it retired).
 
     Stored before BatchRouter hears of it; `add_secret` moves the previous current secret into its
@@ -244,7 +249,7 @@ def _choose_secret(ledger: Any, rotate: bool, grace_seconds: float) -> tuple[str
     return secret, True, retired
 
 
-def _put_webhook(client: Any, url: str, secret: str, minted: bool, result: Checklist) -> bool:
+def _put_webhook(client: BatchRouterClient, url: str, secret: str, minted: bool, result: Checklist) -> bool:
     try:
         client.set_delivery_webhook(url, secret)
     except AuthenticationFailed:
@@ -280,7 +285,7 @@ def self_test_body(now: float | None = None) -> tuple[str, bytes]:
     return event_id, json.dumps(body, separators=(",", ":")).encode()
 
 
-def _self_test(url: str, secret: str, ledger: Any, ca_file: str | None, result: Checklist) -> None:
+def _self_test(url: str, secret: str, ledger: Ledger, ca_file: str | None, result: Checklist) -> None:
     event_id, body = self_test_body()
     result.event_id = event_id
     headers = {"Content-Type": "application/json", HEADER: sign(secret, body), "User-Agent": "batchrouter-receiver-register"}
@@ -296,7 +301,7 @@ def _self_test(url: str, secret: str, ledger: Any, ca_file: str | None, result: 
             try:
                 response = pool.request("POST", url, body=body, headers=headers, timeout=timeout, redirect=False)
             except (_Urllib3Error, OSError) as exc:
-                reason = exc.reason if isinstance(exc, MaxRetryError) and exc.reason is not None else exc
+                reason: BaseException | str = exc.reason if isinstance(exc, MaxRetryError) and exc.reason is not None else exc
                 if isinstance(reason, NewConnectionError):  # drop urllib3's "HTTPConnection(host=…, port=…): "
                     reason = str(reason).split("): ", 1)[-1]
                 if "CERTIFICATE_VERIFY_FAILED" in str(reason):  # an unknown CA, an expired or misnamed certificate
@@ -361,7 +366,7 @@ def _self_test(url: str, secret: str, ledger: Any, ca_file: str | None, result: 
     result.add(OK, "signature accepted", f"self-test delivery {event_id} recorded in the ledger")
 
 
-def delivery_recorded(ledger: Any, event_id: str) -> bool:
+def delivery_recorded(ledger: Ledger, event_id: str) -> bool:
     """Whether the ledger recorded a delivery with `event_id` (the web side wrote it before its 200)."""
     return ledger.has_delivery(event_id)
 

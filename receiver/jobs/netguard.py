@@ -18,14 +18,17 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from urllib3 import PoolManager
+from urllib3 import BaseHTTPResponse, PoolManager
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
 from ..errors import DownloadFailed, UnsafeURL
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -128,7 +131,7 @@ class URLPolicy:
         self.allowed_hosts: frozenset[str] = frozenset(_bare_host(h) for h in allowed_hosts)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> URLPolicy:
+    def from_settings(cls, settings: Settings) -> URLPolicy:
         return cls(settings.artifact_hosts)
 
     def is_listed(self, host: str) -> bool:
@@ -235,7 +238,7 @@ class _GuardedPoolManager(PoolManager):
             pool.ConnectionCls = _PEER_CHECKED[scheme]
         return pool
 
-    def urlopen(self, method: str, url: str, redirect: bool = True, **kw: Any) -> Any:
+    def urlopen(self, method: str, url: str, redirect: bool = True, **kw: Any) -> BaseHTTPResponse:  # type: ignore[override]
         # Never follow a redirect or retry behind the caller's back: each hop must pass check().
         kw["retries"] = False
         return super().urlopen(method, url, redirect=False, **kw)

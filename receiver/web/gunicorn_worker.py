@@ -36,13 +36,13 @@ class ReceiverGeventWorker(GeventWorker):
         self.client_timeout = Settings.from_env().client_timeout_seconds
         super().init_process()
 
-    def handle(self, listener, client, addr):  # type: ignore[no-untyped-def]
+    def handle(self, listener, client, addr):
         # The parent sets blocking mode (no timeout) first; its settimeout(None) would undo ours,
         # so skip it and go straight to the AsyncWorker's loop.
         client.settimeout(self.client_timeout)
         super(GeventWorker, self).handle(listener, client, addr)
 
-    def handle_request(self, listener_name, req, sock, addr):  # type: ignore[no-untyped-def]
+    def handle_request(self, listener_name, req, sock, addr):
         try:
             keep_going = super().handle_request(listener_name, req, sock, addr)
         except StopIteration:  # the response asked to close the connection (Connection: close)
