@@ -9,7 +9,7 @@ They are measured alternately, `--repeats` times each, and the median run is rep
 other work on the shared machine hits both sides alike; each round's own ratio (the two sides a few
 seconds apart) and their median are reported too.
 
-The load follows docs/benchmarks.md: distinct signed `batch.progress` deliveries in the envelope form
+The load follows docs/benchmarking.md, "Ingest": distinct signed `batch.progress` deliveries in the envelope form
 (unique event ids, so every one is a new ledger row; no downloads), over keep-alive connections from
 an asyncio client on the same machine, timed once a warm-up has gone through the same connections.
 `--gunicorn-args` overrides the production settings for both servers (e.g. `"-k sync -w 4"`), which
@@ -117,8 +117,8 @@ async def _send(conn: _Connection, todo: list[bytes], latencies: list[float], fa
 async def _drive(
     url: str, warmup: list[bytes], requests: list[bytes], connections: int, server_pid: int | None = None
 ) -> dict[str, float]:
-    """The warm-up, then the measured requests, over the same connections (docs/benchmarks.md: the
-    connections are open and warm when the clock starts).
+    """The warm-up, then the measured requests, over the same connections (docs/benchmarking.md,
+    "Ingest": the connections are open and warm when the clock starts).
 
     With `server_pid` (the gunicorn master) the CPU time its processes and this client spent in the
     timed window is reported per delivery: wall-clock rates move 20-30% between runs on this shared

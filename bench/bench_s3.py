@@ -2,8 +2,8 @@
 
     flock /tmp/receiver-bench.lock python bench/bench_s3.py [--sizes-mb 100,1000] [--repeats 3]
 
-One moto_server process and one emulator process serve both sides (docs/benchmarks.md, "Streaming to
-S3"). For each artifact size, alternately, in fresh child processes:
+One moto_server process and one emulator process serve both sides (docs/benchmarking.md, "Streaming to
+S3 (moto_server)"). For each artifact size, alternately, in fresh child processes:
 
 - ours: `Worker.run_job` (what `receiver worker` and `receiver fetch` run) with
   RECEIVER_STORAGE_URL=s3://…: GET the batch, artifact-url, stream the artifact into a multipart

@@ -3,7 +3,7 @@
 One Flask route that reads the raw body, checks the HMAC against the configured secrets (the same
 `receiver.signature.verify` the receiver uses) and answers 200 JSON; nothing is parsed or recorded.
 Served by gunicorn with the receiver's own settings, it is the ceiling the receiver is measured
-against (docs/benchmarks.md, "Ingest").
+against (docs/benchmarking.md, "Ingest").
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Every call the receiver makes to the BatchRouter API.
 
 One place owns the base URL, the bearer key, timeouts, the retry policy and the error envelope, and
-it tolerates the variants the sources disagree on (batchrouter-api-facts.md, sections 4, 6, 8):
+it tolerates the variants the sources disagree on (docs/batchrouter-api.md: "Batch status", "Full results: artifact-url", "Errors, retries and Retry-After"):
 ``status`` or ``state``, a ``{"batch": ...}`` wrapper or none, ``cancelled`` or ``canceled``.
 
 The key is attached here, to requests for ``api_url`` only, through this client's own connection
@@ -39,7 +39,7 @@ from .errors import (
 )
 from .retry import backoff, parse_retry_after
 
-#: Named exceptions by status, from the error table at docs.batchrouter.com/reference/errors/ (facts §8).
+#: Named exceptions by status, from the error table at docs.batchrouter.com/reference/errors/ (docs/batchrouter-api.md, "Errors, retries and Retry-After").
 _ERRORS_BY_STATUS: dict[int, type[APIError]] = {
     400: BadRequest,
     401: AuthenticationFailed,
@@ -139,16 +139,16 @@ class BatchRouterClient:
     # --- endpoints --------------------------------------------------------------------------------
 
     def get_account(self) -> dict[str, Any]:
-        """`GET /v1/auth/account`: the account, including ``credit_balance`` (facts §1)."""
+        """`GET /v1/auth/account`: the account, including ``credit_balance`` (docs/batchrouter-api.md, "Base URL and authentication")."""
         return _object(self._request("GET", "/v1/auth/account"), "account")
 
     def get_batch(self, batch_id: str) -> Batch:
-        """`GET /v1/batches/{id}`: the authoritative status of a batch (facts §4)."""
+        """`GET /v1/batches/{id}`: the authoritative status of a batch (docs/batchrouter-api.md, "Batch status")."""
         body = self._request("GET", f"/v1/batches/{_segment(batch_id)}")
         return _parse_batch(body, batch_id)
 
     def get_artifact_links(self, batch_id: str) -> ArtifactLinks:
-        """`GET /v1/batches/{id}/artifact-url`: fresh signed links (facts §6).
+        """`GET /v1/batches/{id}/artifact-url`: fresh signed links (docs/batchrouter-api.md, "Full results: artifact-url").
 
         The response fields are undocumented, so every plausible spelling is accepted.
         """
@@ -162,7 +162,7 @@ class BatchRouterClient:
 
     @contextmanager
     def results_page(self, batch_id: str, *, cursor: str | None = None, limit: int | None = None) -> Iterator[ResultsPage]:
-        """`GET /v1/batches/{id}/results?limit=&cursor=`: one page of per-item results (facts §5).
+        """`GET /v1/batches/{id}/results?limit=&cursor=`: one page of per-item results (docs/batchrouter-api.md, "Results pages").
 
         Neither the page's fields nor its form are documented, so both forms seen are read: a JSON
         page (rows under ``data``, ``results``, ``items`` or ``rows``; the next cursor as
@@ -182,7 +182,7 @@ class BatchRouterClient:
             response.release_conn()
 
     def set_delivery_webhook(self, url: str, secret: str) -> dict[str, Any]:
-        """`PUT /v1/auth/account/delivery-webhook` with ``{"url", "secret"}`` (facts §2.1).
+        """`PUT /v1/auth/account/delivery-webhook` with ``{"url", "secret"}`` (docs/batchrouter-api.md, "Registering the delivery webhook").
 
         A PUT that sets a value is idempotent, so it is retried like a GET. The secret is kept out
         of any error message, like the key.
@@ -285,7 +285,7 @@ def _object(body: Any, what: str) -> dict[str, Any]:
 
 
 def _parse_batch(body: Any, requested_id: str) -> Batch:
-    """Settle the variants of a batch object (facts §4, §9): wrapper, ``status``/``state``, spelling."""
+    """Settle the variants of a batch object (docs/batchrouter-api.md, "Batch status"): wrapper, ``status``/``state``, spelling."""
     if not isinstance(body, dict):
         raise UnexpectedResponse(f"batch {requested_id}: the answer is not a JSON object")
     raw = body["batch"] if isinstance(body.get("batch"), dict) else body
@@ -308,7 +308,7 @@ def _expected_items(raw: dict[str, Any]) -> int | None:
     """The batch's item count, from the first of the documented and observed fields that is given.
 
     ``item_count`` is documented (docs.batchrouter.com/guides/results/); ``counts.total`` is what the
-    operator's tooling reads (facts §4, S6); ``items_total`` is the older webhook docs' name (S4).
+    operator's tooling reads (docs/batchrouter-api.md, "Batch status"; S6); ``items_total`` is the older webhook docs' name (S4).
     """
     found = raw.get("counts")
     counts: dict[str, Any] = found if isinstance(found, dict) else {}
@@ -336,7 +336,7 @@ _ERRORS_URL_KEYS = ("error_file_url", "errors_url", "error_url", "exceptions_url
 def _parse_artifact_links(body: Any, batch_id: str) -> ArtifactLinks:
     """Find the links in any of the plausible shapes: flat, ``{"artifact": {...}}`` or ``{"data": {...}}``.
 
-    The artifact-url response is not documented (facts §6, §12 q9); the error file's name comes from
+    The artifact-url response is not documented (docs/batchrouter-api.md, "Full results: artifact-url" and "Open questions"); the error file's name comes from
     the older delivery payloads (``error_file_url``, S4) and the console's "exception file" wording (S3).
     """
     if not isinstance(body, dict):
@@ -389,7 +389,7 @@ def _read_results_page(response: Any, batch_id: str, broken: Callable[[BaseExcep
         raise UnexpectedResponse(f"{what}: the answer is not a JSON object")
     rows = next((body[k] for k in _ROW_KEYS if isinstance(body.get(k), list)), None)
     if rows is None:
-        # `output_preview_rows` (facts §5, S6) is a preview: storing it as the result would store a
+        # `output_preview_rows` (docs/batchrouter-api.md, "Results pages", S6) is a preview: storing it as the result would store a
         # partial file under a final name.
         raise UnexpectedResponse(f"{what}: no rows under any of {', '.join(_ROW_KEYS)}")
     holders = [body] + [body[k] for k in ("pagination", "meta", "page") if isinstance(body.get(k), dict)]
@@ -431,7 +431,7 @@ def _first_string(container: dict[str, Any], keys: tuple[str, ...]) -> str | Non
 
 
 def _error_from_response(response: Any, method: str, path: str, hidden: tuple[str, ...]) -> APIError:
-    """Turn a non-2xx answer into the named exception for its status (facts §8).
+    """Turn a non-2xx answer into the named exception for its status (docs/batchrouter-api.md, "Errors, retries and Retry-After").
 
     The envelope is ``{"error": {"code", "message", "details"}}``; a body that is not JSON (a proxy's
     HTML page) still maps by status. Unknown 4xx codes are a plain APIError, as the docs advise:

@@ -324,15 +324,16 @@ def test_forwarded_headers_are_trusted_only_from_the_configured_proxies(tmp_path
 def test_s3_check_warns_with_the_fix_when_no_rule_aborts_incomplete_uploads():
     boto3 = pytest.importorskip("boto3")
     moto = pytest.importorskip("moto")
-    from receiver.cli.registration import OK, WARN, check_s3_abort_rule
+    from receiver.storage.s3 import S3Storage
 
     from ._moto import aws_test_env
 
     with aws_test_env(), moto.mock_aws():
         s3 = boto3.client("s3", region_name="us-east-1")
         s3.create_bucket(Bucket="results")
-        status, detail = check_s3_abort_rule(s3, "results", "batchrouter")
-        assert status == WARN and "put-bucket-lifecycle-configuration" in detail and "batchrouter/" in detail
+        storage = S3Storage("results", "batchrouter", client=s3)
+        found, detail = storage.check_abort_rule()
+        assert not found and "put-bucket-lifecycle-configuration" in detail and "batchrouter/" in detail
 
         def rule(prefix: str) -> dict:
             return {
@@ -343,11 +344,11 @@ def test_s3_check_warns_with_the_fix_when_no_rule_aborts_incomplete_uploads():
             }
 
         s3.put_bucket_lifecycle_configuration(Bucket="results", LifecycleConfiguration={"Rules": [rule("other/")]})
-        assert check_s3_abort_rule(s3, "results", "batchrouter")[0] == WARN
+        assert storage.check_abort_rule()[0] is False
         s3.put_bucket_lifecycle_configuration(Bucket="results", LifecycleConfiguration={"Rules": [rule("")]})
-        assert check_s3_abort_rule(s3, "results", "batchrouter")[0] == OK
+        assert storage.check_abort_rule()[0] is True
         s3.put_bucket_lifecycle_configuration(Bucket="results", LifecycleConfiguration={"Rules": [rule("batchrouter/")]})
-        assert check_s3_abort_rule(s3, "results", "batchrouter") == (OK, "rule abort aborts them after 1 day(s)")
+        assert storage.check_abort_rule() == (True, "rule abort aborts them after 1 day(s)")
 
 
 def test_caddy_holds_a_trickling_request_until_it_is_whole(caddy):

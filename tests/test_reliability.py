@@ -1,8 +1,9 @@
 """It loses nothing: load, chaos and hostile-input suites against real processes (issue 5).
 
 Each suite starts its own stack (the emulator, gunicorn with the production settings, `receiver
-worker` processes) on loopback, drives it from outside and checks the invariants of design.md on
-what an operator can observe: answers, the ledger, the storage, the emulator's counters, the logs.
+worker` processes) on loopback, drives it from outside and checks the invariants of
+docs/architecture.md ("Invariants") on what an operator can observe: answers, the ledger, the
+storage, the emulator's counters, the logs.
 
 Sizes come from RELIABILITY_SCALE (`ci`, the default, or `full`, the issue's sizes); the figures of
 each run are printed and, with RELIABILITY_FIGURES=path, collected in a JSON file (RELIABILITY.md).

@@ -334,7 +334,8 @@ def test_redirect_to_an_allowed_url_is_followed_and_limited() -> None:
 
 
 def test_artifact_on_the_api_host_never_gets_the_api_key() -> None:
-    """The contract: the key goes with API calls, never by host, never with an artifact download."""
+    """The key goes with API calls, never by host, never with an artifact download (docs/batchrouter-api.md,
+    "Base URL and authentication")."""
     api = ScriptedServer()
     artifacts = ArtifactServer({"/files/results.jsonl": Artifact(BODY)})
     artifacts.faults.append(Fault("drop", after=100_000))

@@ -7,7 +7,7 @@ Settings are read before anything is logged, so a bad setting prints exactly one
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
@@ -23,14 +23,14 @@ class ConfigurationError(click.ClickException):
 
     exit_code = 2
 
-    def show(self, file: Any = None) -> None:
+    def show(self, file: IO[Any] | None = None) -> None:
         click.echo(f"receiver: configuration error: {self.format_message()}", err=True)
 
 
 class Failure(click.ClickException):
     """The operation failed (exit code 1)."""
 
-    def show(self, file: Any = None) -> None:
+    def show(self, file: IO[Any] | None = None) -> None:
         click.echo(f"receiver: {self.format_message()}", err=True)
 
 

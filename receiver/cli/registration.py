@@ -6,8 +6,9 @@ The steps, each a line of the checklist the command prints:
    incomplete multipart uploads (a warning with the fix when it does not);
 2. the signing secret is stored in the ledger *before* BatchRouter learns it, so every instance
    accepts a delivery signed with it from the moment BatchRouter starts using it;
-3. `PUT /v1/auth/account/delivery-webhook` with the URL and the secret (batchrouter-api-facts.md §2.1:
-   HTTPS only, secret 8–256 characters, private and metadata hosts refused);
+3. `PUT /v1/auth/account/delivery-webhook` with the URL and the secret (HTTPS only, secret 8–256
+   characters, private and metadata hosts refused: docs/batchrouter-api.md, "Registering the
+   delivery webhook");
 4. a signed self-test delivery is POSTed to the public URL, through whatever TLS front is there, and
    the ledger is read back to confirm *this* receiver recorded it.
 
@@ -27,7 +28,7 @@ import json
 import secrets as secrets_module
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import urllib3
@@ -38,10 +39,16 @@ from ..config import Settings
 from ..errors import APIError, AuthenticationFailed, BadRequest, ConfigError, ReceiverError, StorageError
 from ..signature import HEADER, sign
 
-#: BatchRouter retries a delivery for 24 h (older docs: 8 tries over 24 h, api-facts §3); a grace
-#: period shorter than that rejects retries signed with the previous secret.
+if TYPE_CHECKING:
+    from ..batchrouter import BatchRouterClient
+    from ..ledger import Ledger
+    from ..storage import Storage
+
+#: BatchRouter retries a delivery for 24 h (older docs: 8 tries over 24 h; docs/batchrouter-api.md,
+#: "Deliveries"); a grace period shorter than that rejects retries signed with the previous secret.
 BATCHROUTER_RETRY_WINDOW_SECONDS = 24 * 3600
-#: `secrets.token_urlsafe(32)` is 43 characters; the contract asks for at least 32.
+#: `secrets.token_urlsafe(32)` is 43 characters; at least 32 are promised (docs/architecture.md,
+#: "Behaviour operators rely on").
 SECRET_BYTES = 32
 #: Web workers cache the accepted secrets for about a second (Ledger.accepted_secrets), so a 401 to
 #: the first self-test after a rotation is retried for this long before it counts as a refusal.
@@ -99,7 +106,8 @@ class Checklist:
 def validate_hook_url(url: str, *, insecure: bool, source: str = "--url") -> str:
     """The URL BatchRouter will deliver to, or ConfigError naming `source` and the fix.
 
-    BatchRouter only delivers over HTTPS (api-facts §2.1). Plain http is allowed for a loopback host
+    BatchRouter only delivers over HTTPS (docs/batchrouter-api.md, "Registering the delivery
+    webhook"). Plain http is allowed for a loopback host
     with `insecure`, which is how the emulator is used in development.
     """
     parts = urlsplit(url.strip())
@@ -145,9 +153,9 @@ def run(
     rotate: bool = False,
     ca_file: str | None = None,
     on_step: Callable[[Step], None] | None = None,
-    client: Any = None,
-    ledger: Any = None,
-    storage: Any = None,
+    client: BatchRouterClient | None = None,
+    ledger: Ledger | None = None,
+    storage: Storage | None = None,
 ) -> Checklist:
     """Register `url` (already checked by :func:`validate_hook_url`) and return the checklist.
 
@@ -192,7 +200,7 @@ def run(
                 pass
 
 
-def _check_key(client: Any, result: Checklist) -> bool:
+def _check_key(client: BatchRouterClient, result: Checklist) -> bool:
     try:
         account = client.get_account()
     except AuthenticationFailed:
@@ -209,7 +217,7 @@ def _check_key(client: Any, result: Checklist) -> bool:
     return True
 
 
-def _check_storage(storage: Any, result: Checklist) -> bool:
+def _check_storage(storage: Storage, result: Checklist) -> bool:
     try:
         storage.check()
     except StorageError as exc:
@@ -219,83 +227,14 @@ def _check_storage(storage: Any, result: Checklist) -> bool:
         result.fail("storage", f"not writable: {type(exc).__name__}: {exc}")
         return False
     result.add(OK, "storage writable", storage.url)
-    client = getattr(storage, "client", None)
-    bucket = getattr(storage, "bucket", None)
-    if client is not None and isinstance(bucket, str):
-        status, detail = check_s3_abort_rule(client, bucket, getattr(storage, "prefix", "") or "")
-        result.add(status, "bucket aborts incomplete multipart uploads", detail)
+    abort_rule = storage.check_abort_rule()
+    if abort_rule is not None:
+        found, detail = abort_rule
+        result.add(OK if found else WARN, "bucket aborts incomplete multipart uploads", detail)
     return True
 
 
-def check_s3_abort_rule(client: Any, bucket: str, prefix: str) -> tuple[str, str]:
-    """(OK or WARN, detail): whether a lifecycle rule aborts multipart uploads under `prefix`.
-
-    The receiver aborts its own uploads, but a killed process leaves parts that S3 bills for until
-    a lifecycle rule's AbortIncompleteMultipartUpload removes them (S3 User Guide, "Configuring a
-    bucket lifecycle configuration to delete incomplete multipart uploads"). Never fatal.
-    """
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        config = client.get_bucket_lifecycle_configuration(Bucket=bucket)
-        rules = config.get("Rules", [])
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code != "NoSuchLifecycleConfiguration":
-            return (
-                WARN,
-                f"could not read the lifecycle of bucket {bucket} ({code or exc}); it needs s3:GetLifecycleConfiguration to be checked",
-            )
-        rules = []
-    except BotoCoreError as exc:
-        return WARN, f"could not read the lifecycle of bucket {bucket}: {exc}"
-    for rule in rules:
-        if rule.get("Status") != "Enabled" or "AbortIncompleteMultipartUpload" not in rule:
-            continue
-        rule_prefix = _rule_prefix(rule)
-        if rule_prefix is not None and prefix.startswith(rule_prefix.rstrip("/")):
-            days = rule["AbortIncompleteMultipartUpload"].get("DaysAfterInitiation")
-            return OK, f"rule {rule.get('ID') or '(unnamed)'} aborts them after {days} day(s)"
-    scope = f"{prefix}/" if prefix else ""
-    fix = json.dumps(
-        {
-            "Rules": [
-                {
-                    "ID": "abort-incomplete-multipart-uploads",
-                    "Status": "Enabled",
-                    "Filter": {"Prefix": scope},
-                    "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 1},
-                }
-            ]
-        },
-        separators=(",", ":"),
-    )
-    return WARN, (
-        f"no lifecycle rule of bucket {bucket} aborts incomplete multipart uploads"
-        f"{' under ' + scope if scope else ''}; parts of a killed upload are billed until one does. Fix: "
-        f"deploy infra/cloudformation/bucket.yaml, or add the rule (merged with any existing ones, since "
-        f"this call replaces them): aws s3api put-bucket-lifecycle-configuration --bucket {bucket} "
-        f"--lifecycle-configuration '{fix}'"
-    )
-
-
-def _rule_prefix(rule: dict[str, Any]) -> str | None:
-    """The key prefix a lifecycle rule applies to ('' for the whole bucket), None if it filters on
-    anything else (tags, sizes) and so may not cover our uploads."""
-    if "Filter" not in rule:
-        return rule.get("Prefix", "")  # the legacy top-level Prefix
-    flt = rule["Filter"] or {}
-    if "And" in flt:
-        inner = flt["And"]
-        if inner.get("Tags") or "ObjectSizeGreaterThan" in inner or "ObjectSizeLessThan" in inner:
-            return None
-        return inner.get("Prefix", "")
-    if set(flt) - {"Prefix"}:
-        return None
-    return flt.get("Prefix", "")
-
-
-def _choose_secret(ledger: Any, rotate: bool, grace_seconds: float) -> tuple[str, bool, int]:
+def _choose_secret(ledger: Ledger, rotate: bool, grace_seconds: float) -> tuple[str, bool, int]:
     """(secret, whether it is new, how many current secrets it retired).
 
     Stored before BatchRouter hears of it; `add_secret` moves the previous current secret into its
@@ -310,7 +249,7 @@ def _choose_secret(ledger: Any, rotate: bool, grace_seconds: float) -> tuple[str
     return secret, True, retired
 
 
-def _put_webhook(client: Any, url: str, secret: str, minted: bool, result: Checklist) -> bool:
+def _put_webhook(client: BatchRouterClient, url: str, secret: str, minted: bool, result: Checklist) -> bool:
     try:
         client.set_delivery_webhook(url, secret)
     except AuthenticationFailed:
@@ -346,7 +285,7 @@ def self_test_body(now: float | None = None) -> tuple[str, bytes]:
     return event_id, json.dumps(body, separators=(",", ":")).encode()
 
 
-def _self_test(url: str, secret: str, ledger: Any, ca_file: str | None, result: Checklist) -> None:
+def _self_test(url: str, secret: str, ledger: Ledger, ca_file: str | None, result: Checklist) -> None:
     event_id, body = self_test_body()
     result.event_id = event_id
     headers = {"Content-Type": "application/json", HEADER: sign(secret, body), "User-Agent": "batchrouter-receiver-register"}
@@ -362,7 +301,7 @@ def _self_test(url: str, secret: str, ledger: Any, ca_file: str | None, result: 
             try:
                 response = pool.request("POST", url, body=body, headers=headers, timeout=timeout, redirect=False)
             except (_Urllib3Error, OSError) as exc:
-                reason = exc.reason if isinstance(exc, MaxRetryError) and exc.reason is not None else exc
+                reason: BaseException | str = exc.reason if isinstance(exc, MaxRetryError) and exc.reason is not None else exc
                 if isinstance(reason, NewConnectionError):  # drop urllib3's "HTTPConnection(host=…, port=…): "
                     reason = str(reason).split("): ", 1)[-1]
                 if "CERTIFICATE_VERIFY_FAILED" in str(reason):  # an unknown CA, an expired or misnamed certificate
@@ -427,7 +366,7 @@ def _self_test(url: str, secret: str, ledger: Any, ca_file: str | None, result: 
     result.add(OK, "signature accepted", f"self-test delivery {event_id} recorded in the ledger")
 
 
-def delivery_recorded(ledger: Any, event_id: str) -> bool:
+def delivery_recorded(ledger: Ledger, event_id: str) -> bool:
     """Whether the ledger recorded a delivery with `event_id` (the web side wrote it before its 200)."""
     return ledger.has_delivery(event_id)
 

@@ -2,8 +2,8 @@
 
 An artifact URL comes from BatchRouter's API, yet we open it from inside the customer's network, so
 it is a server-side request forgery (SSRF) vector: a hostile or broken answer could point us at the
-cloud metadata service or an internal admin port. The rules are the contract's ("Behaviour operators
-rely on"): the scheme is ``https`` (or ``http`` on a listed host); a listed host is matched literally
+cloud metadata service or an internal admin port. The rules are those of docs/architecture.md,
+"Behaviour operators rely on": the scheme is ``https`` (or ``http`` on a listed host); a listed host is matched literally
 on the URL's host, at any port; any other host must resolve only to public addresses. A redirect is
 followed only to a URL that passes the same checks (the transfer follows them by hand).
 
@@ -18,14 +18,17 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from urllib3 import PoolManager
+from urllib3 import BaseHTTPResponse, PoolManager
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.exceptions import LocationParseError
 from urllib3.util import parse_url
 
 from ..errors import DownloadFailed, UnsafeURL
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -128,7 +131,7 @@ class URLPolicy:
         self.allowed_hosts: frozenset[str] = frozenset(_bare_host(h) for h in allowed_hosts)
 
     @classmethod
-    def from_settings(cls, settings: Any) -> URLPolicy:
+    def from_settings(cls, settings: Settings) -> URLPolicy:
         return cls(settings.artifact_hosts)
 
     def is_listed(self, host: str) -> bool:
@@ -235,7 +238,7 @@ class _GuardedPoolManager(PoolManager):
             pool.ConnectionCls = _PEER_CHECKED[scheme]
         return pool
 
-    def urlopen(self, method: str, url: str, redirect: bool = True, **kw: Any) -> Any:
+    def urlopen(self, method: str, url: str, redirect: bool = True, **kw: Any) -> BaseHTTPResponse:  # type: ignore[override]
         # Never follow a redirect or retry behind the caller's back: each hop must pass check().
         kw["retries"] = False
         return super().urlopen(method, url, redirect=False, **kw)

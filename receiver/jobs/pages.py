@@ -1,6 +1,6 @@
 """The results of a batch page by page, for when artifact-url offers no download.
 
-BatchRouter gives results "either page by page or as a single signed download" (facts §5): the
+BatchRouter gives results "either page by page or as a single signed download" (docs/batchrouter-api.md, "Results pages"): the
 signed download is preferred and used whenever artifact-url names one; when it answers that there
 is none (`ArtifactUnavailable`), the worker pages through `GET /v1/batches/{id}/results` and stores
 the rows as the same `results.jsonl`, one row per line, with the manifest's `source` saying
@@ -18,7 +18,7 @@ from ..errors import BadRequest, IncompleteDownload, UnexpectedResponse
 from ..storage import Writer
 from .tally import LineCounter, TransferResult
 
-#: Rows asked for per page. The maximum is undocumented (facts §12 q8): a 400 for it is answered by
+#: Rows asked for per page. The maximum is undocumented (docs/batchrouter-api.md, "Open questions"): a 400 for it is answered by
 #: asking again without `limit`, so the API's own default applies.
 PAGE_LIMIT = 1000
 #: Guards against an API that hands out new cursors for ever: far beyond any batch's pages, and

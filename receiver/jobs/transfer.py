@@ -3,7 +3,7 @@
 The bytes are stored exactly as the artifact host sent them (no content decoding), read in large
 blocks straight from the socket, and each block is hashed, counted and handed to the writer once:
 no per-line work and no extra copy, because the target is the throughput of ``curl -o`` to the same
-disk (benchmarks.md, "Streaming to local storage"). The storage write runs on a thread of its own
+disk (docs/benchmarking.md, "Streaming to local storage"). The storage write runs on a thread of its own
 (:class:`_Sink`) so that it overlaps with reading, hashing and counting the next block.
 
 Failures along the way are repaired where that is cheap and safe:
@@ -11,8 +11,8 @@ Failures along the way are repaired where that is cheap and safe:
 - a dropped connection, a read timeout, a short body, a 5xx or a 429 resumes from the bytes the
   writer already holds with ``Range: bytes=N-`` (a host without range support gets its first N bytes
   discarded instead);
-- a 401, 403 or 410 asks for a fresh signed URL (contract: "A 403 from the artifact host means ask
-  artifact-url for a fresh URL");
+- a 401, 403 or 410 asks artifact-url for a fresh signed URL (docs/architecture.md, "Behaviour
+  operators rely on");
 - a redirect is followed by hand, and only to a URL that passes the policy again.
 
 The download never carries an Authorization header: it uses the policy's own connection pool, which
@@ -330,11 +330,10 @@ class _Sink:
 
     Why a thread: per block, reading from the socket, hashing and counting cost about as much as the
     storage write (a copy into the page cache, or into an S3 part buffer), and the write releases the
-    GIL. Overlapping the two is what brings a download to ``curl -o`` speed; done one after the other
-    they reach about 0.8 of it (measured on the 2-core reference machine, 1 GB, benchmarks.md). The
-    queue holds at most `depth` blocks, so memory stays flat however large the artifact.
-    `before_write(block)` (the line count) runs here too, just before each write: profiled on a 1 GB
-    download, counting on the reading thread made that thread the bottleneck (BENCHMARKS.md).
+    GIL. Overlapping the two is what brings a download to ``curl -o`` speed, and counting lines here
+    (`before_write`, just before each write) keeps the reading thread from being the bottleneck
+    (BENCHMARKS.md, "Streaming to local storage"). The queue holds at most `depth` blocks, so memory
+    stays flat however large the artifact.
 
     All writes happen on this one thread, one at a time; the caller's thread touches the writer only
     after :meth:`drain` or :meth:`close`. A write (or `before_write`) failure is raised in the

@@ -45,10 +45,8 @@ class _Pending:
 class GroupCommit:
     """Records one process's deliveries in groups: one transaction, one fsync, many 200s.
 
-    Why (BENCHMARKS.md, "Ingest"): with synchronous=FULL (SQLite) or synchronous_commit (PostgreSQL)
-    every commit waits for an fsync. Sixteen gunicorn threads each committing their own delivery to
-    SQLite spent 90% of their time asleep in its busy handler and reached 283 deliveries/s; on
-    PostgreSQL each delivery cost four round trips and ~2 ms of the worker's CPU.
+    Why: every durable commit waits for an fsync, and requests each committing their own delivery
+    spent their time waiting for each other (BENCHMARKS.md, "Ingest").
 
     So the requests of a process commit for each other (leader and followers, no extra thread): a
     request that finds no commit running commits every delivery waiting at that moment, its own
@@ -109,7 +107,7 @@ class GroupCommit:
         """Commit every delivery waiting now, wake their threads, hand the lead to the next one."""
         # Under gevent the other requests of the process run only when this one waits: let those
         # that are ready reach the queue first. Leading at once committed groups of one delivery,
-        # then of the rest, two commits where one does (BENCHMARKS.md: +10-19% deliveries/s).
+        # then of the rest, two commits where one does (BENCHMARKS.md, "Ingest").
         self._ready_first()
         with self._lock:
             group, self._waiting = self._waiting, []

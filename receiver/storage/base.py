@@ -81,5 +81,11 @@ class Storage(abc.ABC):
         """Delete temporary objects (and abort multipart uploads) left by crashed writers under our
         root (or under `prefix` within it), older than the given age. Returns how many were removed."""
 
+    def check_abort_rule(self) -> tuple[bool, str] | None:
+        """Whether something removes the pieces a killed writer leaves behind, for `receiver
+        register` to report: (found, detail), or None where there is nothing to check (a folder's
+        temporary files are removed by cleanup_partials alone)."""
+        return None
+
     def close(self) -> None:
         """Release connections and thread pools."""

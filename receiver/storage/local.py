@@ -30,15 +30,15 @@ __all__ = ["LocalStorage", "LocalWriter"]
 log = logging.getLogger(__name__)
 
 #: Size of the write buffer and of the blocks `open_read` yields. Large blocks keep the per-call
-#: overhead of Python small next to the disk's bandwidth (see docs/benchmarks.md).
+#: overhead of Python small next to the disk's bandwidth (docs/benchmarking.md, "Streaming to local
+#: storage").
 BLOCK_SIZE = 1024 * 1024
 
 #: Every this many bytes a writer asks the kernel to start writing its file out, and to drop what is
 #: already on disk from the page cache (posix_fadvise DONTNEED, which starts writeback of dirty pages
 #: without waiting on Linux). Otherwise a 1 GB artifact sits dirty in memory (the kernel's background
-#: writeback starts at 10% of RAM) and commit's fsync writes it all at the end: on the 2-core machine
-#: that final fsync took 1.3-1.8 s of a 4.5 s download (BENCHMARKS.md). Advisory only: commit still
-#: fsyncs before the rename.
+#: writeback starts at 10% of RAM) and commit's fsync writes it all at the end, a long stall
+#: (BENCHMARKS.md, "Streaming to local storage"). Advisory only: commit still fsyncs before the rename.
 WRITEBACK_BYTES = 16 * 1024 * 1024
 _FADVISE = getattr(os, "posix_fadvise", None)
 

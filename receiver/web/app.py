@@ -30,7 +30,8 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
         try:
             settings = Settings.from_env()
         except ConfigError as exc:
-            # A bad setting under gunicorn: one line, exit 2, no traceback (contract.md).
+            # A bad setting under gunicorn: one line, exit 2, no traceback (docs/architecture.md,
+            # "Behaviour operators rely on").
             print(f"receiver: configuration error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
     configure_logging()

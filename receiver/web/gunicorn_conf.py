@@ -3,24 +3,12 @@
 Validated settings first: a bad value stops gunicorn with one line and exit code 2, before gunicorn
 logs anything.
 
-Worker class and counts: gevent, 2 processes, chosen from `bench/bench_ingest.py` on the 2-core
-machine (BENCHMARKS.md, "Ingest"; 64 keep-alive connections, durable deliveries/s against the
-HMAC-only reference run under the same settings; single runs, 2026-11-27 04:30 UTC):
-
-    gevent  -w 2    1,695-1,937/s  p99 64-90 ms   (reference 2,572-2,742/s)   <- chosen
-    gevent  -w 3    1,372/s        p99 104 ms     (reference 1,972/s)
-    gevent  -w 4    1,325/s        p99 123 ms     (reference 1,884/s)
-    gevent  -w 1    1,061/s        p99 114 ms     (reference 1,352/s)
-    gthread 2x8     1,281/s        p99 100 ms     (reference 2,163/s; 850-1,140/s in earlier runs)
-
-Why: each delivery's 200 waits for an fsync (SQLite, synchronous=FULL). With gthread every waiting
-request is an OS thread, and the GIL hand-offs when commits land cost more CPU than the work: the
-receiver reached 0.4 of the reference whatever the thread and process counts. Under gevent the
-waiting requests are greenlets, the commit runs on gevent's native thread pool
-(receiver/cooperative.py), and one commit serves every delivery that arrived meanwhile (groups of
-22-29 at 64 connections instead of 4). Two processes match the two cores. A stalled client holds a
-greenlet, not a thread (worker_connections per process), and every read has a deadline
-(receiver/web/gunicorn_worker.py).
+Worker class and counts: gevent, 2 processes, the fastest of the worker classes and counts
+measured with `bench/bench_ingest.py` on the 2-core machine (BENCHMARKS.md, "Ingest"). Each
+delivery's 200 waits for an fsync; greenlets wait for it cheaply where OS threads fought over the
+GIL, and one commit serves every delivery that arrived meanwhile (receiver/cooperative.py). Two
+processes match the two cores. A stalled client holds a greenlet, not a thread (worker_connections
+per process), and every read has a deadline (receiver/web/gunicorn_worker.py).
 """
 
 import gc
@@ -82,10 +70,8 @@ class _StalledClientFilter(logging.Filter):
 
 def post_worker_init(worker):
     worker.log.error_log.addFilter(_StalledClientFilter())
-    # The app is loaded: move everything it allocated (~74,000 objects: Flask, marshmallow,
-    # SQLAlchemy, the app) out of the collector's reach. Each full collection walked them all and
-    # stopped the process's requests for 60-110 ms, once or twice a run; afterwards 2-3 ms
-    # (BENCHMARKS.md, "Ingest"). Nothing allocated at start-up is garbage: it lives as long as the worker.
+    # The app is loaded: move what it allocated out of the collector's reach, so a full collection
+    # no longer stalls requests walking it (BENCHMARKS.md, "Ingest"). None of it is ever garbage.
     gc.collect()
     gc.freeze()
 

@@ -1,11 +1,8 @@
 """gunicorn's gevent worker, with a deadline on every client read and a polite close.
 
-Why gevent rather than threads (gunicorn_conf.py has the measurements): a delivery's 200 waits for
-an fsync. With threads, every waiting request is an OS thread that must win the GIL back when its
-commit lands, and those hand-offs, not the work, capped ingest at 0.4 of the HMAC-only reference.
-Greenlets wait for a commit at the cost of a switch, the commit itself runs on gevent's native
-thread pool (receiver/cooperative.py), and one commit serves every delivery that arrived meanwhile.
-A stalled client holds a greenlet, not a thread, so a few dozen of them no longer stop the hook.
+Why gevent rather than threads: a delivery's 200 waits for an fsync, and greenlets wait for it at
+the cost of a switch where OS threads fought over the GIL (BENCHMARKS.md, "Ingest"). A stalled
+client holds a greenlet, not a thread, so a few dozen of them no longer stop the hook.
 
 gunicorn's worker puts client sockets in blocking mode with no timeout; here each read and write
 gets RECEIVER_CLIENT_TIMEOUT_SECONDS instead (a stalled body then ends in a 408, ingest.py), and a
@@ -15,8 +12,8 @@ reads our 408/413 instead of a reset.
 After each request a connection yields to the others before reading its next one. A greenlet only
 switches when a read would block, so a client that has its next request on the wire by the time
 the response is written (a busy sender, or one that pipelines) was served again and again while
-the other connections of the process waited: at 64 connections half the requests took 1 ms and
-one in a hundred 100-180 ms (BENCHMARKS.md, "Ingest"). tests/test_slow_clients.py pins it.
+the other connections of the process waited, and the slowest requests paid for it (BENCHMARKS.md,
+"Ingest"). tests/test_slow_clients.py pins it.
 """
 
 from __future__ import annotations
@@ -39,13 +36,13 @@ class ReceiverGeventWorker(GeventWorker):
         self.client_timeout = Settings.from_env().client_timeout_seconds
         super().init_process()
 
-    def handle(self, listener, client, addr):  # type: ignore[no-untyped-def]
+    def handle(self, listener, client, addr):
         # The parent sets blocking mode (no timeout) first; its settimeout(None) would undo ours,
         # so skip it and go straight to the AsyncWorker's loop.
         client.settimeout(self.client_timeout)
         super(GeventWorker, self).handle(listener, client, addr)
 
-    def handle_request(self, listener_name, req, sock, addr):  # type: ignore[no-untyped-def]
+    def handle_request(self, listener_name, req, sock, addr):
         try:
             keep_going = super().handle_request(listener_name, req, sock, addr)
         except StopIteration:  # the response asked to close the connection (Connection: close)

@@ -79,7 +79,7 @@ def receive() -> tuple[Response, int]:
 
     metrics.DELIVERIES.labels(result.outcome).inc()
     # One line per delivery that starts work or repeats one; the progress events we only acknowledge
-    # are counted in metrics and logged at debug: a line each cost ~10% of ingest's CPU (BENCHMARKS.md).
+    # are counted in metrics and logged at debug: a line each is too much of ingest's CPU (BENCHMARKS.md).
     (log.debug if result.outcome == "ignored" else log.info)(
         "delivery %s %s batch=%s: %s%s",
         delivery.event_id,

@@ -1,7 +1,7 @@
 """The delivery payload, validated with marshmallow: tolerant of what we ignore, strict on what we use.
 
-BatchRouter has documented two shapes (batchrouter-api-facts.md §3.3) and the current docs do not say
-which is live, so both are accepted:
+BatchRouter has documented two shapes (docs/batchrouter-api.md, "Deliveries") and the current docs do
+not say which is live, so both are accepted:
 
 * the envelope ``{"id", "type", "created", "data": {"batch_id", "status", ...}}``;
 * the flat form ``{"event", "batch_id", "output_file_url", "error_file_url"}``.
@@ -150,7 +150,7 @@ def parse_delivery(body: object, raw: bytes) -> Delivery:
 def derived_event_id(batch_id: str | None, event_type: str, raw: bytes) -> str:
     """A deterministic id for a payload that has none, so its redeliveries deduplicate.
 
-    From the batch id and event type (contract.md); a body without a batch id (a non-terminal event
+    From the batch id and event type (docs/architecture.md, "The public interface"); a body without a batch id (a non-terminal event
     we only acknowledge) is identified by its bytes instead.
     """
     if batch_id is not None:
