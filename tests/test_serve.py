@@ -270,6 +270,16 @@ def test_a_port_in_use_is_one_line_exit_2_and_nothing_starts(tmp_path: Path, tak
     assert _marked_processes(env) == []
 
 
+def test_serve_without_an_api_key_is_one_line_exit_2_and_nothing_starts(tmp_path: Path) -> None:
+    env = _serve_env(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "receiver", "serve"], env=env, cwd=tmp_path, capture_output=True, timeout=60)
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert len(stderr.strip().splitlines()) == 1 and "BATCHROUTER_API_KEY" in stderr and "--emulator" in stderr
+    assert "serving on" not in stderr and not _listening(int(env["PORT"]))
+    assert _marked_processes(env) == []
+
+
 def test_a_start_up_failure_prints_no_banner_and_stops_everything(tmp_path: Path) -> None:
     # The issue's own failure: gunicorn cannot load its worker class and exits while the rest is up.
     env = _serve_env(tmp_path, GUNICORN_CMD_ARGS="--worker-class receiver.no_such_module.Worker")
