@@ -73,6 +73,8 @@ def test_emulator_log_has_no_colour_codes_off_a_terminal() -> None:
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
     logger = logging.getLogger("werkzeug")
+    level = logger.level  # other tests quieten werkzeug (tests/_httpservers.py)
+    logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     server, url = start_in_thread(EmulatorConfig(port=0), quiet=False)
     try:
@@ -82,6 +84,7 @@ def test_emulator_log_has_no_colour_codes_off_a_terminal() -> None:
     finally:
         stop(server)
         logger.removeHandler(handler)
+        logger.setLevel(level)
     lines = [record.getMessage() for record in records]
     assert any("/_emulator/batches/bat_nope" in line for line in lines), lines
     assert any("/v1/batches/bat_nope" in line for line in lines), lines

@@ -30,13 +30,13 @@ def serve(with_emulator: bool, emulator_port: int) -> None:
     settings = load_settings()
     from .supervise import Supervisor, check_port_free, emulator_args, emulator_env
 
-    check_port_free("0.0.0.0", settings.port, "set PORT to a free port (e.g. PORT=8001)")
-    env = dict(os.environ)
     if not with_emulator:
         try:
             settings.require_api_key()  # the worker's first need: refuse here, before anything starts
         except ConfigError as exc:
             raise ConfigurationError(f"{exc} (or try `receiver serve --emulator`: no account needed)") from None
+    check_port_free("0.0.0.0", settings.port, "set PORT to a free port (e.g. PORT=8001)")
+    env = dict(os.environ)
     if with_emulator:
         if emulator_port == settings.port:
             raise ConfigurationError(f"PORT and --emulator-port are both {emulator_port}; give them different ports")
