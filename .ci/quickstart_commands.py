@@ -10,6 +10,7 @@ split, so that each part gets its own role:
               extra, into a clean virtualenv) and does not run the README's line
     serve     `receiver serve ...`: started in the background, in its own process group
     poll      `receiver ls ...`: run until it lists the batch (below) as stored
+    env       `set -a; . FILE; set +a`, `export ...`: what a shell keeps; run before every later command
     run       anything else: run once, must exit 0
 
 The first output line is `batch<TAB>ID`, the batch the README stores (from its `receiver cat ID`).
@@ -81,6 +82,8 @@ def plan(text: str) -> list[tuple[str, str]]:
                 steps.append(("serve", part))
             elif part.startswith("receiver ls"):
                 steps.append(("poll", part))
+            elif part.startswith(("set -a", "export ", ". ", "source ")):
+                steps.append(("env", part))
             else:
                 steps.append(("run", part))
                 match = CAT.match(part)

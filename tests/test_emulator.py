@@ -462,6 +462,27 @@ def test_unreachable_webhook_is_recorded_as_errors(base, http):
     assert all(a["status"] is None and a["error"] for a in r["attempts"])
 
 
+def test_create_finished_with_deliver_sends_the_webhook_at_once(base, http, hook):
+    # The one-step example that `receiver serve --emulator` prints.
+    answer = http.post(f"{base}/_emulator/batches", json={"items": 1000, "status": "completed", "deliver": True})
+    assert answer.status_code == 201, answer.text
+    headers, body = hook.next()
+    assert verify(headers[HEADER], body, [SECRET]) == SECRET
+    event = json.loads(body)
+    assert event["id"] == answer.json()["event_id"] and event["type"] == "batch.completed"
+    assert event["data"]["batch_id"] == answer.json()["id"]
+    assert http.get(event["data"]["output_file_url"]).status_code == 200
+
+
+def test_create_with_deliver_needs_a_finished_status_and_a_webhook(base, strict, http):
+    unfinished = http.post(f"{base}/_emulator/batches", json={"id": "early", "status": "processing", "deliver": True})
+    assert unfinished.status_code == 400 and list(unfinished.json()["error"]["details"]) == ["deliver"]
+    nowhere = http.post(f"{strict}/_emulator/batches", json={"id": "nowhere", "status": "completed", "deliver": True})
+    assert nowhere.status_code == 409
+    # Refused before anything was created: the same id can still be made.
+    assert make_batch(http, base, id="early")["id"] == "early"
+
+
 def test_complete_without_a_webhook_is_409(strict, http):
     make_batch(http, strict, id="nowebhook")
     r = http.post(f"{strict}/_emulator/batches/nowebhook/complete", json={})

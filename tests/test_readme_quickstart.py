@@ -28,6 +28,12 @@ def test_readme_quickstart_is_marked_and_extractable():
     assert any(c.startswith("receiver cat bat_demo") for c in commands)
     # A continuation line is joined to its command, not run alone.
     assert not any(c.startswith("-d ") or c.endswith("\\") for c in commands)
+    # The second shell: the settings file serve writes, replayed before every later command.
+    env_steps = [command for role, command in steps if role == "env"]
+    assert env_steps == ["set -a; . receiver-data/emulator.env; set +a"]
+    after = commands[commands.index(env_steps[0]) :]
+    assert any(c.startswith("receiver fetch ") for c in after)
+    assert any(c.startswith("receiver register --insecure ") for c in after)
 
 
 def test_readme_without_quickstart_markers_fails_loudly(tmp_path):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -109,14 +111,26 @@ def list_batches(as_json: bool) -> None:
     if not rows:
         click.echo("no batches yet")
         return
-    click.echo(f"{'BATCH':<32} {'STATE':<8} {'STATUS':<10} {'BYTES':>12} {'LINES':>9} {'STORED AT':<20} NOTE")
+    click.echo(f"{'BATCH':<32} {'STATE':<8} {'STATUS':<10} {'BYTES':>12} {'LINES':>9} STORED AT")
+    width = max(60, shutil.get_terminal_size().columns)
     for row in rows.values():
-        note = row.get("last_error") or ("counts mismatch" if row.get("counts_match") is False else "")
         click.echo(
             f"{row['batch_id']:<32} {row['state']:<8} {row.get('batch_status') or '-':<10} "
             f"{row.get('bytes') if row.get('bytes') is not None else '-':>12} {row.get('lines') if row.get('lines') is not None else '-':>9} "
-            f"{row.get('stored_at') or '-':<20} {note[:80]}"
+            f"{row.get('stored_at') or '-':<20}".rstrip()
         )
+        note = row.get("last_error") or ("counts mismatch" if row.get("counts_match") is False else "")
+        if note:  # whole, on lines of its own: a failure reason cut short is no use
+            click.echo(
+                textwrap.fill(
+                    note,
+                    width,
+                    initial_indent="  note: ",
+                    subsequent_indent="        ",
+                    break_long_words=False,
+                    break_on_hyphens=False,
+                )
+            )
 
 
 def _public_job(row: dict[str, Any]) -> dict[str, Any]:
@@ -155,7 +169,7 @@ def cat(batch_id: str) -> None:
     try:
         manifest = json.loads(storage.get_bytes(layout.manifest_key(batch_id)))
     except ObjectNotFound:
-        raise Failure(f"batch {batch_id} is not stored") from None
+        raise Failure(_not_stored(settings, batch_id)) from None
     except ReceiverError as exc:
         raise Failure(str(exc)) from None
     results = [f for f in manifest.get("files", []) if f["key"].startswith(layout.RESULTS + "/")]
@@ -170,6 +184,26 @@ def cat(batch_id: str) -> None:
         sys.stderr.close()
     except ReceiverError as exc:
         raise Failure(str(exc)) from None
+
+
+def _not_stored(settings: Any, batch_id: str) -> str:
+    """Why a batch has no manifest, from its job in the ledger: dead (and why), under way, or unknown."""
+    from ..ledger import DEAD
+
+    ledger = open_ledger(settings)
+    try:
+        row = ledger.job(batch_id)
+    finally:
+        ledger.close()
+    if row is None:
+        return f"batch {batch_id} is not stored: this receiver has not heard of it (`receiver fetch {batch_id}` fetches it)"
+    if row["state"] == DEAD:
+        return (
+            f"batch {batch_id} is dead after {row['attempts']} attempts, not stored: {row['last_error']}"
+            f" (`receiver fetch {batch_id}` tries again)"
+        )
+    retrying = f", last error: {row['last_error']}" if row["last_error"] else ""
+    return f"batch {batch_id} is not stored yet ({row['state']}, {row['attempts']} attempts so far{retrying})"
 
 
 @click.command()

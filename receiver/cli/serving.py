@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import click
 
 from ..config import Settings
 from ..errors import ConfigError
-from ._common import ConfigurationError, load_settings, open_ledger
+from ._common import ConfigurationError, Failure, load_settings, open_ledger
 
 
 @click.command()
@@ -25,40 +24,68 @@ def serve(with_emulator: bool, emulator_port: int) -> None:
     """Run the web server (gunicorn) and the worker together, on the embedded defaults.
 
     SQLite and a local folder unless DATABASE_URL / RECEIVER_STORAGE_URL say otherwise. Stops both on
-    SIGTERM or Ctrl-C, letting the worker give back its jobs.
+    SIGTERM or Ctrl-C, letting the worker give back its jobs. With --emulator, also writes
+    receiver-data/emulator.env: the settings a second shell needs (`set -a; . receiver-data/emulator.env; set +a`).
     """
     settings = load_settings()
+    from .supervise import Supervisor, check_port_free, emulator_args, emulator_env
+
+    if not with_emulator:
+        try:
+            settings.require_api_key()  # the worker's first need: refuse here, before anything starts
+        except ConfigError as exc:
+            raise ConfigurationError(f"{exc} (or try `receiver serve --emulator`: no account needed)") from None
+    check_port_free("0.0.0.0", settings.port, "set PORT to a free port (e.g. PORT=8001)")
+    env = dict(os.environ)
+    if with_emulator:
+        if emulator_port == settings.port:
+            raise ConfigurationError(f"PORT and --emulator-port are both {emulator_port}; give them different ports")
+        check_port_free("127.0.0.1", emulator_port, "choose another with --emulator-port")
+        env = emulator_env(env, emulator_port)
+        settings = Settings.from_env(env)
     from ..logs import configure_logging
 
     configure_logging()
-    env = dict(os.environ)
-    children: list[subprocess.Popen[bytes]] = []
-    if with_emulator:
-        from .supervise import start_emulator_for_serve
-
-        env, emulator = start_emulator_for_serve(settings, env, emulator_port)
-        children.append(emulator)
-        settings = Settings.from_env(env)
     open_ledger(settings).close()  # create the schema once, before several processes race for it
-    web = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", "python:receiver.web.gunicorn_conf", "receiver.app:create_app()"], env=env
-    )
-    worker = subprocess.Popen([sys.executable, "-m", "receiver", "worker"], env=env)
-    children += [web, worker]
+    children = Supervisor()
+    web_url = f"http://127.0.0.1:{settings.port}"
+    urls = [f"{web_url}/healthz"]
     if with_emulator:
-        from .supervise import register_with_emulator
+        children.start("emulator", emulator_args(emulator_port), env)
+        urls.append(f"{settings.api_url}/healthz")
+    gunicorn = [sys.executable, "-m", "gunicorn", "-c", "python:receiver.web.gunicorn_conf", "receiver.app:create_app()"]
+    children.start("gunicorn", gunicorn, env)
+    children.start("worker", [sys.executable, "-m", "receiver", "worker"], env)
+    children.wait_until_up(urls)
+    if not with_emulator:
+        click.echo(f"receiver: serving on {web_url}", err=True)
+        sys.exit(children.run())
+    try:
+        _connect_emulator(settings, f"{web_url}/hooks/batchrouter")
+    except BaseException:
+        children.stop()
+        raise
+    click.echo(
+        f"receiver: serving on {web_url} with the emulator on {settings.api_url}\n"
+        f"  complete a batch:  curl -s -XPOST {settings.api_url}/_emulator/batches -H 'content-type: application/json'"
+        ' -d \'{"items": 1000, "status": "completed", "deliver": true}\'\n'
+        f"  results land in:   {settings.storage_url}/results/  (see `receiver ls`)\n"
+        "  a second shell:    set -a; . receiver-data/emulator.env; set +a   (then `receiver fetch`, `receiver worker`, ...)",
+        err=True,
+    )
+    sys.exit(children.run())
 
-        register_with_emulator(settings, f"http://127.0.0.1:{settings.port}/hooks/batchrouter")
-        click.echo(
-            f"receiver: serving on http://127.0.0.1:{settings.port} with the emulator on {settings.api_url}\n"
-            f"  complete a batch:  curl -s -XPOST {settings.api_url}/_emulator/batches -H 'content-type: application/json'"
-            ' -d \'{"items": 1000, "status": "completed", "deliver": true}\'\n'
-            f"  results land in:   {settings.storage_url}/results/  (see `receiver ls`)",
-            err=True,
-        )
-    from .supervise import supervise
 
-    sys.exit(supervise(children))
+def _connect_emulator(settings: Settings, hook_url: str) -> None:
+    """Give the emulator this receiver's webhook, and write the settings file for a second shell."""
+    from ..errors import ReceiverError
+    from .supervise import register_with_emulator, write_emulator_env
+
+    try:
+        register_with_emulator(settings, hook_url)
+    except ReceiverError as exc:
+        raise Failure(f"the emulator refused the webhook: {exc}") from None
+    write_emulator_env(settings)
 
 
 @click.command()
@@ -84,4 +111,4 @@ def emulator(ctx: click.Context) -> None:
     """A local BatchRouter emulator for development and tests (`receiver emulator --help`)."""
     from ..emulator.__main__ import main as emulator_main
 
-    sys.exit(emulator_main(list(ctx.args)))
+    sys.exit(emulator_main(list(ctx.args), prog="receiver emulator"))

@@ -72,8 +72,9 @@ def build_parser(prog: str = "python -m receiver.emulator") -> argparse.Argument
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run the emulator; `prog` is the command name `--help` and usage errors show."""
+    parser = build_parser(prog) if prog else build_parser()
     args = parser.parse_args(argv)
     if bool(args.webhook_url) != bool(args.webhook_secret):
         parser.error("--webhook-url and --webhook-secret go together")

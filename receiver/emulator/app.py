@@ -618,11 +618,24 @@ def create_batch() -> tuple[Response, int]:
     )
     if batch.results_form == "jsonl" and compress:
         raise _Invalid("results_form", "jsonl pages are not offered for gzip batches")
+    # `deliver: true` on a finished batch sends its webhook at once, as /complete would: the one-step
+    # example that `receiver serve --emulator` prints.
+    deliver = _bool(body, "deliver", False)
+    if deliver and batch.status not in TERMINAL_STATUSES:
+        raise _Invalid("deliver", "needs a finished status (completed, failed, cancelled, expired); or use /complete later")
+    if deliver and emu.state.webhook is None:
+        return error(409, "no_delivery_webhook", "No delivery webhook is set."), 409
     if not emu.state.add_batch(batch):
         return error(409, "already_exists", f"Batch {batch_id!r} exists already."), 409
     answer = batch_view(batch)
     if batch.results.digest_is_cheap:
         answer.update(batch.results.digest())
+    target = emu.state.webhook
+    if deliver and target is not None:
+        event = emu.event_body(batch, "envelope", None, None)
+        text = json.dumps(event, separators=(",", ":"))
+        answer["event_id"] = event["id"]
+        answer.update(_send(emu, target.url, target.secret, text.encode(), batch.id, event["id"], 1, False))
     return jsonify(answer), 201
 
 

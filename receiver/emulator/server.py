@@ -6,9 +6,11 @@ hold up API calls, and each response streams from a generator straight to the so
 
 from __future__ import annotations
 
+import sys
 import threading
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.urls import uri_to_iri
 
 from .app import EmulatorConfig, create_app
 
@@ -20,16 +22,27 @@ class QuietRequestHandler(WSGIRequestHandler):
         pass
 
 
+class PlainRequestHandler(WSGIRequestHandler):
+    """Werkzeug's request log without its ANSI colours, for a log that goes to a file or a pipe."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        try:
+            msg = f"{self.command} {uri_to_iri(self.path)} {self.request_version}"
+        except AttributeError:  # no path when the request line was bad
+            msg = self.requestline
+        self.log("info", '"%s" %s %s', msg.translate(self._control_char_table), code, size)
+
+
 def make_emulator_server(config: EmulatorConfig, *, quiet: bool = False) -> BaseWSGIServer:
     """Bind the emulator's server (port 0 picks a free port); the caller runs it."""
     app = create_app(config)
-    return make_server(
-        config.host,
-        config.port,
-        app,
-        threaded=True,
-        request_handler=QuietRequestHandler if quiet else None,
-    )
+    if quiet:
+        handler: type[WSGIRequestHandler] = QuietRequestHandler
+    elif sys.stderr.isatty():
+        handler = WSGIRequestHandler
+    else:
+        handler = PlainRequestHandler
+    return make_server(config.host, config.port, app, threaded=True, request_handler=handler)
 
 
 def server_url(server: BaseWSGIServer) -> str:
