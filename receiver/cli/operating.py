@@ -15,6 +15,7 @@ import click
 
 from .. import layout
 from ..errors import ConfigError, ObjectNotFound, ReceiverError
+from ..manifest import Manifest
 from ._common import ConfigurationError, Failure, iso, load_settings, open_ledger
 
 if TYPE_CHECKING:
@@ -167,17 +168,17 @@ def cat(batch_id: str) -> None:
 
     storage = open_storage(settings)
     try:
-        manifest = json.loads(storage.get_bytes(layout.manifest_key(batch_id)))
+        manifest = Manifest.from_bytes(storage.get_bytes(layout.manifest_key(batch_id)))
     except ObjectNotFound:
         raise Failure(_not_stored(settings, batch_id)) from None
     except ReceiverError as exc:
         raise Failure(str(exc)) from None
-    results = [f for f in manifest.get("files", []) if f["key"].startswith(layout.RESULTS + "/")]
-    if not results:
-        raise Failure(f"batch {batch_id} is stored with status {manifest.get('status')!r} and has no results")
+    results = manifest.results
+    if results is None:
+        raise Failure(f"batch {batch_id} is stored with status {manifest.status!r} and has no results")
     out = click.get_binary_stream("stdout")
     try:
-        for block in storage.open_read(results[0]["key"]):
+        for block in storage.open_read(results.key):
             out.write(block)
         out.flush()
     except BrokenPipeError:  # `receiver cat X | head` is fine
