@@ -164,7 +164,7 @@ class GroupCommit:
         self,
         group: list[_Pending],
         insert: Callable[[list[_Pending]], Iterable[str]],
-        know: Callable[[list[tuple[str, float]]], None],
+        know: Callable[[list[tuple[str, float]]], object],
         queue_job: Callable[[str, float], bool],
     ) -> None:
         if len(self._known) > self.KNOWN_MEMORY:
@@ -190,7 +190,7 @@ def _settle(
     rows_per_insert: int,
     known: set[str],
     insert: Callable[[list[_Pending]], Iterable[str]],
-    know: Callable[[list[tuple[str, float]]], None],
+    know: Callable[[list[tuple[str, float]]], object],
     queue_job: Callable[[str, float], bool],
 ) -> None:
     """Record a group inside the caller's transaction and give every delivery its answer.
