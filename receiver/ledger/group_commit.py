@@ -70,8 +70,8 @@ class GroupCommit:
     #: PostgreSQL's 65,535 parameters).
     ROWS_PER_INSERT = 500
     #: Batch ids this process remembers having made known, so that the many progress events of
-    #: one batch add no statement after its first (BENCHMARKS.md: without it, -30% deliveries/s on
-    #: SQLite). Known rows are never deleted, so a remembered id stays true; the memory is bounded.
+    #: one batch add no statement after its first (and a group of them stays one statement without
+    #: BEGIN on SQLite). Known rows are never deleted, so a remembered id stays true; bounded.
     KNOWN_MEMORY = 50_000
 
     def __init__(self, run_blocking: BlockingRunner = run_in_place) -> None:
