@@ -60,6 +60,8 @@ class Settings:
     s3_checksum: bool = True
     #: Memory budget of one S3 streaming upload (parts buffered in flight), in bytes.
     s3_buffer_bytes: int = 24 * 1024 * 1024
+    #: How often a known, unfinished batch is polled with `GET /v1/batches/{id}`; 0 turns it off.
+    poll_seconds: int = 300
 
     @property
     def is_sqlite(self) -> bool:
@@ -132,6 +134,7 @@ class Settings:
             s3_kms_key_id=kms_key,
             s3_checksum=_bool(env, "RECEIVER_S3_CHECKSUM", True),
             s3_buffer_bytes=_int(env, "RECEIVER_S3_BUFFER_MB", 24, 16, 4096) * 1024 * 1024,
+            poll_seconds=_int(env, "RECEIVER_POLL_SECONDS", 300, 0, 7 * 86400),
         )
 
     def require_api_key(self) -> str:

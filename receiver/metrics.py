@@ -44,11 +44,41 @@ class LedgerCollector(Collector):
             value=stats["counts_mismatch"],
         )
         yield GaugeMetricFamily("receiver_stored_bytes", "Bytes of results stored.", value=stats["stored_bytes"])
+        yield from _polling_metrics(stats.get("polling"))
         last = stats["last_delivery"]
         if last:
             yield GaugeMetricFamily(
                 "receiver_last_delivery_timestamp_seconds", "When the last delivery was recorded.", value=last["received_at"]
             )
+
+
+def _polling_metrics(polling: dict[str, Any] | None) -> Iterator[GaugeMetricFamily]:
+    """The polling fallback: what it watches, what it found, and deliveries refused (a wrong secret)."""
+    if not polling:
+        return
+    yield GaugeMetricFamily(
+        "receiver_watched_batches", "Known batches not yet ended, polled until they end.", value=polling["watched"]
+    )
+    if polling["oldest_watched_age_seconds"] is not None:
+        yield GaugeMetricFamily(
+            "receiver_oldest_watched_batch_age_seconds",
+            "Age of the oldest watched batch.",
+            value=polling["oldest_watched_age_seconds"],
+        )
+    yield GaugeMetricFamily(
+        "receiver_not_found_batches", "Known batches BatchRouter answered 404 for.", value=polling["not_found"]
+    )
+    yield GaugeMetricFamily("receiver_batch_polls", "Polls of known batches made (GET /v1/batches/{id}).", value=polling["polls"])
+    yield GaugeMetricFamily(
+        "receiver_batches_found_by_polling",
+        "Batches queued by polling because no terminal delivery arrived.",
+        value=polling["found_by_poll"],
+    )
+    yield GaugeMetricFamily(
+        "receiver_refused_signature_deliveries_24h",
+        "Deliveries refused for a bad signature in the last 24 hours.",
+        value=polling["refused_signature_24h"],
+    )
 
 
 def render(stats: Callable[[], dict[str, Any]]) -> bytes:

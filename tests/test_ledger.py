@@ -184,6 +184,109 @@ def test_a_group_tells_new_deliveries_from_ones_recorded_before(ledger):
             assert [item.result.job_queued for item in group[:10]] == [i == terminal_at for i in range(10)]
 
 
+# --- the polling fallback -----------------------------------------------------------------------
+
+
+def test_a_progress_delivery_makes_its_batch_known_and_due_after_one_interval(ledger):
+    now = time.time()
+    assert deliver(ledger, "evt_p1", batch_id="bat_p", terminal=False).outcome == "ignored"
+    assert deliver(ledger, "evt_p2", batch_id="bat_p", terminal=False).outcome == "ignored"
+    assert ledger.record_delivery(event_id="evt_none", event_type="ping", batch_id=None, status=None, terminal=False)
+    [known] = ledger.known()
+    assert (known["batch_id"], known["source"], known["state"]) == ("bat_p", "delivery", "watching")
+    assert ledger.claim_polls("w1", interval=60, now=now + 30) == []
+    assert ledger.claim_polls("w1", interval=60, now=now + 61) == ["bat_p"]
+    # Claimed: nobody else polls it until its lease runs out.
+    assert ledger.claim_polls("w2", interval=60, now=now + 62, lease_seconds=10) == []
+    assert ledger.claim_polls("w2", interval=60, now=now + 61 + 200) == ["bat_p"]
+
+
+def test_polls_are_shared_between_workers(ledger):
+    now = time.time()
+    for i in range(30):
+        ledger.watch(f"bat_w{i}", now=now - 100)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        claims = list(pool.map(lambda i: ledger.claim_polls(f"w{i}", interval=60, limit=4, now=now), range(12)))
+    got = [b for c in claims for b in c]
+    assert sorted(got) == sorted(f"bat_w{i}" for i in range(30))
+
+
+def test_a_poll_that_finds_the_batch_ended_queues_one_job_and_stops_polling(ledger):
+    now = time.time()
+    deliver(ledger, "evt_p", batch_id="bat_e", terminal=False)
+    [claimed] = ledger.claim_polls("w1", interval=1, now=now + 5)
+    assert ledger.record_poll(claimed, "w1", status="completed", state="ended", now=now + 5) is True
+    job = ledger.job("bat_e")
+    assert (job["state"], job["origin"]) == ("queued", "poll")
+    assert ledger.claim_polls("w1", interval=1, now=now + 1000) == []
+    # The terminal delivery arriving late finds the job: nothing new is queued.
+    assert deliver(ledger, "evt_t", batch_id="bat_e").job_queued is False
+    stats = ledger.polling_stats(now + 5)
+    assert (stats["watched"], stats["polls"], stats["found_by_poll"]) == (0, 1, 1)
+
+
+def test_a_delivery_and_a_poll_racing_queue_one_job(ledger):
+    now = time.time()
+    for i in range(20):
+        deliver(ledger, f"evt_p{i}", batch_id=f"bat_r{i}", terminal=False)
+    claimed = ledger.claim_polls("w1", interval=1, limit=50, now=now + 5)
+    assert len(claimed) == 20
+
+    def poll(batch_id):
+        return ledger.record_poll(batch_id, "w1", status="completed", state="ended", now=now + 5)
+
+    def delivery(batch_id):
+        return deliver(ledger, f"evt_t_{batch_id}", batch_id=batch_id).job_queued
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        polls = list(pool.map(poll, claimed))
+        deliveries = [f.result() for f in [pool.submit(delivery, b) for b in claimed]]
+    assert [p + d for p, d in zip(polls, deliveries)] == [1] * 20
+    assert len(ledger.list_jobs()) == 20
+
+
+def test_a_batch_with_a_job_is_not_polled_and_is_ended_by_housekeeping(ledger):
+    now = time.time()
+    deliver(ledger, "evt_p", batch_id="bat_j", terminal=False)
+    deliver(ledger, "evt_t", batch_id="bat_j")
+    assert ledger.claim_polls("w1", interval=1, now=now + 100) == []
+    assert ledger.polling_stats(now)["watched"] == 0
+    assert ledger.end_known_with_jobs(now=now) == 1
+    assert ledger.known(("ended",)) == []  # it has a job: `ls` shows the job instead
+
+
+def test_not_found_stops_polling_and_watch_revives_it(ledger):
+    now = time.time()
+    ledger.watch("bat_nf", now=now - 100)
+    [claimed] = ledger.claim_polls("w1", interval=60, now=now)
+    ledger.record_poll(claimed, "w1", status="404 not found", state="not_found", now=now)
+    assert ledger.claim_polls("w1", interval=60, now=now + 10_000) == []
+    assert [k["state"] for k in ledger.known()] == ["not_found"]
+    assert ledger.polling_stats(now)["not_found"] == 1
+    ledger.watch("bat_nf", now=now)
+    assert [k["state"] for k in ledger.known()] == ["watching"]
+
+
+def test_released_polls_are_due_at_once_and_a_stale_owner_changes_no_schedule(ledger):
+    now = time.time()
+    ledger.watch("bat_rel", now=now - 100)
+    assert ledger.claim_polls("w1", interval=60, now=now) == ["bat_rel"]
+    ledger.release_polls(["bat_rel"], "w1", now=now)
+    assert ledger.claim_polls("w2", interval=60, now=now + 1) == ["bat_rel"]
+    ledger.record_poll("bat_rel", "w1", status="processing", next_poll_at=now + 2, now=now + 1)  # w1 no longer holds it
+    [known] = ledger.known()
+    assert (known["poll_owner"], known["polls"]) == ("w2", 0)
+
+
+def test_refused_deliveries_are_counted_for_24_hours_without_a_write_each(ledger):
+    now = time.time()
+    for i in range(5):
+        ledger.note_refused_delivery(now=now + i * 0.1)  # one write, four counted in memory
+    ledger.note_refused_delivery(now=now + 2)  # the next write carries them
+    assert ledger.polling_stats(now + 3)["refused_signature_24h"] == 6
+    assert ledger.polling_stats(now + 2 * 86400)["refused_signature_24h"] == 0
+
+
 def _manifest(batch_id: str, *, lines: int, expected_items: int) -> Manifest:
     results = StoredFile(key=f"results/dt=2026-01-01/batch_id={batch_id}/results.jsonl", bytes=10, sha256="0" * 64, lines=lines)
     return Manifest(

@@ -316,6 +316,8 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
         "RECEIVER_LEASE_SECONDS": "4",
         "RECEIVER_MAX_ATTEMPTS": "5",
         "RECEIVER_WORKER_CONCURRENCY": "4",
+        # Some terminal deliveries are lost outright: the polling fallback must store those batches.
+        "RECEIVER_POLL_SECONDS": "2",
     }
     with contextlib.ExitStack() as stack:
         s3 = None
@@ -360,6 +362,12 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
         # A few batches are doomed: the API fails them until the end, so they must end `dead`
         # with a reason, and `receiver fetch` must recover them once the API is back.
         n_doomed = max(2, n_batches // 40)
+        # Batches whose terminal delivery BatchRouter never sends (only a progress event arrives);
+        # none of them is the batch sent when the storage goes away (n // 3, 2n // 3), whose
+        # delivered job must meet the outage.
+        lost = {f"bat_chaos_{i:04d}" for i in range(n_doomed, n_batches) if i % 5 == 4} - {
+            f"bat_chaos_{i:04d}" for i in (n_batches // 3, 2 * n_batches // 3)
+        }
         injected: Counter[str] = Counter()
         batches = []
         paged_ids: set[str] = set()
@@ -409,7 +417,11 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
                     chaos.storage_outage()
                 # Two signed deliveries of the same event at once, retried by the emulator like
                 # BatchRouter when a killed gunicorn worker drops the connection.
-                emulator.complete(batch_id, copies=2)
+                if batch_id in lost:
+                    _send_progress(emulator, batch_id)
+                    emulator.complete(batch_id, deliver=False)
+                else:
+                    emulator.complete(batch_id, copies=2)
                 time.sleep(rng.uniform(0, 0.2))
             # Keep the chaos going while the backlog drains, then let it settle.
             wait_for(
@@ -442,7 +454,7 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
         # Every delivery was finally acknowledged, never with a 5xx, and is in the ledger.
         deliveries = emulator.stats()["deliveries"]
         finals = [d for d in deliveries if d["final"]]
-        assert len(finals) == 2 * n_batches and all(d["ok"] for d in finals)
+        assert len(finals) == 2 * (n_batches - len(lost)) + len(lost) and all(d["ok"] for d in finals)
         five_xx = [d for d in deliveries if d["status"] is not None and d["status"] >= 500]
         assert not five_xx, five_xx[:3]
         recorded = {row[0] for row in ledger_query(env, "SELECT event_id FROM deliveries")}
@@ -471,6 +483,8 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
         stray = [k for k in keys if not k.startswith(("results/", "errors/", "manifests/"))]
         assert not stray, stray[:5]
         attempts = Counter(row[0] for row in ledger_query(env, "SELECT attempts FROM jobs"))
+        origins = dict(ledger_query(env, "SELECT batch_id, origin FROM jobs"))
+        assert {origins[b] for b in lost} <= {"poll"}, "a lost delivery's batch was queued by something else"
         web_log = web.output()
         assert "Traceback" not in web_log
         stats = emulator.stats()
@@ -491,7 +505,9 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
             "multipart_batches": sum(1 for i in range(n_batches) if s3 is not None and i % 10 == 9),
             "paged_batches": len(paged_ids),
             **dict(chaos.counts),
-            "deliveries_sent": 2 * n_batches,
+            "deliveries_sent": 2 * (n_batches - len(lost)) + len(lost),
+            "terminal_deliveries_lost": len(lost),
+            "stored_by_polling": sum(1 for b in lost if origins[b] == "poll"),
             "delivery_attempts": len(deliveries),
             "delivery_attempts_without_answer": sum(1 for d in deliveries if d["status"] is None),
             "answers_5xx": len(five_xx),
@@ -507,6 +523,17 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
             "seconds_until_all_stored": round(total_seconds, 1),
         },
     )
+
+
+def _send_progress(emulator: Any, batch_id: str) -> None:
+    """A signed progress event for `batch_id`, sent (and retried) by the emulator like BatchRouter."""
+    body = {
+        "id": f"evt_progress_{batch_id}",
+        "type": "batch.progress",
+        "created": int(time.time()),
+        "data": {"batch_id": batch_id, "status": "processing"},
+    }
+    requests.post(f"{emulator.url}/_emulator/deliveries", json={"body": body}, timeout=10).raise_for_status()
 
 
 def _all_keys(root: Path, s3: Any) -> list[str]:

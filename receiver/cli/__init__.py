@@ -11,6 +11,7 @@ from .. import __version__
 from .operating import cat, fetch, list_batches, status
 from .register import register
 from .serving import emulator, serve, worker
+from .watching import watch
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,7 +20,7 @@ def main() -> None:
     """BatchRouter's delivery webhook: verify, record, fetch and store each batch exactly once."""
 
 
-for _command in (serve, worker, register, fetch, list_batches, cat, status, emulator):
+for _command in (serve, worker, register, fetch, list_batches, cat, status, watch, emulator):
     main.add_command(_command)
 
 __all__ = ["main"]

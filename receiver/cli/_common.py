@@ -52,6 +52,17 @@ def open_ledger(settings: Settings) -> Ledger:
     return ledger
 
 
+def validate_batch_ids(batch_ids: tuple[str, ...]) -> None:
+    """Refuse (exit 2) an argument that cannot be a batch id, before anything is called."""
+    from .. import layout
+
+    for batch_id in batch_ids:
+        try:
+            layout.validate_batch_id(batch_id)
+        except ReceiverError as exc:
+            raise click.BadParameter(f"{batch_id!r}: {exc}", param_hint="BATCH_ID") from None
+
+
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None

@@ -16,7 +16,7 @@ import click
 from .. import layout
 from ..errors import ConfigError, ObjectNotFound, ReceiverError
 from ..manifest import Manifest
-from ._common import ConfigurationError, Failure, iso, load_settings, open_ledger
+from ._common import ConfigurationError, Failure, iso, load_settings, open_ledger, validate_batch_ids
 
 if TYPE_CHECKING:
     from ..jobs.worker import Worker
@@ -31,11 +31,7 @@ def fetch(batch_ids: tuple[str, ...]) -> None:
     or it failed for good; the reason is printed).
     """
     settings = load_settings()
-    for batch_id in batch_ids:
-        try:
-            layout.validate_batch_id(batch_id)
-        except ReceiverError as exc:
-            raise click.BadParameter(f"{batch_id!r}: {exc}", param_hint="BATCH_ID") from None
+    validate_batch_ids(batch_ids)
     from ..jobs.worker import Worker
     from ..logs import configure_logging
 
@@ -106,6 +102,10 @@ def list_batches(as_json: bool) -> None:
                 rows[batch_id] = {"batch_id": batch_id, "state": "stored", "manifest_key": key}
     except ReceiverError as exc:
         click.echo(f"receiver: storage not listed: {exc}", err=True)
+    for known in ledger.known():  # watched, or BatchRouter did not know them (polling stopped)
+        rows.setdefault(
+            known["batch_id"], {"batch_id": known["batch_id"], "state": known["state"], "batch_status": known["last_status"]}
+        )
     if as_json:
         click.echo(json.dumps(list(rows.values()), indent=2))
         return
@@ -226,6 +226,7 @@ def status(as_json: bool) -> None:
         ],
         "from_environment": len(settings.webhook_secrets),
     }
+    stats["polling"] = {"interval_seconds": settings.poll_seconds, **ledger.polling_stats(now)}
     if as_json:
         click.echo(json.dumps(stats, indent=2))
         return
@@ -253,3 +254,22 @@ def status(as_json: bool) -> None:
         click.echo(f"  {len(settings.webhook_secrets)} from RECEIVER_WEBHOOK_SECRET")
     for row in stats["dead"]:
         click.echo(f"dead: {row['batch_id']} after {row['attempts']} attempts: {row['last_error']}")
+    _echo_polling(stats["polling"])
+
+
+def _echo_polling(polling: dict[str, Any]) -> None:
+    """The polling fallback's lines of `status`, and the warning that deliveries are being refused."""
+    age = polling["oldest_watched_age_seconds"]
+    click.echo(
+        f"watched batches: {polling['watched']}"
+        + (f" (oldest {polling['oldest_watched']}, {age // 3600}h{age % 3600 // 60:02d}m)" if age is not None else "")
+        + (f"  not found by BatchRouter: {polling['not_found']}" if polling["not_found"] else "")
+    )
+    every = f"every {polling['interval_seconds']}s" if polling["interval_seconds"] else "off (RECEIVER_POLL_SECONDS=0)"
+    click.echo(f"polling: {every}, {polling['polls']} polls made, {polling['found_by_poll']} batches found by polling")
+    click.echo(f"deliveries refused for a bad signature (24h): {polling['refused_signature_24h']}")
+    if polling["refused_signature_24h"]:
+        click.echo(
+            "warning: deliveries were refused for a bad signature in the last 24 hours; check the webhook secret "
+            "(`receiver register --rotate`) and watch the batches sent meanwhile (`receiver watch`)"
+        )

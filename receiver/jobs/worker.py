@@ -36,6 +36,7 @@ from ..manifest import Manifest, StoredFile
 from ..retry import backoff
 from ..storage import Storage, Writer
 from . import pages
+from .poller import start_poller
 from .transfer import Downloader, TransferResult
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class Worker:
         log.info("worker %s started, %d downloads in flight at most", self.owner, self.settings.worker_concurrency)
         heartbeat = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
         heartbeat.start()
+        poller = start_poller(self.settings, self.ledger, self.owner, self.stopping)
         housekeeping_due = 0.0
         with ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="job") as pool:
             while not self.stopping.is_set():
@@ -133,6 +135,8 @@ class Worker:
                     continue
                 pool.submit(self._run_in_slot, job)
             self._cancel_all(Stop.SHUTDOWN)
+        if poller is not None:
+            poller.join(15)
         log.info("worker %s stopped", self.owner)
 
     def stop(self) -> None:

@@ -2,6 +2,20 @@
 meet only here."""
 
 from .ledger import Ledger
-from .schema import DEAD, FAILED, JOB_STATES, QUEUED, RUNNING, STORED, Job, RecordResult, SecretInfo
+from .schema import DEAD, ENDED, FAILED, JOB_STATES, NOT_FOUND, QUEUED, RUNNING, STORED, WATCHING, Job, RecordResult, SecretInfo
 
-__all__ = ["DEAD", "FAILED", "JOB_STATES", "QUEUED", "RUNNING", "STORED", "Job", "Ledger", "RecordResult", "SecretInfo"]
+__all__ = [
+    "DEAD",
+    "ENDED",
+    "FAILED",
+    "NOT_FOUND",
+    "WATCHING",
+    "JOB_STATES",
+    "QUEUED",
+    "RUNNING",
+    "STORED",
+    "Job",
+    "Ledger",
+    "RecordResult",
+    "SecretInfo",
+]

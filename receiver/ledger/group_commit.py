@@ -21,7 +21,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from ..cooperative import BlockingRunner, ready_first, run_in_place
 from ..errors import LedgerUnavailable
 from .engine import describe, sqlite_pragmas
-from .schema import DEAD, QUEUED, RecordResult, deliveries
+from .schema import DEAD, QUEUED, WATCHING, RecordResult, deliveries, known_batches
 
 try:
     import fcntl
@@ -67,6 +67,10 @@ class GroupCommit:
     #: Rows per multi-row INSERT: 6 parameters each stays far below SQLite's 32,766 variables (and
     #: PostgreSQL's 65,535 parameters).
     ROWS_PER_INSERT = 500
+    #: Batch ids this process remembers having made known, so that the many progress events of
+    #: one batch add no statement after its first (and a group of them stays one statement without
+    #: BEGIN on SQLite). Known rows are never deleted, so a remembered id stays true; bounded.
+    KNOWN_MEMORY = 50_000
 
     def __init__(self, run_blocking: BlockingRunner = run_in_place) -> None:
         self._run_blocking = run_blocking
@@ -76,6 +80,7 @@ class GroupCommit:
         self._busy = False  # a leader is committing
         self._closed = False
         self._pid = os.getpid()
+        self._known: set[str] = set()
 
     def record(self, params: tuple[Any, ...], *, queue_batch: bool) -> RecordResult:
         item = _Pending(params, queue_batch)
@@ -115,6 +120,7 @@ class GroupCommit:
             self._run_blocking(lambda: self._commit_group(group))
         except Exception as exc:  # the database, or a bug: either way no request may wait for ever
             self._reset()  # a fresh connection for what follows
+            self._known.clear()  # the ids this group added to it were rolled back
             if len(group) > 1 and not self._is_outage(exc):
                 # Not the database (locked, full, gone) but maybe one delivery's data: one at a time,
                 # so that only the delivery at fault fails.
@@ -146,10 +152,22 @@ class GroupCommit:
             self._run_blocking(lambda: self._commit_group([item]))
         except Exception as exc:
             self._reset()
+            self._known.clear()
             item.error = _unavailable(exc)
 
     def _commit_group(self, group: list[_Pending]) -> None:
         raise NotImplementedError
+
+    def _settle(
+        self,
+        group: list[_Pending],
+        insert: Callable[[list[_Pending]], Iterable[str]],
+        know: Callable[[list[tuple[str, float]]], object],
+        queue_job: Callable[[str, float], bool],
+    ) -> None:
+        if len(self._known) > self.KNOWN_MEMORY:
+            self._known.clear()
+        _settle(group, self.ROWS_PER_INSERT, self._known, insert, know, queue_job)
 
     def _is_outage(self, exc: Exception) -> bool:
         raise NotImplementedError
@@ -168,13 +186,17 @@ def _unavailable(exc: Exception) -> LedgerUnavailable:
 def _settle(
     group: list[_Pending],
     rows_per_insert: int,
+    known: set[str],
     insert: Callable[[list[_Pending]], Iterable[str]],
+    know: Callable[[list[tuple[str, float]]], object],
     queue_job: Callable[[str, float], bool],
 ) -> None:
     """Record a group inside the caller's transaction and give every delivery its answer.
 
     `insert` adds a chunk of deliveries (ON CONFLICT DO NOTHING) and returns the event ids it
-    inserted; `queue_job` queues a terminal delivery's batch and says whether it did.
+    inserted; `know` makes a chunk of (batch id, first seen) known to the polling fallback (ON
+    CONFLICT DO NOTHING), skipping the ids in `known` and adding the others to it; `queue_job`
+    queues a terminal delivery's batch and says whether it did.
     """
     firsts: dict[str, _Pending] = {}
     for item in group:
@@ -186,6 +208,14 @@ def _settle(
     inserted: set[str] = set()
     for start in range(0, len(unique), rows_per_insert):
         inserted.update(insert(unique[start : start + rows_per_insert]))
+    named: dict[str, float] = {}
+    for item in unique:
+        if item.params[1] is not None and item.params[1] not in known and item.params[0] in inserted:
+            named.setdefault(item.params[1], item.params[5])
+    rows = list(named.items())
+    for start in range(0, len(rows), rows_per_insert):
+        know(rows[start : start + rows_per_insert])
+    known.update(named)
     for item in unique:
         if item.params[0] not in inserted:
             item.result = _DUPLICATE
@@ -199,12 +229,16 @@ def _settle(
 class SQLiteGroupCommit(GroupCommit):
     """The group commit on SQLite, through sqlite3 directly (SQLAlchemy's own work was ~0.4 ms a
     commit). Processes take turns on a flock beside the database rather than SQLite's polling. The
-    SQL below is the SQLite form of `Ledger._record_stmt` and `Ledger._queue(revive=(DEAD,))`.
+    SQL below is the SQLite form of `Ledger._record_stmt`, `Ledger._know` and `Ledger._queue(revive=(DEAD,))`.
     """
 
     INSERT_DELIVERIES = (
         "INSERT INTO deliveries (event_id, batch_id, event_type, status, outcome, received_at) VALUES {rows} "
         "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+    )
+    KNOW_BATCHES = (
+        "INSERT INTO known_batches (batch_id, source, state, first_seen_at, polls, found_by_poll) VALUES {rows} "
+        "ON CONFLICT (batch_id) DO NOTHING"
     )
     QUEUE_JOB = (
         "INSERT INTO jobs (batch_id, state, attempts, next_attempt_at, origin, created_at, updated_at) "
@@ -271,17 +305,19 @@ class SQLiteGroupCommit(GroupCommit):
 
         Each statement releases the GIL and must win it back, which can cost milliseconds in a busy
         process, so the deliveries go in one multi-row INSERT rather than one INSERT each. Only
-        terminal events (about one per batch) add a statement: their job. Progress events only, in
-        one statement, need no BEGIN and COMMIT: a single statement is its own transaction in
-        autocommit mode (atomic, and durable at its end with synchronous=FULL).
+        terminal events (about one per batch) add a statement: their job; and the batches the group
+        names one more, to make them known (the polling fallback), unless this process made them
+        known before. Deliveries that add nothing but themselves, in one statement, need no BEGIN and COMMIT: a single statement is its own transaction
+        in autocommit mode (atomic, and durable at its end with synchronous=FULL).
         """
-        alone = len(group) <= self.ROWS_PER_INSERT and not any(item.queue_batch for item in group)
+        alone = len(group) <= self.ROWS_PER_INSERT and not any(
+            item.queue_batch or (item.params[1] is not None and item.params[1] not in self._known) for item in group
+        )
         if not alone:
             conn.execute("BEGIN IMMEDIATE")
         try:
-            _settle(
+            self._settle(
                 group,
-                self.ROWS_PER_INSERT,
                 lambda chunk: [
                     row[0]
                     for row in conn.execute(
@@ -289,6 +325,10 @@ class SQLiteGroupCommit(GroupCommit):
                         [v for item in chunk for v in item.params],
                     )
                 ],
+                lambda rows: conn.execute(
+                    self.KNOW_BATCHES.format(rows=", ".join([f"(?, 'delivery', '{WATCHING}', ?, 0, 0)"] * len(rows))),
+                    [v for row in rows for v in row],
+                ),
                 lambda batch_id, now: bool(conn.execute(self.QUEUE_JOB, (batch_id, now)).fetchall()),
             )
             if not alone:
@@ -318,15 +358,31 @@ class PostgresGroupCommit(GroupCommit):
     def _commit_group(self, group: list[_Pending]) -> None:
         columns = ("event_id", "batch_id", "event_type", "status", "outcome", "received_at")
         with self._engine.begin() as conn:
-            _settle(
+            self._settle(
                 group,
-                self.ROWS_PER_INSERT,
                 lambda chunk: conn.execute(
                     postgresql.insert(deliveries)
                     .values([dict(zip(columns, item.params)) for item in chunk])
                     .on_conflict_do_nothing(index_elements=["event_id"])
                     .returning(deliveries.c.event_id)
                 ).scalars(),
+                lambda rows: conn.execute(
+                    postgresql.insert(known_batches)
+                    .values(
+                        [
+                            {
+                                "batch_id": b,
+                                "source": "delivery",
+                                "state": WATCHING,
+                                "first_seen_at": t,
+                                "polls": 0,
+                                "found_by_poll": False,
+                            }
+                            for b, t in rows
+                        ]
+                    )
+                    .on_conflict_do_nothing(index_elements=["batch_id"])
+                ),
                 lambda batch_id, now: self._queue(conn, batch_id, now),
             )
 

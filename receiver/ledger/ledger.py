@@ -30,6 +30,7 @@ from ..errors import LedgerError, LedgerUnavailable
 from ..manifest import Manifest
 from .engine import READ_ONLY, create_engine, describe, sqlite_path
 from .group_commit import GroupCommit, PostgresGroupCommit, SQLiteGroupCommit
+from .polling import PollingMixin
 from .schema import (
     DEAD,
     FAILED,
@@ -49,7 +50,7 @@ from .schema import (
 )
 
 
-class Ledger:
+class Ledger(PollingMixin):
     """One per process. Thread-safe (a pooled engine); every method is one short transaction."""
 
     def __init__(
@@ -147,6 +148,8 @@ class Ledger:
         with self._begin() as conn:
             if conn.execute(self._record_stmt, params).first() is None:
                 return RecordResult("duplicate", False)
+            if batch_id is not None:
+                self._know(conn, batch_id, now)
             if not terminal or batch_id is None:
                 return RecordResult(outcome, False)
             queued = self._queue(conn, batch_id, origin="webhook", now=now, revive=(DEAD,))

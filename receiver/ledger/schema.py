@@ -72,6 +72,41 @@ secrets = sa.Table(
 )
 
 
+#: Known-batch states (the polling fallback): `watching` is polled until BatchRouter says it ended
+#: (`ended`, its job queued) or does not know it (`not_found`, polling stops).
+WATCHING, ENDED, NOT_FOUND = "watching", "ended", "not_found"
+
+known_batches = sa.Table(
+    "known_batches",
+    metadata,
+    sa.Column("batch_id", sa.String(255), primary_key=True),
+    #: `delivery` (a signed delivery named it) or `watch` (`receiver watch`).
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("first_seen_at", sa.Float, nullable=False),
+    #: NULL until the first poll: due at first_seen_at + RECEIVER_POLL_SECONDS (the ingest path
+    #: does not know the interval). While a poll is in hand, the end of its lease.
+    sa.Column("next_poll_at", sa.Float, nullable=True),
+    sa.Column("poll_owner", sa.String(255), nullable=True),
+    sa.Column("polls", sa.Integer, nullable=False, default=0),
+    sa.Column("last_polled_at", sa.Float, nullable=True),
+    #: BatchRouter's status at the last poll, or the error that poll met.
+    sa.Column("last_status", sa.String(255), nullable=True),
+    #: True when a poll (not a delivery) queued the batch's job: its terminal delivery was lost.
+    sa.Column("found_by_poll", sa.Boolean, nullable=False, default=False),
+    sa.Index("ix_known_batches_due", "state", "next_poll_at"),
+)
+
+#: Deliveries refused for a bad signature, counted per minute (never their bodies): a wrong secret
+#: is the usual way deliveries are lost, and `receiver status` shows the last 24 hours.
+refused_deliveries = sa.Table(
+    "refused_deliveries",
+    metadata,
+    sa.Column("minute", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("count", sa.Integer, nullable=False),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Job:
     batch_id: str

@@ -86,7 +86,10 @@ def _register_health(app: Flask, ledger: Ledger) -> None:
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        return Response(metrics.render(ledger.stats), mimetype="text/plain; version=0.0.4; charset=utf-8")
+        return Response(metrics.render(_stats), mimetype="text/plain; version=0.0.4; charset=utf-8")
+
+    def _stats() -> dict[str, Any]:
+        return {**ledger.stats(), "polling": ledger.polling_stats()}
 
 
 def _register_errors(app: Flask) -> None:

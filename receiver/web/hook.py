@@ -49,6 +49,7 @@ def receive() -> tuple[Response, int]:
         _verify(ledger, settings, request.headers.get(HEADER), raw)
     except SignatureError as exc:
         metrics.DELIVERIES.labels("unauthorized").inc()
+        _note_refused(ledger)
         return _answer("invalid_signature", str(exc), 401)
     except LedgerUnavailable as exc:
         log.error("ledger unavailable while reading secrets: %s", exc)
@@ -106,6 +107,15 @@ def _verify(ledger: Ledger, settings: Settings, signature: str | None, raw: byte
         if fresher == accepted:
             raise
         verify(signature, raw, fresher)
+
+
+def _note_refused(ledger: Ledger) -> None:
+    """Count the refusal in the ledger too, so `receiver status` can warn of a wrong secret (at
+    most one write a second per process; the body is never recorded)."""
+    try:
+        ledger.note_refused_delivery()
+    except LedgerUnavailable as exc:
+        log.warning("a refused delivery was not counted in the ledger: %s", exc)
 
 
 def _is_json(mimetype: str) -> bool:

@@ -1,0 +1,245 @@
+"""The ledger's side of the polling fallback: known batches, poll claims, refused deliveries.
+
+BatchRouter gives up on a delivery after its retry window, so a batch whose terminal delivery never
+reached us would be lost for good. Every batch a signed delivery (or `receiver watch`) named is
+*known*; the workers poll each known batch that has no job yet with `GET /v1/batches/{id}`. Polls
+are claimed like jobs (one UPDATE of the due rows, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so
+however many workers run, each batch is polled about once per interval in total.
+
+A poll that finds the batch ended queues its job with the same INSERT … ON CONFLICT as a terminal
+delivery: the two paths meet at the one job row, so a delivery and a poll racing store it once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from .schema import ENDED, NOT_FOUND, WATCHING, jobs, known_batches, refused_deliveries
+
+#: At most one write a second per process for refused deliveries: a flood of bad signatures must
+#: not become a flood of ledger writes competing with the good deliveries.
+REFUSED_FLUSH_SECONDS = 1.0
+
+
+class _Tally:
+    """Refused deliveries counted in memory between two writes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending = 0
+        self.written_at = 0.0
+
+
+class PollingMixin:
+    """Methods of :class:`~receiver.ledger.Ledger` for the polling fallback (see the module)."""
+
+    if TYPE_CHECKING:  # provided by Ledger
+        dialect: str
+
+        def _begin(self) -> AbstractContextManager[Connection]: ...
+        def _connect(self) -> AbstractContextManager[Connection]: ...
+        def _insert(self, table: sa.Table) -> Any: ...
+        def _queue(self, conn: Connection, batch_id: str, *, origin: str, now: float, revive: tuple[str, ...]) -> bool: ...
+
+    # --- making batches known ---------------------------------------------------------------------
+
+    def _know(self, conn: Connection, batch_id: str, now: float) -> None:
+        """Make a batch named by a delivery known, inside the delivery's transaction."""
+        conn.execute(
+            self._insert(known_batches)
+            .values(batch_id=batch_id, source="delivery", state=WATCHING, first_seen_at=now, polls=0, found_by_poll=False)
+            .on_conflict_do_nothing(index_elements=["batch_id"])
+        )
+
+    def watch(self, batch_id: str, *, now: float | None = None) -> None:
+        """Make a batch known without any delivery (`receiver watch`); one BatchRouter had not found
+        before is watched again (the caller has just seen it exists)."""
+        now = time.time() if now is None else now
+        with self._begin() as conn:
+            conn.execute(
+                self._insert(known_batches)
+                .values(batch_id=batch_id, source="watch", state=WATCHING, first_seen_at=now, polls=0, found_by_poll=False)
+                .on_conflict_do_update(
+                    index_elements=["batch_id"],
+                    set_={"state": WATCHING, "next_poll_at": None, "first_seen_at": now},
+                    where=known_batches.c.state == NOT_FOUND,
+                )
+            )
+
+    # --- polls: worker side -----------------------------------------------------------------------
+
+    def claim_polls(
+        self, owner: str, *, interval: float, limit: int = 20, lease_seconds: float = 60.0, now: float | None = None
+    ) -> list[str]:
+        """Take up to `limit` due polls under a lease, oldest first, or none.
+
+        Due means watched, with no job yet (a delivery or an earlier poll queued one), and its next
+        poll in the past: a worker that starts after downtime finds the overdue ones due at once.
+        The lease is `next_poll_at` itself, so a poller that dies leaves its polls due again after
+        `lease_seconds`.
+        """
+        now = time.time() if now is None else now
+        due = sa.and_(
+            known_batches.c.state == WATCHING,
+            sa.or_(
+                known_batches.c.next_poll_at <= now,
+                sa.and_(known_batches.c.next_poll_at.is_(None), known_batches.c.first_seen_at <= now - interval),
+            ),
+            ~sa.exists().where(jobs.c.batch_id == known_batches.c.batch_id),
+        )
+        # A read first: most ticks find nothing due, and a read takes no write lock on SQLite.
+        with self._connect() as conn:
+            if conn.execute(sa.select(known_batches.c.batch_id).where(due).limit(1)).first() is None:
+                return []
+        pick = (
+            sa.select(known_batches.c.batch_id)
+            .where(due)
+            .order_by(sa.func.coalesce(known_batches.c.next_poll_at, known_batches.c.first_seen_at + interval))
+            .limit(limit)
+        )
+        if self.dialect == "postgresql":
+            pick = pick.with_for_update(skip_locked=True, of=known_batches)
+        with self._begin() as conn:
+            return list(
+                conn.execute(
+                    known_batches.update()
+                    .where(known_batches.c.batch_id.in_(pick.scalar_subquery()))
+                    .values(poll_owner=owner, next_poll_at=now + lease_seconds)
+                    .returning(known_batches.c.batch_id)
+                ).scalars()
+            )
+
+    def record_poll(
+        self,
+        batch_id: str,
+        owner: str | None,
+        *,
+        status: str,
+        state: str = WATCHING,
+        next_poll_at: float | None = None,
+        origin: str = "poll",
+        now: float | None = None,
+    ) -> bool:
+        """Record a poll's answer; for `ended`, queue the batch's job in the same transaction.
+
+        Returns whether this call queued the job (False when a delivery, or another poll, had).
+        `owner` None (for `receiver watch`) records it whoever holds the poll.
+        """
+        now = time.time() if now is None else now
+        with self._begin() as conn:
+            queued = state == ENDED and self._queue(conn, batch_id, origin=origin, now=now, revive=())
+            where = known_batches.c.batch_id == batch_id
+            if owner is not None:
+                where = sa.and_(where, known_batches.c.poll_owner == owner)
+            values: dict[str, Any] = {
+                "state": state,
+                "poll_owner": None,
+                "next_poll_at": next_poll_at,
+                "polls": known_batches.c.polls + 1,
+                "last_polled_at": now,
+                "last_status": status[:255],
+            }
+            if queued:
+                values["found_by_poll"] = True
+            conn.execute(known_batches.update().where(where).values(**values))
+        return queued
+
+    def release_polls(self, batch_ids: list[str], owner: str, *, now: float | None = None) -> None:
+        """Give back polls claimed but not made (shutdown): due again at once for the next worker."""
+        if not batch_ids:
+            return
+        now = time.time() if now is None else now
+        with self._begin() as conn:
+            conn.execute(
+                known_batches.update()
+                .where(known_batches.c.batch_id.in_(batch_ids), known_batches.c.poll_owner == owner)
+                .values(poll_owner=None, next_poll_at=now)
+            )
+
+    def end_known_with_jobs(self, *, now: float | None = None) -> int:
+        """Stop watching batches that have a job (a delivery queued it), and forget refused-delivery
+        counts older than two days; periodic, so that the ingest path stays one INSERT."""
+        now = time.time() if now is None else now
+        with self._begin() as conn:
+            conn.execute(refused_deliveries.delete().where(refused_deliveries.c.minute < int((now - 2 * 86400) // 60)))
+            return conn.execute(
+                known_batches.update()
+                .where(known_batches.c.state == WATCHING, sa.exists().where(jobs.c.batch_id == known_batches.c.batch_id))
+                .values(state=ENDED, poll_owner=None)
+            ).rowcount
+
+    # --- refused deliveries -----------------------------------------------------------------------
+
+    def note_refused_delivery(self, *, now: float | None = None) -> None:
+        """Count one delivery refused for its signature (never its body).
+
+        Written at most once a second per process; counts arriving in between go with the next
+        write (the first refusal after a quiet second is always written at once).
+        """
+        now = time.time() if now is None else now
+        tally: _Tally = self.__dict__.setdefault("_refused_tally", _Tally())
+        with tally.lock:
+            tally.pending += 1
+            if now - tally.written_at < REFUSED_FLUSH_SECONDS:
+                return
+            count, tally.pending, tally.written_at = tally.pending, 0, now
+        minute = int(now // 60)
+        with self._begin() as conn:
+            conn.execute(
+                self._insert(refused_deliveries)
+                .values(minute=minute, count=count)
+                .on_conflict_do_update(index_elements=["minute"], set_={"count": refused_deliveries.c.count + count})
+            )
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def known(self, states: tuple[str, ...] = (WATCHING, NOT_FOUND)) -> list[dict[str, Any]]:
+        """Known batches in `states` that have no job (for `receiver ls`), oldest first."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                sa.select(known_batches)
+                .where(known_batches.c.state.in_(states), ~sa.exists().where(jobs.c.batch_id == known_batches.c.batch_id))
+                .order_by(known_batches.c.first_seen_at)
+            ).mappings()
+            return [dict(r) for r in rows]
+
+    def polling_stats(self, now: float | None = None) -> dict[str, Any]:
+        """Watched batches, the oldest one, polls made, batches found by polling, and deliveries
+        refused for a bad signature in the last 24 hours (`receiver status`, `/metrics`)."""
+        now = time.time() if now is None else now
+        unjobbed = ~sa.exists().where(jobs.c.batch_id == known_batches.c.batch_id)
+        with self._connect() as conn:
+            watched = conn.execute(
+                sa.select(sa.func.count(), sa.func.min(known_batches.c.first_seen_at)).where(
+                    known_batches.c.state == WATCHING, unjobbed
+                )
+            ).one()
+            oldest = conn.execute(
+                sa.select(known_batches.c.batch_id)
+                .where(known_batches.c.state == WATCHING, unjobbed)
+                .order_by(known_batches.c.first_seen_at)
+                .limit(1)
+            ).scalar()
+            not_found = conn.execute(sa.select(sa.func.count()).where(known_batches.c.state == NOT_FOUND)).scalar_one()
+            polls = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(known_batches.c.polls), 0))).scalar_one()
+            found = conn.execute(sa.select(sa.func.count()).where(known_batches.c.found_by_poll.is_(True))).scalar_one()
+            refused = conn.execute(
+                sa.select(sa.func.coalesce(sa.func.sum(refused_deliveries.c.count), 0)).where(
+                    refused_deliveries.c.minute > int((now - 86400) // 60)
+                )
+            ).scalar_one()
+        return {
+            "watched": int(watched[0]),
+            "oldest_watched": oldest,
+            "oldest_watched_age_seconds": None if watched[1] is None else round(now - watched[1]),
+            "not_found": int(not_found),
+            "polls": int(polls),
+            "found_by_poll": int(found),
+            "refused_signature_24h": int(refused),
+        }
