@@ -64,14 +64,14 @@ def test_under_gevent_concurrent_deliveries_share_commits_and_all_land(tmp_path:
         monkey.patch_all()
         import gevent, sqlite3
         from receiver.cooperative import blocking_runner
-        from receiver.ledger import Ledger
+        from receiver.ledger import Delivery, Ledger
 
         ledger = Ledger("sqlite:///{tmp_path}/l.db", run_blocking=blocking_runner())
         ledger.create_schema()
         def deliver(i):
             terminal = i % 10 == 0
-            return ledger.record_delivery(event_id=f"evt_{{i % 150}}", event_type="batch.completed" if terminal else "batch.progress",
-                                          batch_id=f"bat_{{i}}", status="completed" if terminal else "processing", terminal=terminal)
+            return ledger.record_delivery(Delivery(event_id=f"evt_{{i % 150}}", event_type="batch.completed" if terminal else "batch.progress",
+                                          batch_id=f"bat_{{i}}", status="completed" if terminal else "processing", terminal=terminal))
         results = [g.value for g in gevent.joinall([gevent.spawn(deliver, i) for i in range(200)], raise_error=True)]
         rows = sqlite3.connect("{tmp_path}/l.db").execute("SELECT count(*) FROM deliveries").fetchone()[0]
         jobs = sqlite3.connect("{tmp_path}/l.db").execute("SELECT count(*) FROM jobs").fetchone()[0]
@@ -93,15 +93,15 @@ def test_under_gevent_requests_ready_together_share_one_commit(tmp_path: Path) -
         monkey.patch_all()
         import gevent
         from receiver.cooperative import blocking_runner
-        from receiver.ledger import Ledger
+        from receiver.ledger import Delivery, Ledger
 
         ledger = Ledger("sqlite:///{tmp_path}/l.db", run_blocking=blocking_runner())
         ledger.create_schema()
         sizes, commit = [], ledger._group._commit_group  # a spy: every group still commits
         ledger._group._commit_group = lambda group: (sizes.append(len(group)), commit(group))[1]
         def deliver(i):
-            return ledger.record_delivery(event_id=f"evt_{{i}}", event_type="batch.progress",
-                                          batch_id="bat_1", status="processing", terminal=False)
+            return ledger.record_delivery(Delivery(event_id=f"evt_{{i}}", event_type="batch.progress",
+                                          batch_id="bat_1", status="processing", terminal=False))
         results = [g.value for g in gevent.joinall([gevent.spawn(deliver, i) for i in range(20)], raise_error=True)]
         print(sizes, sum(r.outcome == "ignored" for r in results))
         """,

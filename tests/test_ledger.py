@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from receiver.ledger import DEAD, FAILED, QUEUED, RUNNING, STORED, Ledger
+from receiver.ledger import DEAD, FAILED, QUEUED, RUNNING, STORED, Delivery, Ledger
 from receiver.manifest import Manifest, StoredFile
 
 from ._postgres import postgres_cluster
@@ -43,7 +43,7 @@ def ledger(request, tmp_path, pg_url):
 
 def deliver(led, event_id, batch_id="bat_1", terminal=True):
     return led.record_delivery(
-        event_id=event_id, event_type="batch.completed", batch_id=batch_id, status="completed", terminal=terminal
+        Delivery(event_id=event_id, event_type="batch.completed", batch_id=batch_id, status="completed", terminal=terminal)
     )
 
 
@@ -131,7 +131,7 @@ def test_an_expired_secret_cache_is_refreshed_by_one_caller_at_a_time(ledger):
 def test_delivery_records_are_pruned_but_jobs_kept(ledger):
     old = time.time() - 20 * 86400
     ledger.record_delivery(
-        event_id="evt_old", event_type="batch.completed", batch_id="bat_1", status="completed", terminal=True, now=old
+        Delivery(event_id="evt_old", event_type="batch.completed", batch_id="bat_1", status="completed", terminal=True), now=old
     )
     assert ledger.prune_deliveries(14) == 1
     assert ledger.job("bat_1") is not None
@@ -161,18 +161,22 @@ def test_a_group_tells_new_deliveries_from_ones_recorded_before(ledger):
     """A group is one multi-row INSERT; which of its deliveries were new must still be exact, for
     progress events alone (one autocommit statement on SQLite) and with a terminal one among them."""
     from receiver.ledger.group_commit import _Pending
+    from receiver.ledger.schema import DeliveryRow
 
     for i in (0, 3, 6, 9):
         deliver(ledger, f"evt_{i}", terminal=False)
     for terminal_at in (None, 4):
         now = time.time()
         group = [
-            _Pending((f"evt_{i}", f"bat_{i}", "batch.progress", "processing", "ignored", now), queue_batch=False)
+            _Pending(DeliveryRow(f"evt_{i}", f"bat_{i}", "batch.progress", "processing", "ignored", now), queue_batch=False)
             for i in range(10)
         ]
         if terminal_at is not None:
             group = [
-                _Pending((f"evt_t{i}", f"bat_{i}", "batch.completed", "completed", "accepted", now), queue_batch=i == terminal_at)
+                _Pending(
+                    DeliveryRow(f"evt_t{i}", f"bat_{i}", "batch.completed", "completed", "accepted", now),
+                    queue_batch=i == terminal_at,
+                )
                 for i in range(10)
             ] + group
         ledger._group._commit_group(group)
@@ -191,7 +195,7 @@ def test_a_progress_delivery_makes_its_batch_known_and_due_after_one_interval(le
     now = time.time()
     assert deliver(ledger, "evt_p1", batch_id="bat_p", terminal=False).outcome == "ignored"
     assert deliver(ledger, "evt_p2", batch_id="bat_p", terminal=False).outcome == "ignored"
-    assert ledger.record_delivery(event_id="evt_none", event_type="ping", batch_id=None, status=None, terminal=False)
+    assert ledger.record_delivery(Delivery(event_id="evt_none", event_type="ping", batch_id=None, status=None, terminal=False))
     [known] = ledger.known()
     assert (known["batch_id"], known["source"], known["state"]) == ("bat_p", "delivery", "watching")
     assert ledger.claim_polls("w1", interval=60, now=now + 30) == []

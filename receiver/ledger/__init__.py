@@ -2,7 +2,21 @@
 meet only here."""
 
 from .ledger import Ledger
-from .schema import DEAD, ENDED, FAILED, JOB_STATES, NOT_FOUND, QUEUED, RUNNING, STORED, WATCHING, Job, RecordResult, SecretInfo
+from .schema import (
+    DEAD,
+    ENDED,
+    FAILED,
+    JOB_STATES,
+    NOT_FOUND,
+    QUEUED,
+    RUNNING,
+    STORED,
+    WATCHING,
+    Delivery,
+    Job,
+    RecordResult,
+    SecretInfo,
+)
 
 __all__ = [
     "DEAD",
@@ -14,6 +28,7 @@ __all__ = [
     "QUEUED",
     "RUNNING",
     "STORED",
+    "Delivery",
     "Job",
     "Ledger",
     "RecordResult",

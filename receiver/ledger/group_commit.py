@@ -12,7 +12,6 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
@@ -21,7 +20,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from ..cooperative import BlockingRunner, ready_first, run_in_place
 from ..errors import LedgerUnavailable
 from .engine import describe, sqlite_pragmas
-from .schema import DEAD, QUEUED, WATCHING, RecordResult, deliveries, known_batches
+from .schema import DEAD, QUEUED, WATCHING, DeliveryRow, RecordResult, deliveries, known_batches
 
 try:
     import fcntl
@@ -33,7 +32,7 @@ except ImportError:  # Windows: SQLite's own lock alone
 class _Pending:
     """One delivery waiting for a group commit, and what it answers."""
 
-    params: tuple[Any, ...]
+    row: DeliveryRow
     queue_batch: bool
     done: threading.Event = dataclasses.field(default_factory=threading.Event)
     #: Set (with `done`) when this delivery's thread is to commit the next group itself.
@@ -82,8 +81,8 @@ class GroupCommit:
         self._pid = os.getpid()
         self._known: set[str] = set()
 
-    def record(self, params: tuple[Any, ...], *, queue_batch: bool) -> RecordResult:
-        item = _Pending(params, queue_batch)
+    def record(self, row: DeliveryRow, *, queue_batch: bool) -> RecordResult:
+        item = _Pending(row, queue_batch)
         with self._lock:
             if self._pid != os.getpid():  # a forked child: the parent's connection is not ours
                 self._pid, self._waiting, self._busy = os.getpid(), [], False
@@ -200,30 +199,30 @@ def _settle(
     """
     firsts: dict[str, _Pending] = {}
     for item in group:
-        if item.params[0] in firsts:
+        if item.row.event_id in firsts:
             item.result = _DUPLICATE  # the same event twice in one group: the first one counts
         else:
-            firsts[item.params[0]] = item
+            firsts[item.row.event_id] = item
     unique = list(firsts.values())
     inserted: set[str] = set()
     for start in range(0, len(unique), rows_per_insert):
         inserted.update(insert(unique[start : start + rows_per_insert]))
     named: dict[str, float] = {}
     for item in unique:
-        if item.params[1] is not None and item.params[1] not in known and item.params[0] in inserted:
-            named.setdefault(item.params[1], item.params[5])
+        if item.row.batch_id is not None and item.row.batch_id not in known and item.row.event_id in inserted:
+            named.setdefault(item.row.batch_id, item.row.received_at)
     rows = list(named.items())
     for start in range(0, len(rows), rows_per_insert):
         know(rows[start : start + rows_per_insert])
     known.update(named)
     for item in unique:
-        if item.params[0] not in inserted:
+        if item.row.event_id not in inserted:
             item.result = _DUPLICATE
         elif not item.queue_batch:
-            item.result = RecordResult(item.params[4], False)
+            item.result = RecordResult(item.row.outcome, False)
         else:
-            batch_id, now = item.params[1], item.params[5]
-            item.result = RecordResult("accepted", queue_job(batch_id, now))
+            assert item.row.batch_id is not None  # queue_batch is only set for deliveries naming one
+            item.result = RecordResult("accepted", queue_job(item.row.batch_id, item.row.received_at))
 
 
 class SQLiteGroupCommit(GroupCommit):
@@ -311,7 +310,7 @@ class SQLiteGroupCommit(GroupCommit):
         in autocommit mode (atomic, and durable at its end with synchronous=FULL).
         """
         alone = len(group) <= self.ROWS_PER_INSERT and not any(
-            item.queue_batch or (item.params[1] is not None and item.params[1] not in self._known) for item in group
+            item.queue_batch or (item.row.batch_id is not None and item.row.batch_id not in self._known) for item in group
         )
         if not alone:
             conn.execute("BEGIN IMMEDIATE")
@@ -322,7 +321,7 @@ class SQLiteGroupCommit(GroupCommit):
                     row[0]
                     for row in conn.execute(
                         self.INSERT_DELIVERIES.format(rows=", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk))),
-                        [v for item in chunk for v in item.params],
+                        [v for item in chunk for v in item.row],
                     )
                 ],
                 lambda rows: conn.execute(
@@ -356,13 +355,12 @@ class PostgresGroupCommit(GroupCommit):
         return isinstance(exc, (OperationalError, InterfaceError))
 
     def _commit_group(self, group: list[_Pending]) -> None:
-        columns = ("event_id", "batch_id", "event_type", "status", "outcome", "received_at")
         with self._engine.begin() as conn:
             self._settle(
                 group,
                 lambda chunk: conn.execute(
                     postgresql.insert(deliveries)
-                    .values([dict(zip(columns, item.params)) for item in chunk])
+                    .values([item.row._asdict() for item in chunk])
                     .on_conflict_do_nothing(index_elements=["event_id"])
                     .returning(deliveries.c.event_id)
                 ).scalars(),

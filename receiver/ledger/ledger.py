@@ -39,6 +39,8 @@ from .schema import (
     RUNNING,
     SCHEMA_VERSION,
     STORED,
+    Delivery,
+    DeliveryRow,
     Job,
     RecordResult,
     SecretInfo,
@@ -116,41 +118,24 @@ class Ledger(PollingMixin):
 
     # --- ingest -----------------------------------------------------------------------------------
 
-    def record_delivery(
-        self,
-        *,
-        event_id: str,
-        event_type: str,
-        batch_id: str | None,
-        status: str | None,
-        terminal: bool,
-        now: float | None = None,
-    ) -> RecordResult:
+    def record_delivery(self, delivery: Delivery, *, now: float | None = None) -> RecordResult:
         """Record one delivery and, for a terminal event, queue its batch — in one transaction.
 
         A redelivery (same event id) changes nothing. A new terminal event for a batch whose job is
         `dead` queues it again: BatchRouter telling us twice is worth another try.
         """
         now = time.time() if now is None else now
-        outcome = "accepted" if terminal else "ignored"
+        batch_id = delivery.batch_id
+        outcome = "accepted" if delivery.terminal else "ignored"
+        row = DeliveryRow(delivery.event_id, batch_id, delivery.event_type, delivery.status, outcome, now)
         if self._group is not None:
-            return self._group.record(
-                (event_id, batch_id, event_type, status, outcome, now), queue_batch=terminal and batch_id is not None
-            )
-        params = {
-            "event_id": event_id,
-            "batch_id": batch_id,
-            "event_type": event_type,
-            "status": status,
-            "outcome": outcome,
-            "received_at": now,
-        }
+            return self._group.record(row, queue_batch=delivery.terminal and batch_id is not None)
         with self._begin() as conn:
-            if conn.execute(self._record_stmt, params).first() is None:
+            if conn.execute(self._record_stmt, row._asdict()).first() is None:
                 return RecordResult("duplicate", False)
             if batch_id is not None:
                 self._know(conn, batch_id, now)
-            if not terminal or batch_id is None:
+            if not delivery.terminal or batch_id is None:
                 return RecordResult(outcome, False)
             queued = self._queue(conn, batch_id, origin="webhook", now=now, revive=(DEAD,))
         return RecordResult("accepted", queued)

@@ -7,6 +7,7 @@ id, a batch has one job row (so it is stored once however many deliveries come).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import sqlalchemy as sa
 
@@ -115,6 +116,28 @@ class Job:
     lease_owner: str | None
     planned_at: float | None
     origin: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """A verified, validated delivery: what the hook hands the ledger to record."""
+
+    event_id: str
+    event_type: str
+    batch_id: str | None
+    status: str | None
+    terminal: bool
+
+
+class DeliveryRow(NamedTuple):
+    """One row of the deliveries table, fields in column order (the multi-row INSERT's parameters)."""
+
+    event_id: str
+    batch_id: str | None
+    event_type: str
+    status: str | None
+    outcome: str
+    received_at: float
 
 
 @dataclasses.dataclass(frozen=True)

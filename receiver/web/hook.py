@@ -66,13 +66,7 @@ def receive() -> tuple[Response, int]:
         return _answer("invalid_payload", str(exc), 400, errors=exc.errors)
 
     try:
-        result = ledger.record_delivery(
-            event_id=delivery.event_id,
-            event_type=delivery.event_type,
-            batch_id=delivery.batch_id,
-            status=delivery.status,
-            terminal=delivery.terminal,
-        )
+        result = ledger.record_delivery(delivery)
     except LedgerUnavailable as exc:
         log.error("delivery %s not recorded: %s", delivery.event_id, exc)
         metrics.DELIVERIES.labels("unavailable").inc()

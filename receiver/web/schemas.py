@@ -12,7 +12,6 @@ storage path segment), the status and the event id — is checked. A URL in the 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 from typing import Any
@@ -22,6 +21,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_sche
 from ..batch_status import TERMINAL_EVENTS, TERMINAL_STATUSES
 from ..errors import PayloadError, UnsafeBatchId
 from ..layout import validate_batch_id
+from ..ledger import Delivery
 
 
 class _Short(fields.String):
@@ -85,17 +85,6 @@ class DeliverySchema(Schema):
     def _needs_an_event(self, data: dict[str, Any], **kwargs: Any) -> None:
         if not (data.get("type") or data.get("event") or _status(data)):
             raise ValidationError("an event type ('type' or 'event') or a status is required", "type")
-
-
-@dataclasses.dataclass(frozen=True)
-class Delivery:
-    """What ingest records of a delivery."""
-
-    event_id: str
-    event_type: str
-    batch_id: str | None
-    status: str | None
-    terminal: bool
 
 
 _TOP_LEVEL = frozenset(DeliverySchema._declared_fields)
