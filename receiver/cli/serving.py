@@ -30,7 +30,7 @@ def serve(with_emulator: bool, emulator_port: int) -> None:
     settings = load_settings()
     from ..logs import configure_logging
 
-    configure_logging()
+    configure_logging(log_format=settings.log_format)
     env = dict(os.environ)
     children: list[subprocess.Popen[bytes]] = []
     if with_emulator:
@@ -68,7 +68,7 @@ def worker() -> None:
     from ..jobs.worker import Worker
     from ..logs import configure_logging
 
-    configure_logging()
+    configure_logging(log_format=settings.log_format)
     ledger = open_ledger(settings)
     try:
         runner = Worker.from_settings(settings, ledger)
