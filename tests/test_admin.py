@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from .conftest import make_receiver_env, read_manifest, run_cli, wait_for
+from ._reliability import secret_leaks
+from .conftest import Service, free_port, make_receiver_env, read_manifest, run_cli, wait_for, wait_http
 
 TOKEN = "admin-token-" + "x" * 20
 
@@ -27,8 +28,6 @@ def csrf_of(html: str) -> str:
 
 
 def test_admin_is_404_without_a_token(tmp_path, emulator):
-    from .conftest import Service, free_port, wait_http
-
     env = make_receiver_env(tmp_path, emulator.url, PORT=str(free_port()))
     svc = Service(
         "web-no-admin",
@@ -108,3 +107,4 @@ def test_dead_job_is_retried_from_the_page(emulator, web, worker, secret, tmp_pa
     assert re.search(rf"admin: alice retried dead batch {bad} from 127\.0\.0\.1", web.service.output())
     stored = requests.get(f"{admin}/jobs?state=stored&q={bad[:-2]}", auth=auth, timeout=10).text
     assert bad in stored and good not in stored
+    assert not secret_leaks([tmp_path], [web.service.output(), worker.output()], [TOKEN, secret])
