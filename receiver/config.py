@@ -62,6 +62,10 @@ class Settings:
     s3_buffer_bytes: int = 24 * 1024 * 1024
     #: How often a known, unfinished batch is polled with `GET /v1/batches/{id}`; 0 turns it off.
     poll_seconds: int = 300
+    #: Turns the status page at /admin on; the token is its password. None: /admin answers 404.
+    admin_token: str | None = dataclasses.field(default=None, repr=False)
+    #: `text` (a line for people) or `json` (one object per line for a log pipeline).
+    log_format: str = "text"
 
     @property
     def is_sqlite(self) -> bool:
@@ -109,6 +113,12 @@ class Settings:
         kms_key = get("RECEIVER_S3_KMS_KEY_ID")
         if kms_key is not None and sse != "aws:kms":
             raise ConfigError("RECEIVER_S3_KMS_KEY_ID", "needs RECEIVER_S3_SSE=aws:kms")
+        admin_token = get("RECEIVER_ADMIN_TOKEN")
+        if admin_token is not None and (len(admin_token) < 16 or not admin_token.isprintable() or " " in admin_token):
+            raise ConfigError("RECEIVER_ADMIN_TOKEN", "must be at least 16 characters without spaces; try `openssl rand -hex 24`")
+        log_format = (get("RECEIVER_LOG_FORMAT") or "text").lower()
+        if log_format not in ("text", "json"):
+            raise ConfigError("RECEIVER_LOG_FORMAT", f"must be text or json, not {log_format!r}")
         return cls(
             api_key=api_key,
             api_url=api_url,
@@ -135,6 +145,8 @@ class Settings:
             s3_checksum=_bool(env, "RECEIVER_S3_CHECKSUM", True),
             s3_buffer_bytes=_int(env, "RECEIVER_S3_BUFFER_MB", 24, 16, 4096) * 1024 * 1024,
             poll_seconds=_int(env, "RECEIVER_POLL_SECONDS", 300, 0, 7 * 86400),
+            admin_token=admin_token,
+            log_format=log_format,
         )
 
     def require_api_key(self) -> str:

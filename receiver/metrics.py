@@ -1,19 +1,38 @@
-"""Prometheus metrics, correct under several gunicorn workers.
+"""Prometheus metrics, correct under several gunicorn workers and any number of worker processes.
 
 Counters live in prometheus-client's multiprocess mode when `PROMETHEUS_MULTIPROC_DIR` is set (the
 gunicorn config sets it), so `/metrics` sums every worker. Queue and job figures are read from the
 ledger at scrape time: they are shared state, and every instance reports the same truth.
+
+The job runner's figures (durations, bytes per job, retries by cause, throughput) go through the
+ledger too: the worker calls :func:`attempt_finished` once per attempt, which adds a row to
+`job_attempts`, and the web's `/metrics` derives counters and histograms from the rows. So there
+is one scrape target however many worker processes run on however many hosts, and a restarted
+worker loses nothing (README, "Operating").
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from . import errors
+
+if TYPE_CHECKING:
+    from .ledger import Job, Ledger
+
+log = logging.getLogger(__name__)
+
+#: Why an attempt failed, as `receiver_job_retries_total{cause=…}` counts it.
+CAUSES = ("rate_limit", "server_error", "network", "expired_url", "storage", "not_terminal", "other")
 
 DELIVERIES = Counter(
     "receiver_deliveries_total",
@@ -81,8 +100,86 @@ def _polling_metrics(polling: dict[str, Any] | None) -> Iterator[GaugeMetricFami
     )
 
 
-def render(stats: Callable[[], dict[str, Any]]) -> bytes:
+class JobFiguresCollector(Collector):
+    """The job runner's figures, derived from ledger rows (reports.metric_figures) on each scrape."""
+
+    def __init__(self, figures: Callable[[], dict[str, Any]]) -> None:
+        self._figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            f = self._figures()
+        except Exception:  # as LedgerCollector: the scrape still answers, /readyz says why
+            return
+        yield GaugeMetricFamily(
+            "receiver_oldest_queued_job_age_seconds",
+            "How long the longest-waiting due job has waited for a worker (0 when none waits).",
+            value=f["oldest_queued_age"],
+        )
+        yield GaugeMetricFamily(
+            "receiver_last_stored_timestamp_seconds",
+            "When the last batch was stored (0 when none ever was).",
+            value=f["last_stored_at"],
+        )
+        yield _histogram("receiver_job_duration_seconds", "Seconds from a job's first attempt to stored.", f["duration"])
+        yield _histogram("receiver_job_bytes", "Bytes stored per job.", f["bytes"])
+        retries = CounterMetricFamily(
+            "receiver_job_retries", "Failed job attempts (retried or dead), by cause.", labels=["cause"]
+        )
+        for cause in CAUSES:
+            retries.add_metric([cause], f["retries"].get(cause, 0))
+        yield retries
+        yield CounterMetricFamily(
+            "receiver_downloaded_bytes", "Bytes stored by successful attempts.", value=f["downloaded_bytes"]
+        )
+        yield CounterMetricFamily(
+            "receiver_download_seconds",
+            "Seconds spent by successful attempts (throughput: bytes over seconds).",
+            value=f["download_seconds"],
+        )
+
+
+class ReadinessCollector(Collector):
+    """`receiver_ready{check}`: 1 when /readyz's check passes, 0 when it fails."""
+
+    def __init__(self, checks: Callable[[], dict[str, str]]) -> None:
+        self._checks = checks
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        ready = GaugeMetricFamily(
+            "receiver_ready", "Whether the ledger and the storage are reachable (1) or not (0).", labels=["check"]
+        )
+        for check, result in self._checks().items():
+            ready.add_metric([check], 1.0 if result == "ok" else 0.0)
+        yield ready
+
+
+def _histogram(name: str, documentation: str, h: dict[str, Any]) -> HistogramMetricFamily:
+    buckets = [(_le(bound), float(n)) for bound, n in h["buckets"]] + [("+Inf", float(h["count"]))]
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=h["sum"])
+
+
+def _le(bound: float) -> str:
+    return str(int(bound)) if bound == int(bound) else str(bound)
+
+
+def render(
+    stats: Callable[[], dict[str, Any]],
+    figures: Callable[[], dict[str, Any]] | None = None,
+    checks: Callable[[], dict[str, str]] | None = None,
+) -> bytes:
     """The exposition text: every worker's counters plus the ledger's figures."""
+    registry = _counters()
+    registry.register(LedgerCollector(stats))
+    if figures is not None:
+        registry.register(JobFiguresCollector(figures))
+    if checks is not None:
+        registry.register(ReadinessCollector(checks))
+    return generate_latest(registry)
+
+
+def _counters() -> CollectorRegistry:
+    """A registry of this process's counters, or every gunicorn worker's in multiprocess mode."""
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # prometheus-client's own switch
         from prometheus_client import multiprocess
@@ -90,5 +187,69 @@ def render(stats: Callable[[], dict[str, Any]]) -> bytes:
         multiprocess.MultiProcessCollector(registry)
     else:
         registry.register(DELIVERIES)
-    registry.register(LedgerCollector(stats))
-    return generate_latest(registry)
+    return registry
+
+
+def signature_failures() -> int:
+    """Deliveries refused for their signature since the web server started, summed over its workers.
+
+    Read from the counter, not the ledger: writing a row per refused request would let anyone
+    without the secret write to the database.
+    """
+    value = _counters().get_sample_value("receiver_deliveries_total", {"outcome": "unauthorized"})
+    return int(value or 0)
+
+
+# --- the worker's hook ------------------------------------------------------------------------------
+
+
+def attempt_finished(
+    ledger: Ledger, job: Job, outcome: str, exc: BaseException | None = None, started: float | None = None
+) -> None:
+    """Count one finished attempt (`stored`, `failed` or `dead`) in the ledger; never raises.
+
+    `started` is the attempt's `time.monotonic()` at claim, for throughput.
+    """
+    from .ledger import reports
+
+    try:
+        size = None
+        if outcome == "stored":
+            row = ledger.job(job.batch_id)
+            size = row["bytes"] if row else None
+        reports.record_attempt(
+            ledger,
+            batch_id=job.batch_id,
+            attempt=job.attempts,
+            outcome=outcome,
+            cause=None if exc is None else cause_of(exc),
+            bytes_=size,
+            seconds=None if started is None else time.monotonic() - started,
+        )
+    except Exception as error:  # a metric must never fail a job
+        log.warning("job %s: attempt not counted: %s", job.batch_id, error)
+
+
+def cause_of(exc: BaseException) -> str:
+    """The retry cause of a failed attempt, from the exception's class (and status, when it has one)."""
+    if isinstance(exc, errors.RateLimited):
+        return "rate_limit"
+    if isinstance(exc, errors.ArtifactExpired):
+        return "expired_url"
+    if isinstance(exc, errors.StorageError):
+        return "storage"
+    if isinstance(exc, errors.BatchNotTerminal):
+        return "not_terminal"
+    if isinstance(exc, errors.APITransientError):
+        status = exc.status or 0
+        return "server_error" if status >= 500 else "rate_limit" if status == 429 else "network"
+    if isinstance(exc, errors.DownloadFailed):
+        text = str(exc)
+        return "rate_limit" if "429" in text else "server_error" if _mentions_5xx(text) else "network"
+    if isinstance(exc, errors.TransferError | OSError):
+        return "network"
+    return "other"
+
+
+def _mentions_5xx(text: str) -> bool:
+    return re.search(r"\b5\d\d\b", text) is not None

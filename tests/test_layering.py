@@ -18,8 +18,9 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "receiver"
 FLOORS = [
     {"errors", "batch_status", "cooperative", "logs"},
     {"config", "signature", "layout", "retry"},
-    {"manifest", "storage", "batchrouter", "metrics", "results", "emulator"},
+    {"manifest", "storage", "batchrouter", "results", "emulator"},
     {"ledger"},
+    {"metrics"},
     {"web", "jobs"},
     {"cli", "app", "gunicorn_conf", "__main__"},
 ]

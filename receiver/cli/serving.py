@@ -45,7 +45,7 @@ def serve(with_emulator: bool, emulator_port: int) -> None:
         settings = Settings.from_env(env)
     from ..logs import configure_logging
 
-    configure_logging()
+    configure_logging(log_format=settings.log_format)
     open_ledger(settings).close()  # create the schema once, before several processes race for it
     children = Supervisor()
     web_url = f"http://127.0.0.1:{settings.port}"
@@ -95,7 +95,7 @@ def worker() -> None:
     from ..jobs.worker import Worker
     from ..logs import configure_logging
 
-    configure_logging()
+    configure_logging(log_format=settings.log_format)
     ledger = open_ledger(settings)
     try:
         runner = Worker.from_settings(settings, ledger)

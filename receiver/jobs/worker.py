@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .. import layout
+from .. import layout, logs, metrics
 from ..batchrouter import ArtifactLinks, Batch, BatchRouterClient
 from ..config import Settings
 from ..errors import (
@@ -185,8 +185,10 @@ class Worker:
         running = _Running(job)
         with self._lock:
             self._running[job.batch_id] = running
+        started, bound = time.monotonic(), logs.bind(batch_id=job.batch_id, attempt=job.attempts)
         try:
             self._process(running, progress)
+            metrics.attempt_finished(self.ledger, job, STORED, started=started)
             return STORED
         except LeaseLost:
             log.warning("job %s: lease lost to another worker; dropped without publishing", job.batch_id)
@@ -201,6 +203,7 @@ class Worker:
             log.exception("job %s: unexpected error", job.batch_id)
             return self._failed(job, exc)
         finally:
+            logs.unbind(bound)
             with self._lock:
                 self._running.pop(job.batch_id, None)
 
@@ -221,6 +224,7 @@ class Worker:
         else:
             retry_at = None
         state = self.ledger.mark_failed(job.batch_id, self.owner, message, retry_at=retry_at)
+        metrics.attempt_finished(self.ledger, job, state, exc)
         if retry_at is None:
             log.error("job %s dead after %d attempts: %s", job.batch_id, job.attempts, message)
         else:

@@ -72,6 +72,24 @@ secrets = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=True),
 )
 
+#: One row per finished attempt (stored, retry or dead), written by the worker through
+#: metrics.attempt_finished: the retries-by-cause counter, download throughput and the status page
+#: read it, so every worker process on every host is counted without scraping each one.
+job_attempts = sa.Table(
+    "job_attempts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("batch_id", sa.String(255), nullable=False, index=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    #: stored, failed (a retry follows) or dead.
+    sa.Column("outcome", sa.String(16), nullable=False),
+    #: Why it failed: rate_limit, server_error, network, expired_url, storage, not_terminal, other.
+    sa.Column("cause", sa.String(32), nullable=True),
+    sa.Column("bytes", sa.BigInteger, nullable=True),
+    sa.Column("seconds", sa.Float, nullable=True),
+    sa.Column("finished_at", sa.Float, nullable=False, index=True),
+)
+
 
 #: Known-batch states (the polling fallback): `watching` is polled until BatchRouter says it ended
 #: (`ended`, its job queued) or does not know it (`not_found`, polling stops).

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from functools import partial
 from typing import Any
 
 from flask import Flask, Response, jsonify
@@ -17,7 +18,7 @@ from .. import metrics
 from ..config import Settings
 from ..cooperative import blocking_runner
 from ..errors import ConfigError, LedgerUnavailable, ReceiverError, StorageError
-from ..ledger import Ledger
+from ..ledger import Ledger, reports
 from ..logs import configure_logging
 from ..storage import open_storage
 from .hook import bp as ingest_bp
@@ -34,7 +35,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
             # "Behaviour operators rely on").
             print(f"receiver: configuration error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
-    configure_logging()
+    configure_logging(log_format=settings.log_format)
 
     app = Flask(__name__)
     app.config["RECEIVER_SETTINGS"] = settings
@@ -58,6 +59,10 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n)  # type: ignore[method-assign]
 
     app.register_blueprint(ingest_bp)
+    if settings.admin_token:
+        from .admin import bp as admin_bp
+
+        app.register_blueprint(admin_bp)  # without a token /admin stays a 404 (contract.md)
     _register_health(app, ledger)
     _register_errors(app)
     return app
@@ -68,25 +73,32 @@ def _register_health(app: Flask, ledger: Ledger) -> None:
     def healthz() -> Response:
         return jsonify(status="ok")
 
-    @app.get("/readyz")
-    def readyz() -> tuple[Response, int]:
-        checks: dict[str, str] = {}
+    def checks() -> dict[str, str]:
+        found: dict[str, str] = {}
         try:
             ledger.ping()
-            checks["ledger"] = "ok"
+            found["ledger"] = "ok"
         except ReceiverError as exc:
-            checks["ledger"] = str(exc)
+            found["ledger"] = str(exc)
         try:
             app.extensions["receiver.storage"].check()
-            checks["storage"] = "ok"
+            found["storage"] = "ok"
         except StorageError as exc:
-            checks["storage"] = str(exc)
-        ready = all(v == "ok" for v in checks.values())
-        return jsonify(status="ready" if ready else "unavailable", checks=checks), 200 if ready else 503
+            found["storage"] = str(exc)
+        return found
+
+    app.extensions["receiver.readiness"] = checks  # the status page shows the same checks
+
+    @app.get("/readyz")
+    def readyz() -> tuple[Response, int]:
+        found = checks()
+        ready = all(v == "ok" for v in found.values())
+        return jsonify(status="ready" if ready else "unavailable", checks=found), 200 if ready else 503
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        return Response(metrics.render(_stats), mimetype="text/plain; version=0.0.4; charset=utf-8")
+        figures = partial(reports.metric_figures, ledger)
+        return Response(metrics.render(_stats, figures, checks), mimetype="text/plain; version=0.0.4; charset=utf-8")
 
     def _stats() -> dict[str, Any]:
         return {**ledger.stats(), "polling": ledger.polling_stats()}

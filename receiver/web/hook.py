@@ -82,6 +82,7 @@ def receive() -> tuple[Response, int]:
         delivery.batch_id,
         result.outcome,
         " (job queued)" if result.job_queued else "",
+        extra={"event_id": delivery.event_id, "batch_id": delivery.batch_id, "outcome": result.outcome},
     )
     return jsonify(status=result.outcome, event_id=delivery.event_id), 200
 
