@@ -2,6 +2,18 @@
 meet only here."""
 
 from .ledger import Ledger
-from .schema import DEAD, FAILED, JOB_STATES, QUEUED, RUNNING, STORED, Job, RecordResult, SecretInfo
+from .schema import DEAD, FAILED, JOB_STATES, QUEUED, RUNNING, STORED, Job, Notification, RecordResult, SecretInfo
 
-__all__ = ["DEAD", "FAILED", "JOB_STATES", "QUEUED", "RUNNING", "STORED", "Job", "Ledger", "RecordResult", "SecretInfo"]
+__all__ = [
+    "DEAD",
+    "FAILED",
+    "JOB_STATES",
+    "QUEUED",
+    "RUNNING",
+    "STORED",
+    "Job",
+    "Ledger",
+    "Notification",
+    "RecordResult",
+    "SecretInfo",
+]
