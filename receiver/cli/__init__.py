@@ -8,9 +8,11 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .notifying import notify
 from .operating import cat, fetch, list_batches, status
 from .register import register
 from .serving import emulator, serve, worker
+from .waiting import wait
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,7 +21,7 @@ def main() -> None:
     """BatchRouter's delivery webhook: verify, record, fetch and store each batch exactly once."""
 
 
-for _command in (serve, worker, register, fetch, list_batches, cat, status, emulator):
+for _command in (serve, worker, register, fetch, list_batches, cat, status, emulator, wait, notify):
     main.add_command(_command)
 
 __all__ = ["main"]
