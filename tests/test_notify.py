@@ -11,7 +11,6 @@ import base64
 import dataclasses
 import datetime as dt
 import json
-import os
 import sys
 import threading
 import time
