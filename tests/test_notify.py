@@ -7,21 +7,16 @@ The consumer is a real HTTP server on loopback; signatures are checked with the 
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime as dt
 import json
 import sys
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 import pytest
-import standardwebhooks
-from werkzeug.serving import make_server
-from werkzeug.wrappers import Request, Response
 
 from receiver.config import Settings
 from receiver.jobs.notifier import Notifier
@@ -30,63 +25,8 @@ from receiver.manifest import Manifest, StoredFile
 from receiver.metrics import render
 
 from ._postgres import postgres_cluster
-from .conftest import Service, free_port, make_receiver_env, read_manifest, run_cli, wait_for
-
-SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
-
-
-@dataclasses.dataclass
-class Received:
-    headers: dict[str, str]
-    body: bytes
-    status: int
-    started: float
-    ended: float
-
-
-class Sink:
-    """The consumer: answers each POST with the next queued status (then 200), records everything,
-    and can go down and come back on the same port."""
-
-    def __init__(self, port: int | None = None, delay: float = 0.0) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}/hooks"
-        self.statuses: deque[int] = deque()
-        self.delay = delay
-        self.received: list[Received] = []
-        self._lock = threading.Lock()
-        self._server: Any = None
-
-    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        started = time.monotonic()
-        request = Request(environ)
-        body = request.get_data()
-        time.sleep(self.delay)
-        with self._lock:
-            status = self.statuses.popleft() if self.statuses else 200
-            self.received.append(Received(dict(request.headers), body, status, started, time.monotonic()))
-        return Response(b"ok", status=status)(environ, start_response)
-
-    def up(self) -> Sink:
-        self._server = make_server("127.0.0.1", self.port, self, threaded=True)
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        return self
-
-    def down(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def delivered(self) -> list[Received]:
-        with self._lock:
-            return [r for r in self.received if r.status == 200]
-
-
-def verify(received: Received) -> dict[str, Any]:
-    """The event, checked by standardwebhooks (it raises on a bad signature or stale timestamp)."""
-    headers = {k.lower(): v for k, v in received.headers.items()}
-    return standardwebhooks.Webhook(SECRET).verify(received.body, headers)
+from ._sink import SECRET, Received, Sink, verify
+from .conftest import Service, make_receiver_env, read_manifest, run_cli, wait_for
 
 
 @pytest.fixture
