@@ -147,7 +147,9 @@ class Outbox:
 
     def _notification_stats(self, conn: Connection) -> dict[str, Any]:
         """Events by state, the oldest pending one, and the latest failures (`status`, /metrics)."""
-        by_state = dict(conn.execute(sa.select(notifications.c.state, sa.func.count()).group_by(notifications.c.state)).all())
+        by_state: dict[str, int] = dict(
+            conn.execute(sa.select(notifications.c.state, sa.func.count()).group_by(notifications.c.state)).all()
+        )
         oldest = conn.execute(sa.select(sa.func.min(notifications.c.created_at)).where(notifications.c.state == PENDING)).scalar()
         failed = [
             dict(r)
