@@ -6,6 +6,8 @@ variable and the fix; the CLI and the gunicorn entry point turn that into one li
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import ipaddress
 import os
@@ -66,6 +68,13 @@ class Settings:
     admin_token: str | None = dataclasses.field(default=None, repr=False)
     #: `text` (a line for people) or `json` (one object per line for a log pipeline).
     log_format: str = "text"
+    #: Where `batch.stored` events are POSTed (None: notifications off), and their signing secret.
+    notify_url: str | None = None
+    notify_secret: str | None = dataclasses.field(default=None, repr=False)
+    #: Hosts (besides loopback) where the notify URL may be plain http: a private network's consumer.
+    notify_hosts: tuple[str, ...] = ()
+    #: How long an event is retried before it is marked failed (the contract: at least 24 hours).
+    notify_retry_seconds: float = 25 * 3600.0
 
     @property
     def is_sqlite(self) -> bool:
@@ -119,6 +128,9 @@ class Settings:
         log_format = (get("RECEIVER_LOG_FORMAT") or "text").lower()
         if log_format not in ("text", "json"):
             raise ConfigError("RECEIVER_LOG_FORMAT", f"must be text or json, not {log_format!r}")
+        notify_hosts = tuple(_validate_host(h, "RECEIVER_NOTIFY_HOSTS") for h in _split_list(env.get("RECEIVER_NOTIFY_HOSTS")))
+        notify_url = _validate_notify_url(get("RECEIVER_NOTIFY_URL"), notify_hosts)
+        notify_secret = _validate_notify_secret(get("RECEIVER_NOTIFY_SECRET"), required=notify_url is not None)
         return cls(
             api_key=api_key,
             api_url=api_url,
@@ -147,6 +159,9 @@ class Settings:
             poll_seconds=_int(env, "RECEIVER_POLL_SECONDS", 300, 0, 7 * 86400),
             admin_token=admin_token,
             log_format=log_format,
+            notify_url=notify_url,
+            notify_secret=notify_secret,
+            notify_hosts=notify_hosts,
         )
 
     def require_api_key(self) -> str:
@@ -235,10 +250,44 @@ def _validate_database_url(url: str) -> str:
     raise UnsupportedDatabase("DATABASE_URL", f"{scheme or url!r} is not supported; use sqlite:///path.db or postgresql://…")
 
 
-def _validate_host(host: str) -> str:
+def _validate_host(host: str, variable: str = "RECEIVER_ARTIFACT_HOSTS") -> str:
     if "/" in host or "@" in host or " " in host:
-        raise ConfigError("RECEIVER_ARTIFACT_HOSTS", f"{host!r} is not a host name or IP literal (no scheme, path or port)")
+        raise ConfigError(variable, f"{host!r} is not a host name or IP literal (no scheme, path or port)")
     return host.strip("[]").lower()
+
+
+def _validate_notify_url(url: str | None, hosts: tuple[str, ...]) -> str | None:
+    """The operator's own service: no SSRF rules (it is often on a private network), but https
+    unless it is on loopback or a host listed in RECEIVER_NOTIFY_HOSTS."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        raise ConfigError(
+            "RECEIVER_NOTIFY_URL", "must be an https:// URL without credentials, e.g. https://jobs.example.com/hooks"
+        )
+    if parts.scheme == "http" and not _is_loopback(parts.hostname) and parts.hostname.lower() not in hosts:
+        raise ConfigError(
+            "RECEIVER_NOTIFY_URL", "plain http only on loopback or a host listed in RECEIVER_NOTIFY_HOSTS; use https://"
+        )
+    return url
+
+
+def _validate_notify_secret(secret: str | None, *, required: bool) -> str | None:
+    """A Standard Webhooks secret: `whsec_` and the base64 of at least 16 random bytes."""
+    if secret is None:
+        if required:
+            raise ConfigError(
+                "RECEIVER_NOTIFY_SECRET", "is required with RECEIVER_NOTIFY_URL: whsec_ and base64 of 24+ random bytes"
+            )
+        return None
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True) if secret.startswith("whsec_") else b""
+    except binascii.Error:
+        key = b""
+    if len(key) < 16:
+        raise ConfigError("RECEIVER_NOTIFY_SECRET", "must be whsec_ followed by the base64 of 16 or more random bytes")
+    return secret
 
 
 def _is_loopback(host: str) -> bool:

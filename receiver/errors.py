@@ -192,6 +192,14 @@ class ObjectNotFound(StorageError):
     """The key does not exist in storage."""
 
 
+class NotStored(StorageError, LookupError):
+    """The results reader was asked for a batch with no manifest, or one stored without results."""
+
+
+class ChecksumMismatch(StorageError):
+    """Stored bytes read back differ from the sha256 (or size) their manifest recorded."""
+
+
 class AlreadyPublished(StorageError):
     """A manifest for this batch exists already: another worker or replica stored it first."""
 

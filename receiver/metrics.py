@@ -63,6 +63,15 @@ class LedgerCollector(Collector):
             value=stats["counts_mismatch"],
         )
         yield GaugeMetricFamily("receiver_stored_bytes", "Bytes of results stored.", value=stats["stored_bytes"])
+        notifications = stats.get("notifications")
+        if notifications:
+            states = notifications["states"]
+            yield GaugeMetricFamily(
+                "receiver_notifications_pending", "batch.stored events not yet acknowledged by a 2xx.", value=states["pending"]
+            )
+            yield GaugeMetricFamily(
+                "receiver_notifications_failed", "batch.stored events given up after their retry window.", value=states["failed"]
+            )
         yield from _polling_metrics(stats.get("polling"))
         last = stats["last_delivery"]
         if last:

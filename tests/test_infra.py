@@ -111,6 +111,28 @@ def test_template_bucket_settings() -> None:
     assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
 
 
+def test_eventbridge_is_off_by_default_and_on_with_its_parameter() -> None:
+    from cfnlint.decode import decode
+
+    template, problems = decode(str(TEMPLATE))
+    assert not problems
+    assert template["Parameters"]["PublishToEventBridge"]["Default"] == "false"
+    assert template["Conditions"]["EventBridge"] == {"Fn::Equals": [{"Ref": "PublishToEventBridge"}, "true"]}
+    switch = template["Resources"]["Bucket"]["Properties"]["NotificationConfiguration"]["Fn::If"]
+    assert switch[0] == "EventBridge"
+    assert switch[1] == {"EventBridgeConfiguration": {"EventBridgeEnabled": True}}
+    assert switch[2] == {"Ref": "AWS::NoValue"}
+
+
+def test_eventbridge_variant_deploys(endpoint: str) -> None:
+    outputs = _deploy(endpoint, Prefix="br", PublishToEventBridge="true")
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    config = s3.get_bucket_notification_configuration(Bucket=outputs["BucketName"])
+    if "EventBridgeConfiguration" not in config:
+        pytest.xfail("moto's CloudFormation does not apply NotificationConfiguration")
+    assert config["EventBridgeConfiguration"] == {}
+
+
 # --- deployed into moto ---------------------------------------------------------------------------
 
 

@@ -348,6 +348,13 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
             outage = DiskOutage(tmp_path / "storage", size_mb=64 + n_batches)
             stack.callback(outage.close)
 
+        # The downstream consumer fails a fifth of the POSTs and is down for a while mid-run.
+        from ._sink import SECRET as NOTIFY_SECRET
+        from ._sink import Sink
+
+        sink = Sink(fail_ratio=0.2, seed=f"chaos-{storage_kind}").up()
+        stack.callback(sink.down)
+        overrides.update({"RECEIVER_NOTIFY_URL": sink.url, "RECEIVER_NOTIFY_SECRET": NOTIFY_SECRET})
         emulator = start_emulator(tmp_path, api_key)
         stack.callback(emulator.service.stop)
         env = receiver_env(tmp_path, emulator.url, api_key, **overrides)
@@ -415,6 +422,10 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
             for i, batch_id in enumerate(batches):
                 if i in outage_at:
                     chaos.storage_outage()
+                if i == n_batches // 2:
+                    sink.down()
+                if i == 3 * n_batches // 4:
+                    sink.up()
                 # Two signed deliveries of the same event at once, retried by the emulator like
                 # BatchRouter when a killed gunicorn worker drops the connection.
                 if batch_id in lost:
@@ -482,6 +493,20 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
                 assert entry["sha256"] == want["sha256"] == hashlib.sha256(data).hexdigest(), entry["key"]
         stray = [k for k in keys if not k.startswith(("results/", "errors/", "manifests/"))]
         assert not stray, stray[:5]
+        # Every stored batch announced at least once, each with one webhook-id, signed.
+        from ._sink import verify
+
+        wait_for(
+            lambda: {json.loads(r.body)["data"]["batch_id"] for r in sink.delivered()} >= set(batches),
+            timeout=120,
+            interval=0.5,
+            what="every stored batch announced",
+        )
+        webhook_ids: dict[str, set[str]] = {}
+        for received in sink.received:
+            webhook_ids.setdefault(verify(received)["data"]["batch_id"], set()).add(received.headers["Webhook-Id"])
+        assert all(len(ids) == 1 for ids in webhook_ids.values()), {b: i for b, i in webhook_ids.items() if len(i) > 1}
+        announced = Counter(json.loads(r.body)["data"]["batch_id"] for r in sink.delivered())
         attempts = Counter(row[0] for row in ledger_query(env, "SELECT attempts FROM jobs"))
         origins = dict(ledger_query(env, "SELECT batch_id, origin FROM jobs"))
         assert {origins[b] for b in lost} <= {"poll"}, "a lost delivery's batch was queued by something else"
@@ -521,6 +546,8 @@ def test_chaos_every_batch_stored_once_whole_and_dead_jobs_recover(tmp_path: Pat
             "job_attempts_histogram": {str(k): v for k, v in sorted(attempts.items())},
             "seconds_of_chaos": round(chaos_seconds, 1),
             "seconds_until_all_stored": round(total_seconds, 1),
+            "notification_attempts": len(sink.received),
+            "notifications_delivered_more_than_once": sum(1 for n in announced.values() if n > 1),
         },
     )
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .notifying import notify
 from .operating import cat, fetch, list_batches, status
 from .register import register
 from .serving import emulator, serve, worker
+from .waiting import wait
 from .watching import watch
 
 
@@ -20,7 +22,7 @@ def main() -> None:
     """BatchRouter's delivery webhook: verify, record, fetch and store each batch exactly once."""
 
 
-for _command in (serve, worker, register, fetch, list_batches, cat, status, watch, emulator):
+for _command in (serve, worker, register, fetch, list_batches, cat, status, watch, emulator, wait, notify):
     main.add_command(_command)
 
 __all__ = ["main"]

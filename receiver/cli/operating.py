@@ -254,6 +254,17 @@ def status(as_json: bool) -> None:
         click.echo(f"  {len(settings.webhook_secrets)} from RECEIVER_WEBHOOK_SECRET")
     for row in stats["dead"]:
         click.echo(f"dead: {row['batch_id']} after {row['attempts']} attempts: {row['last_error']}")
+    notes = stats["notifications"]
+    if settings.notify_url or any(notes["states"].values()):
+        oldest = notes["oldest_pending_at"]
+        click.echo(
+            f"notifications: pending {notes['states']['pending']}  sent {notes['states']['sent']}  "
+            f"failed {notes['states']['failed']}" + (f"  (oldest pending since {iso(oldest)})" if oldest else "")
+        )
+    for row in notes["failed"]:
+        click.echo(
+            f"notification failed: {row['batch_id']} ({row['webhook_id']}) after {row['attempts']} attempts: {row['last_error']}"
+        )
     _echo_polling(stats["polling"])
 
 

@@ -89,6 +89,7 @@ class Worker:
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(settings.worker_concurrency)
+        self._notifier: Any = None
 
     @classmethod
     def from_settings(cls, settings: Settings, ledger: Ledger | None = None) -> Worker:
@@ -116,6 +117,11 @@ class Worker:
         heartbeat = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
         heartbeat.start()
         poller = start_poller(self.settings, self.ledger, self.owner, self.stopping)
+        if self.settings.notify_url is not None:
+            from .notifier import Notifier
+
+            self._notifier = Notifier(self.settings, self.ledger, self.owner)
+            self._notifier.start()
         housekeeping_due = 0.0
         with ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="job") as pool:
             while not self.stopping.is_set():
@@ -137,11 +143,15 @@ class Worker:
             self._cancel_all(Stop.SHUTDOWN)
         if poller is not None:
             poller.join(15)
+        if self._notifier is not None:
+            self._notifier.stop(timeout=5)
         log.info("worker %s stopped", self.owner)
 
     def stop(self) -> None:
         self.stopping.set()
         self._cancel_all(Stop.SHUTDOWN)
+        if self._notifier is not None:
+            self._notifier.stopping.set()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: stop claiming, give back leases, abort unfinished uploads."""
@@ -289,7 +299,7 @@ class Worker:
             log.info("job %s: manifest already published by another worker", batch_id)
             self._adopt_existing(job, manifest_key)
             return
-        self.ledger.mark_stored(batch_id, self.owner, manifest)
+        self.ledger.mark_stored(batch_id, self.owner, manifest, notify=self.settings.notify_url is not None)
         if manifest.counts_match is False:
             results = manifest.results
             log.warning(
@@ -367,7 +377,7 @@ class Worker:
     def _adopt_existing(self, job: Job, manifest_key: str) -> None:
         """The batch is already published (an earlier attempt, or another worker): record it."""
         manifest = Manifest.from_bytes(self.storage.get_bytes(manifest_key))
-        self.ledger.mark_stored(job.batch_id, self.owner, manifest)
+        self.ledger.mark_stored(job.batch_id, self.owner, manifest, notify=self.settings.notify_url is not None)
 
     def _check(self, running: _Running) -> None:
         if running.cancel.is_set():

@@ -1,5 +1,5 @@
-"""The ledger: deliveries, jobs under leases, and webhook secrets. The web side and the job side
-meet only here."""
+"""The ledger: deliveries, jobs under leases, webhook secrets, known batches and the outbox. The web
+side and the job side meet only here."""
 
 from .ledger import Ledger
 from .schema import (
@@ -14,6 +14,7 @@ from .schema import (
     WATCHING,
     Delivery,
     Job,
+    Notification,
     RecordResult,
     SecretInfo,
 )
@@ -22,15 +23,16 @@ __all__ = [
     "DEAD",
     "ENDED",
     "FAILED",
-    "NOT_FOUND",
-    "WATCHING",
     "JOB_STATES",
+    "NOT_FOUND",
     "QUEUED",
     "RUNNING",
     "STORED",
+    "WATCHING",
     "Delivery",
     "Job",
     "Ledger",
+    "Notification",
     "RecordResult",
     "SecretInfo",
 ]

@@ -30,6 +30,7 @@ from ..errors import LedgerError, LedgerUnavailable
 from ..manifest import Manifest
 from .engine import READ_ONLY, create_engine, describe, sqlite_path
 from .group_commit import GroupCommit, PostgresGroupCommit, SQLiteGroupCommit
+from .outbox import Outbox
 from .polling import PollingMixin
 from .schema import (
     DEAD,
@@ -52,7 +53,7 @@ from .schema import (
 )
 
 
-class Ledger(PollingMixin):
+class Ledger(Outbox, PollingMixin):
     """One per process. Thread-safe (a pooled engine); every method is one short transaction."""
 
     def __init__(
@@ -281,8 +282,9 @@ class Ledger(PollingMixin):
             )
         return set(batch_ids) - held
 
-    def mark_stored(self, batch_id: str, owner: str, manifest: Manifest) -> bool:
-        """Record that `manifest` is published for the batch whose lease `owner` holds.
+    def mark_stored(self, batch_id: str, owner: str, manifest: Manifest, *, notify: bool = False) -> bool:
+        """Record that `manifest` is published for the batch whose lease `owner` holds, and with
+        `notify` its `batch.stored` event in the same transaction (the outbox).
 
         False when the lease was lost meanwhile: the manifest is out there (it is the commit
         marker), and the worker that holds the job now adopts it.
@@ -290,7 +292,7 @@ class Ledger(PollingMixin):
         now = time.time()
         results = manifest.results
         with self._begin() as conn:
-            return bool(
+            stored = bool(
                 conn.execute(
                     jobs.update()
                     .where(jobs.c.batch_id == batch_id, jobs.c.lease_owner == owner)
@@ -310,6 +312,9 @@ class Ledger(PollingMixin):
                     )
                 ).rowcount
             )
+            if stored and notify:
+                self._add_notification(conn, batch_id, manifest, now)
+        return stored
 
     def mark_failed(self, batch_id: str, owner: str, error: str, *, retry_at: float | None) -> str:
         """Record a failed attempt: `failed` until `retry_at`, or `dead` when `retry_at` is None."""
@@ -405,6 +410,7 @@ class Ledger(PollingMixin):
                     .limit(20)
                 ).mappings()
             ]
+            notifications = self._notification_stats(conn)
         return {
             "jobs": {state: int(by_state.get(state, 0)) for state in JOB_STATES},
             "queue_depth": int(by_state.get(QUEUED, 0)) + int(retrying),
@@ -416,6 +422,7 @@ class Ledger(PollingMixin):
                 {"received_at": last.received_at, "event_type": last.event_type, "batch_id": last.batch_id} if last else None
             ),
             "dead": dead,
+            "notifications": notifications,
         }
 
     def prune_deliveries(self, retention_days: int, now: float | None = None) -> int:

@@ -62,6 +62,33 @@ jobs = sa.Table(
     sa.Index("ix_jobs_due", "state", "next_attempt_at"),
 )
 
+#: Notification states: `pending` until a 2xx (or its retry window ends: `failed`), then `sent`.
+PENDING, SENT = "pending", "sent"
+NOTIFICATION_STATES = (PENDING, SENT, FAILED)
+
+#: The outbox: one `batch.stored` event per batch, written in the transaction that marks the job
+#: stored, so no stored batch goes unannounced (contract, "Telling downstream jobs").
+notifications = sa.Table(
+    "notifications",
+    metadata,
+    sa.Column("batch_id", sa.String(255), primary_key=True),
+    #: Standard Webhooks `webhook-id`: chosen once, the same on every attempt and replay.
+    sa.Column("webhook_id", sa.String(64), nullable=False, unique=True),
+    #: The exact bytes POSTed (and signed) on every attempt.
+    sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", sa.Float, nullable=False),
+    #: When the event was written or last replayed: retries end (`failed`) a window after it.
+    sa.Column("retry_from", sa.Float, nullable=False),
+    sa.Column("lease_owner", sa.String(255), nullable=True),
+    sa.Column("lease_expires_at", sa.Float, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("sent_at", sa.Float, nullable=True),
+    sa.Index("ix_notifications_due", "state", "next_attempt_at"),
+)
+
 secrets = sa.Table(
     "webhook_secrets",
     metadata,
@@ -156,6 +183,17 @@ class DeliveryRow(NamedTuple):
     status: str | None
     outcome: str
     received_at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Notification:
+    """An outbox row claimed for sending."""
+
+    batch_id: str
+    webhook_id: str
+    body: bytes
+    attempts: int
+    retry_from: float
 
 
 @dataclasses.dataclass(frozen=True)

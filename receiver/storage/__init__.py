@@ -2,29 +2,36 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from ..config import Settings
 from .base import Storage, Writer
 
-__all__ = ["Storage", "Writer", "open_storage"]
+if TYPE_CHECKING:
+    from ..config import Settings
+
+__all__ = ["Storage", "Writer", "open_storage", "storage_from_url"]
 
 
 def open_storage(settings: Settings) -> Storage:
     """The backend for `settings.storage_url` (validated by config: a path, file:// or s3://)."""
-    url = settings.storage_url
+    return storage_from_url(
+        settings.storage_url,
+        sse=settings.s3_sse,
+        kms_key_id=settings.s3_kms_key_id,
+        checksum=settings.s3_checksum,
+        buffer_bytes=settings.s3_buffer_bytes,
+    )
+
+
+def storage_from_url(url: str, **s3_options: Any) -> Storage:
+    """The backend for a storage root URL alone (a reader needs no other setting); `s3_options`
+    are S3Storage's writing options."""
     parts = urlsplit(url)
     if parts.scheme == "s3":
         from .s3 import S3Storage
 
-        return S3Storage(
-            bucket=parts.netloc,
-            prefix=parts.path.strip("/"),
-            sse=settings.s3_sse,
-            kms_key_id=settings.s3_kms_key_id,
-            checksum=settings.s3_checksum,
-            buffer_bytes=settings.s3_buffer_bytes,
-        )
+        return S3Storage(bucket=parts.netloc, prefix=parts.path.strip("/"), **s3_options)
     from .local import LocalStorage
 
     path = unquote(parts.path) if parts.scheme == "file" else url
