@@ -108,3 +108,50 @@ def test_dead_job_is_retried_from_the_page(emulator, web, worker, secret, tmp_pa
     stored = requests.get(f"{admin}/jobs?state=stored&q={bad[:-2]}", auth=auth, timeout=10).text
     assert bad in stored and good not in stored
     assert not secret_leaks([tmp_path], [web.service.output(), worker.output()], [TOKEN, secret])
+
+
+def test_watch_and_replay_from_the_page(emulator, web, secret, tmp_path):
+    admin = f"{web.url}/admin"
+    auth = ("alice", TOKEN)
+    page = requests.get(admin, auth=auth, timeout=10).text
+    assert 'id="watched-count"' in page and 'id="notifications"' in page
+
+    watched = requests.post(
+        f"{admin}/watch", data={"csrf_token": csrf_of(page), "batch_id": "bat_watched_1"}, auth=auth, timeout=10
+    )
+    assert watched.status_code == 200 and 'id="watched-notice"' in watched.text
+    assert re.search(r'id="watched-count"><span class="label">watched batches</span><span class="value">1<', watched.text)
+    assert re.search(r"admin: alice watched batch bat_watched_1 from 127\.0\.0\.1", web.service.output())
+    refused = requests.post(f"{admin}/watch", data={"csrf_token": csrf_of(page), "batch_id": "../etc"}, auth=auth, timeout=10)
+    assert 'id="bad-batch-id"' in refused.text
+    assert requests.post(f"{admin}/watch", data={"batch_id": "bat_x"}, auth=auth, timeout=10).status_code == 403
+
+    # No notification for a batch without one: 404, never a new event.
+    assert (
+        requests.post(f"{admin}/jobs/bat_none/replay", data={"csrf_token": csrf_of(page)}, auth=auth, timeout=10).status_code
+        == 404
+    )
+
+
+def test_a_failed_notification_is_replayed_from_its_job_page(web, receiver_env):
+    import datetime as dt
+
+    from receiver.ledger import Ledger
+    from receiver.manifest import Manifest
+
+    ledger = Ledger(receiver_env["DATABASE_URL"])
+    ledger.enqueue("bat_told", origin="fetch")
+    manifest = Manifest("bat_told", "failed", (), dt.datetime.now(dt.UTC), (), None, None, {"id": "bat_told"})
+    ledger.add_notification("bat_told", manifest)
+    claimed = ledger.claim_notification("w1", 30)
+    ledger.notification_failed("bat_told", "w1", "consumer answered 500", retry_at=None)
+    auth = ("alice", TOKEN)
+    page = requests.get(f"{web.url}/admin/jobs/bat_told", auth=auth, timeout=10).text
+    assert claimed.webhook_id in page and "consumer answered 500" in page and 'id="replay"' in page
+
+    replayed = requests.post(f"{web.url}/admin/jobs/bat_told/replay", data={"csrf_token": csrf_of(page)}, auth=auth, timeout=10)
+    assert replayed.status_code == 200 and 'id="replayed-notice"' in replayed.text
+    row = ledger.notification("bat_told")
+    assert (row["state"], row["attempts"], row["webhook_id"]) == ("pending", 0, claimed.webhook_id)
+    assert re.search(r"admin: alice replayed the notification of batch bat_told", web.service.output())
+    ledger.close()

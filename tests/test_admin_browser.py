@@ -38,7 +38,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def receiver_env(tmp_path: Path, emulator) -> dict[str, str]:
-    return make_receiver_env(tmp_path, emulator.url, RECEIVER_ADMIN_TOKEN=TOKEN, RECEIVER_MAX_ATTEMPTS="1")
+    return make_receiver_env(
+        tmp_path, emulator.url, RECEIVER_ADMIN_TOKEN=TOKEN, RECEIVER_MAX_ATTEMPTS="1", RECEIVER_POLL_SECONDS="1"
+    )
 
 
 @pytest.fixture
@@ -107,6 +109,16 @@ def test_operator_logs_in_sees_batches_and_retries_a_dead_one(emulator, web, wor
     )
     wait_for(lambda: "CSRF" in browser.page_source, timeout=10, what="the CSRF refusal")
     assert _job_state(web.url, bad) == "stored"
+
+    # Watch a batch no delivery ever names: it ends without a terminal delivery, and polling stores it.
+    silent = emulator.create_batch(items=20, status="processing")["id"]
+    browser.get(f"{base}/admin")
+    browser.find_element(By.ID, "watch-batch-id").send_keys(silent)
+    browser.find_element(By.ID, "watch-submit").click()
+    assert "Watched" in browser.find_element(By.ID, "watched-notice").text
+    assert browser.find_element(By.CSS_SELECTOR, "#watched-count .value").text == "1"
+    emulator.complete(silent, deliver=False)
+    wait_for(lambda: read_manifest(tmp_path / "storage", silent), what="the watched batch stored by polling")
     assert (tmp_path / "admin-overview.png").stat().st_size > 10_000
 
 

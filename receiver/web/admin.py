@@ -28,6 +28,7 @@ from werkzeug.exceptions import NotFound
 from .. import metrics
 from ..config import Settings
 from ..errors import LedgerUnavailable, ReceiverError
+from ..layout import validate_batch_id
 from ..ledger import DEAD, JOB_STATES, Ledger, reports
 from ..logs import redact
 
@@ -117,12 +118,21 @@ def overview() -> str:
         error = None
     except LedgerUnavailable as exc:
         figures, error = None, str(exc)
+    polling = notifications = None
+    if figures is not None:
+        try:
+            polling = ledger.polling_stats()
+            notifications = ledger.stats()["notifications"]
+        except LedgerUnavailable as exc:
+            figures, error = None, str(exc)
     return _render(
         "admin/overview.html",
         figures=figures,
         error=error,
         readiness=current_app.extensions["receiver.readiness"](),
         signature_failures=metrics.signature_failures(),
+        polling=polling,
+        notifications=notifications,
         dead_jobs=reports.find_jobs(ledger, state=DEAD, limit=20) if figures and figures["dead"] else [],
     )
 
@@ -149,6 +159,7 @@ def job(batch_id: str) -> str:
         attempts=detail["attempts"],
         manifest=_manifest(detail["job"].get("manifest_key")),
         location=_location(detail["job"].get("manifest_key")),
+        notification=_ledger().notification(batch_id),
     )
 
 
@@ -172,8 +183,40 @@ def retry(batch_id: str) -> Response:
     return redirect(url_for("admin.job", batch_id=batch_id, done="retried"), 303)  # type: ignore[return-value]
 
 
-# {% block watch %} / {% block replay %}: "watch a batch id" and "replay a notification" land here
-# as two more POST routes when those features are merged; the templates keep their places.
+@bp.post("/watch")
+def watch() -> Response:
+    """Make a batch id known so the polling fallback stores it even if no delivery ever names it
+    (as `receiver watch` does, without its up-front check: the web side makes no API calls, and a
+    poll that gets 404 stops and shows the batch as not found)."""
+    batch_id = (request.form.get("batch_id") or "").strip()
+    try:
+        validate_batch_id(batch_id)
+    except ReceiverError:
+        return redirect(url_for("admin.overview", done="bad-batch-id"), 303)  # type: ignore[return-value]
+    _ledger().watch(batch_id)
+    log.info(
+        "admin: %s watched batch %s from %s",
+        _who(),
+        batch_id,
+        request.remote_addr,
+        extra={"batch_id": batch_id, "outcome": "watched"},
+    )
+    return redirect(url_for("admin.overview", done="watched"), 303)  # type: ignore[return-value]
+
+
+@bp.post("/jobs/<path:batch_id>/replay")
+def replay(batch_id: str) -> Response:
+    """Send a batch's `batch.stored` event again, with the same webhook-id (as `receiver notify --replay`)."""
+    if not _ledger().replay_notification(batch_id):
+        raise NotFound(f"no notification for batch {batch_id}")
+    log.info(
+        "admin: %s replayed the notification of batch %s from %s",
+        _who(),
+        batch_id,
+        request.remote_addr,
+        extra={"batch_id": batch_id, "outcome": "replayed"},
+    )
+    return redirect(url_for("admin.job", batch_id=batch_id, done="replayed"), 303)  # type: ignore[return-value]
 
 
 @bp.get("/style.css")
