@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import threading
 
+from flask import Flask
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from werkzeug.urls import uri_to_iri
 
@@ -47,7 +48,8 @@ def make_emulator_server(config: EmulatorConfig, *, quiet: bool = False) -> Base
 
 def server_url(server: BaseWSGIServer) -> str:
     """The base URL a client on this machine uses to reach `server`."""
-    host = server.server_address[0]
+    # The bound address; `server_address` is typed loosely enough to allow bytes, an IP socket's never is.
+    host: str = server.socket.getsockname()[0]
     if host in ("0.0.0.0", ""):
         host = "127.0.0.1"
     elif host == "::":
@@ -84,6 +86,7 @@ def start_in_thread(config: EmulatorConfig, *, quiet: bool = True) -> tuple[Base
 
 def stop(server: BaseWSGIServer) -> None:
     """Stop serving, close the socket and give up the retries of pending deliveries."""
-    server.app.extensions["emulator"].deliverer.cancel_pending()
+    if isinstance(server.app, Flask):  # always, for servers made here; the check tells mypy
+        server.app.extensions["emulator"].deliverer.cancel_pending()
     server.shutdown()
     server.server_close()

@@ -22,7 +22,7 @@ SHAPES = ("plain", "wrapped", "state")
 URL_KEYS = ("url", "download_url", "artifact_url", "signed_url")
 CANCEL_SPELLINGS = ("cancelled", "canceled")
 #: How `GET /v1/batches/{id}/results` answers: JSON pages, or the whole file as raw JSONL (the form
-#: of the older SDK, facts §10).
+#: of the older SDK; docs/batchrouter-api.md, "Sources and how far we trust them").
 RESULTS_FORMS = ("json", "jsonl")
 
 FAULT_TARGETS = ("artifact", "api")
@@ -56,7 +56,8 @@ class Batch:
     shape: str = "plain"
     url_key: str = "url"
     cancel_spelling: str = "cancelled"
-    #: False: artifact-url answers 404 and the results are only to be paged (facts §5).
+    #: False: artifact-url answers 404 and the results are only to be paged
+    #: (docs/batchrouter-api.md, "Results pages").
     artifact_url: bool = True
     results_form: str = "json"
     created_at: dt.datetime = dataclasses.field(default_factory=utcnow)
