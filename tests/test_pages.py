@@ -115,7 +115,7 @@ def test_large_raw_jsonl_is_streamed_not_held(api, client, storage) -> None:
 
 
 def test_a_json_page_over_the_limit_is_refused(api, client, monkeypatch) -> None:
-    monkeypatch.setattr("receiver.batchrouter.MAX_PAGE_BYTES", 1000)
+    monkeypatch.setattr("receiver.batchrouter.answers.MAX_PAGE_BYTES", 1000)
     api.on("GET", RESULTS, Canned(200, {"data": rows(1, 50)}))
     with pytest.raises(UnexpectedResponse, match="not JSONL by its Content-Type"):
         read_page(client)
