@@ -60,6 +60,10 @@ class Settings:
     s3_checksum: bool = True
     #: Memory budget of one S3 streaming upload (parts buffered in flight), in bytes.
     s3_buffer_bytes: int = 24 * 1024 * 1024
+    #: Bring the ledger's schema up to date at start; when false an older schema stops the process.
+    auto_migrate: bool = True
+    #: Fernet keys sealing the stored webhook secrets: the first encrypts, every one decrypts.
+    encryption_keys: tuple[str, ...] = ()
 
     @property
     def is_sqlite(self) -> bool:
@@ -132,6 +136,8 @@ class Settings:
             s3_kms_key_id=kms_key,
             s3_checksum=_bool(env, "RECEIVER_S3_CHECKSUM", True),
             s3_buffer_bytes=_int(env, "RECEIVER_S3_BUFFER_MB", 24, 16, 4096) * 1024 * 1024,
+            auto_migrate=_bool(env, "RECEIVER_AUTO_MIGRATE", True),
+            encryption_keys=_validate_fernet_keys(_split_list(env.get("RECEIVER_ENCRYPTION_KEY"))),
         )
 
     def require_api_key(self) -> str:
@@ -218,6 +224,21 @@ def _validate_database_url(url: str) -> str:
     if scheme in ("postgresql", "postgres"):
         return url
     raise UnsupportedDatabase("DATABASE_URL", f"{scheme or url!r} is not supported; use sqlite:///path.db or postgresql://…")
+
+
+def _validate_fernet_keys(keys: list[str]) -> tuple[str, ...]:
+    from cryptography.fernet import Fernet
+
+    for key in keys:
+        try:
+            Fernet(key.encode())
+        except ValueError:
+            raise ConfigError(
+                "RECEIVER_ENCRYPTION_KEY",
+                "each key must be a Fernet key (44 characters, url-safe base64; make one with "
+                "`python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'`)",
+            ) from None
+    return tuple(keys)
 
 
 def _validate_host(host: str) -> str:

@@ -72,3 +72,15 @@ def postgres_cluster() -> Iterator[str | None]:
     finally:
         subprocess.run(as_user + [f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def fresh_database(cluster_url: str) -> str:
+    """The URL of a new, empty database in the cluster at `cluster_url`."""
+    import sqlalchemy as sa
+
+    name = f"t{time.time_ns()}"
+    admin = sa.create_engine(cluster_url.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return cluster_url.rsplit("/", 1)[0] + "/" + name

@@ -99,7 +99,7 @@ def register_with_emulator(settings: Settings, hook_url: str) -> None:
     from ..ledger import Ledger
 
     secret = secrets_module.token_urlsafe(32)
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger.from_settings(settings)
     ledger.create_schema()
     ledger.add_secret(secret, grace_seconds=settings.secret_grace_seconds)
     ledger.close()
