@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from ..ledger import Ledger
 
 
+#: What `status` and `register` say when RECEIVER_ENCRYPTION_KEY is not set.
+UNENCRYPTED = "secrets are stored unencrypted in the ledger: set RECEIVER_ENCRYPTION_KEY to encrypt them (README, Scaling out)"
+
+
 class ConfigurationError(click.ClickException):
     """A bad setting: one line on stderr, exit code 2."""
 

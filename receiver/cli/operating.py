@@ -13,7 +13,7 @@ import click
 
 from .. import layout
 from ..errors import ConfigError, ObjectNotFound, ReceiverError
-from ._common import ConfigurationError, Failure, iso, load_settings, open_ledger
+from ._common import UNENCRYPTED, ConfigurationError, Failure, iso, load_settings, open_ledger
 
 if TYPE_CHECKING:
     from ..jobs.worker import Worker
@@ -190,6 +190,7 @@ def status(as_json: bool) -> None:
             for s in secrets
         ],
         "from_environment": len(settings.webhook_secrets),
+        "encrypted": bool(settings.encryption_keys),
     }
     if as_json:
         click.echo(json.dumps(stats, indent=2))
@@ -216,5 +217,7 @@ def status(as_json: bool) -> None:
         click.echo(f"  stored secret, age {s['age_seconds'] // 3600}h{s['age_seconds'] % 3600 // 60:02d}m, {expiry}")
     if settings.webhook_secrets:
         click.echo(f"  {len(settings.webhook_secrets)} from RECEIVER_WEBHOOK_SECRET")
+    if not settings.encryption_keys:
+        click.echo(f"  {UNENCRYPTED}")
     for row in stats["dead"]:
         click.echo(f"dead: {row['batch_id']} after {row['attempts']} attempts: {row['last_error']}")
