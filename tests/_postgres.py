@@ -26,6 +26,16 @@ def _bindir() -> str | None:
     return os.path.dirname(initdb) if initdb else None
 
 
+#: How to restart each running cluster, by its URL (restart()).
+_RESTART: dict[str, list[str]] = {}
+
+
+def restart(cluster_url: str) -> None:
+    """Stop the cluster (fast: every connection is cut) and start it again, as an operator's
+    restart or a failover would; pg_ctl reuses the options it was started with."""
+    subprocess.run(_RESTART[cluster_url.rsplit("/", 1)[0] + "/postgres"], check=True, capture_output=True)
+
+
 @contextmanager
 def postgres_cluster() -> Iterator[str | None]:
     """Yield a `postgresql://` URL of a fresh cluster, or None when PostgreSQL is not installed."""
@@ -63,6 +73,8 @@ def postgres_cluster() -> Iterator[str | None]:
     )
     try:
         url = f"postgresql://receiver@127.0.0.1:{port}/postgres"
+        log = os.path.join(folder, "log")
+        _RESTART[url] = as_user + [f"{bindir}/pg_ctl", "-D", data, "-l", log, "-m", "fast", "-w", "restart"]
         deadline = time.monotonic() + 20
         while subprocess.run([f"{bindir}/pg_isready", "-h", "127.0.0.1", "-p", str(port)], capture_output=True).returncode != 0:
             if time.monotonic() > deadline:
