@@ -75,6 +75,10 @@ class Settings:
     notify_hosts: tuple[str, ...] = ()
     #: How long an event is retried before it is marked failed (the contract: at least 24 hours).
     notify_retry_seconds: float = 25 * 3600.0
+    #: Bring the ledger's schema up to date at start; when false an older schema stops the process.
+    auto_migrate: bool = True
+    #: Fernet keys sealing the stored webhook secrets: the first encrypts, every one decrypts.
+    encryption_keys: tuple[str, ...] = ()
 
     @property
     def is_sqlite(self) -> bool:
@@ -162,6 +166,8 @@ class Settings:
             notify_url=notify_url,
             notify_secret=notify_secret,
             notify_hosts=notify_hosts,
+            auto_migrate=_bool(env, "RECEIVER_AUTO_MIGRATE", True),
+            encryption_keys=_validate_fernet_keys(_split_list(env.get("RECEIVER_ENCRYPTION_KEY"))),
         )
 
     def require_api_key(self) -> str:
@@ -248,6 +254,21 @@ def _validate_database_url(url: str) -> str:
     if scheme in ("postgresql", "postgres"):
         return url
     raise UnsupportedDatabase("DATABASE_URL", f"{scheme or url!r} is not supported; use sqlite:///path.db or postgresql://…")
+
+
+def _validate_fernet_keys(keys: list[str]) -> tuple[str, ...]:
+    from cryptography.fernet import Fernet
+
+    for key in keys:
+        try:
+            Fernet(key.encode())
+        except ValueError:
+            raise ConfigError(
+                "RECEIVER_ENCRYPTION_KEY",
+                "each key must be a Fernet key (44 characters, url-safe base64; make one with "
+                "`python -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())'`)",
+            ) from None
+    return tuple(keys)
 
 
 def _validate_host(host: str, variable: str = "RECEIVER_ARTIFACT_HOSTS") -> str:

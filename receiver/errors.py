@@ -60,6 +60,14 @@ class LedgerUnavailable(LedgerError):
     transient = True
 
 
+class SchemaOutdated(LedgerError):
+    """The ledger's schema is older than this release and RECEIVER_AUTO_MIGRATE is false."""
+
+
+class SecretUnreadable(LedgerError):
+    """A stored webhook secret that RECEIVER_ENCRYPTION_KEY cannot decrypt (or no key to do it)."""
+
+
 class UnsupportedDatabase(ConfigError):
     """A DATABASE_URL whose backend this version does not support."""
 

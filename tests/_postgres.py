@@ -26,6 +26,16 @@ def _bindir() -> str | None:
     return os.path.dirname(initdb) if initdb else None
 
 
+#: How to restart each running cluster, by its URL (restart()).
+_RESTART: dict[str, list[str]] = {}
+
+
+def restart(cluster_url: str) -> None:
+    """Stop the cluster (fast: every connection is cut) and start it again, as an operator's
+    restart or a failover would; pg_ctl reuses the options it was started with."""
+    subprocess.run(_RESTART[cluster_url.rsplit("/", 1)[0] + "/postgres"], check=True, capture_output=True)
+
+
 @contextmanager
 def postgres_cluster() -> Iterator[str | None]:
     """Yield a `postgresql://` URL of a fresh cluster, or None when PostgreSQL is not installed."""
@@ -63,6 +73,8 @@ def postgres_cluster() -> Iterator[str | None]:
     )
     try:
         url = f"postgresql://receiver@127.0.0.1:{port}/postgres"
+        log = os.path.join(folder, "log")
+        _RESTART[url] = as_user + [f"{bindir}/pg_ctl", "-D", data, "-l", log, "-m", "fast", "-w", "restart"]
         deadline = time.monotonic() + 20
         while subprocess.run([f"{bindir}/pg_isready", "-h", "127.0.0.1", "-p", str(port)], capture_output=True).returncode != 0:
             if time.monotonic() > deadline:
@@ -72,3 +84,15 @@ def postgres_cluster() -> Iterator[str | None]:
     finally:
         subprocess.run(as_user + [f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def fresh_database(cluster_url: str) -> str:
+    """The URL of a new, empty database in the cluster at `cluster_url`."""
+    import sqlalchemy as sa
+
+    name = f"t{time.time_ns()}"
+    admin = sa.create_engine(cluster_url.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return cluster_url.rsplit("/", 1)[0] + "/" + name

@@ -11,7 +11,7 @@ import pytest
 from receiver.ledger import DEAD, FAILED, QUEUED, RUNNING, STORED, Delivery, Ledger
 from receiver.manifest import Manifest, StoredFile
 
-from ._postgres import postgres_cluster
+from ._postgres import fresh_database, postgres_cluster
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,7 @@ def ledger(request, tmp_path, pg_url):
     else:
         if pg_url is None:
             pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
-        import sqlalchemy as sa
-
-        name = f"t{time.time_ns()}"
-        admin = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"CREATE DATABASE {name}"))
-        admin.dispose()
-        url = pg_url.rsplit("/", 1)[0] + "/" + name
+        url = fresh_database(pg_url)
     led = Ledger(url)
     led.create_schema()
     yield led

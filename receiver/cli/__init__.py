@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .db import db
 from .notifying import notify
 from .operating import cat, fetch, list_batches, status
 from .register import register
@@ -22,7 +23,7 @@ def main() -> None:
     """BatchRouter's delivery webhook: verify, record, fetch and store each batch exactly once."""
 
 
-for _command in (serve, worker, register, fetch, list_batches, cat, status, watch, emulator, wait, notify):
+for _command in (serve, worker, register, fetch, list_batches, cat, status, watch, emulator, wait, notify, db):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -12,10 +12,14 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 
 from ..config import Settings
-from ..errors import ConfigError, ReceiverError
+from ..errors import ConfigError, ReceiverError, SchemaOutdated, SecretUnreadable
 
 if TYPE_CHECKING:
     from ..ledger import Ledger
+
+
+#: What `status` and `register` say when RECEIVER_ENCRYPTION_KEY is not set.
+UNENCRYPTED = "secrets are stored unencrypted in the ledger: set RECEIVER_ENCRYPTION_KEY to encrypt them (README, Scaling out)"
 
 
 class ConfigurationError(click.ClickException):
@@ -44,9 +48,12 @@ def load_settings() -> Settings:
 def open_ledger(settings: Settings) -> Ledger:
     from ..ledger import Ledger
 
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger.from_settings(settings)
     try:
         ledger.create_schema()
+        ledger.check_secrets()
+    except (SchemaOutdated, SecretUnreadable) as exc:
+        raise ConfigurationError(str(exc)) from None
     except ReceiverError as exc:
         raise Failure(str(exc)) from None
     return ledger

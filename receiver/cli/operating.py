@@ -16,7 +16,7 @@ import click
 from .. import layout
 from ..errors import ConfigError, ObjectNotFound, ReceiverError
 from ..manifest import Manifest
-from ._common import ConfigurationError, Failure, iso, load_settings, open_ledger, validate_batch_ids
+from ._common import UNENCRYPTED, ConfigurationError, Failure, iso, load_settings, open_ledger, validate_batch_ids
 
 if TYPE_CHECKING:
     from ..jobs.worker import Worker
@@ -225,6 +225,7 @@ def status(as_json: bool) -> None:
             for s in secrets
         ],
         "from_environment": len(settings.webhook_secrets),
+        "encrypted": bool(settings.encryption_keys),
     }
     stats["polling"] = {"interval_seconds": settings.poll_seconds, **ledger.polling_stats(now)}
     if as_json:
@@ -252,6 +253,8 @@ def status(as_json: bool) -> None:
         click.echo(f"  stored secret, age {s['age_seconds'] // 3600}h{s['age_seconds'] % 3600 // 60:02d}m, {expiry}")
     if settings.webhook_secrets:
         click.echo(f"  {len(settings.webhook_secrets)} from RECEIVER_WEBHOOK_SECRET")
+    if not settings.encryption_keys:
+        click.echo(f"  {UNENCRYPTED}")
     for row in stats["dead"]:
         click.echo(f"dead: {row['batch_id']} after {row['attempts']} attempts: {row['last_error']}")
     notes = stats["notifications"]

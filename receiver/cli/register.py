@@ -8,7 +8,7 @@ import click
 
 from ..errors import ConfigError, ReceiverError
 from ..logs import configure_logging
-from ._common import ConfigurationError, Failure, load_settings
+from ._common import UNENCRYPTED, ConfigurationError, Failure, load_settings
 from .registration import BATCHROUTER_RETRY_WINDOW_SECONDS, FAIL, WARN, Step, run, validate_hook_url
 
 
@@ -80,3 +80,5 @@ def register(url: str | None, rotate: bool, insecure: bool, ca_file: str | None)
     else:
         summary = "a new signing secret is current"
     click.echo(f"registered {url}: {summary}")
+    if not settings.encryption_keys:
+        click.echo(f"note: {UNENCRYPTED}")

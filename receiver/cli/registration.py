@@ -180,7 +180,7 @@ def run(
         if not _check_storage(storage, result):
             return result
         if ledger is None:
-            ledger = Ledger(settings.database_url)
+            ledger = Ledger.from_settings(settings)
             opened.append(ledger)
         try:
             ledger.create_schema()

@@ -157,7 +157,7 @@ def register_with_emulator(settings: Settings, hook_url: str) -> None:
     from ..batchrouter import BatchRouterClient
     from ..ledger import Ledger
 
-    ledger = Ledger(settings.database_url)
+    ledger = Ledger.from_settings(settings)
     try:
         ledger.create_schema()
         secret = ledger.current_secret()

@@ -96,7 +96,7 @@ class Worker:
         from ..storage import open_storage
         from .netguard import URLPolicy
 
-        ledger = ledger or Ledger(settings.database_url)
+        ledger = ledger or Ledger.from_settings(settings)
         return cls(
             settings,
             ledger,

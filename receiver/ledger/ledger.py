@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -26,8 +26,9 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .. import layout
 from ..cooperative import BlockingRunner, run_in_place
-from ..errors import LedgerError, LedgerUnavailable
+from ..errors import LedgerUnavailable
 from ..manifest import Manifest
+from . import migrate
 from .engine import READ_ONLY, create_engine, describe, sqlite_path
 from .group_commit import GroupCommit, PostgresGroupCommit, SQLiteGroupCommit
 from .outbox import Outbox
@@ -38,7 +39,6 @@ from .schema import (
     JOB_STATES,
     QUEUED,
     RUNNING,
-    SCHEMA_VERSION,
     STORED,
     Delivery,
     DeliveryRow,
@@ -47,10 +47,12 @@ from .schema import (
     SecretInfo,
     deliveries,
     jobs,
-    metadata,
-    schema_info,
     secrets,
 )
+from .secret_box import SecretBox
+
+if TYPE_CHECKING:
+    from ..config import Settings
 
 
 class Ledger(Outbox, PollingMixin):
@@ -63,10 +65,14 @@ class Ledger(Outbox, PollingMixin):
         busy_timeout_seconds: float = 10.0,
         secret_cache_seconds: float = 1.0,
         run_blocking: BlockingRunner = run_in_place,
+        auto_migrate: bool = True,
+        encryption_keys: tuple[str, ...] = (),
     ) -> None:
         """`run_blocking` runs the SQLite group commit; the web app passes gevent's native thread
         pool (cooperative.blocking_runner) so that waiting for an fsync stops no other request."""
         self.url = url
+        self.auto_migrate = auto_migrate
+        self._box = SecretBox(encryption_keys)
         self.engine = create_engine(url, busy_timeout_seconds)
         self.dialect = self.engine.dialect.name
         self._secret_cache: tuple[float, tuple[str, ...]] | None = None
@@ -91,22 +97,25 @@ class Ledger(Outbox, PollingMixin):
         elif path and path != ":memory:":
             self._group = SQLiteGroupCommit(path, busy_timeout_seconds, run_blocking)
 
+    @classmethod
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> Ledger:
+        return cls(settings.database_url, auto_migrate=settings.auto_migrate, encryption_keys=settings.encryption_keys, **kwargs)
+
     # --- schema -----------------------------------------------------------------------------------
 
-    def create_schema(self) -> None:
-        """Create the tables if missing; safe when several processes start on an empty ledger."""
-        with self._begin() as conn:
-            if self.dialect == "postgresql":
-                # Serialise concurrent creators; the lock ends with the transaction.
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(727274)"))
-            metadata.create_all(conn, checkfirst=True)
-            found = conn.execute(sa.select(schema_info.c.version).where(schema_info.c.id == 1)).scalar()
-            if found is None:
-                conn.execute(self._insert(schema_info).values(id=1, version=SCHEMA_VERSION).on_conflict_do_nothing())
-            elif found > SCHEMA_VERSION:
-                raise LedgerError(
-                    f"the ledger has schema version {found}, newer than this receiver's {SCHEMA_VERSION}; upgrade the receiver"
-                )
+    def create_schema(self) -> str | None:
+        """Bring the schema up to date (receiver/ledger/migrate.py), or refuse with SchemaOutdated
+        when RECEIVER_AUTO_MIGRATE is false; safe when several processes start together. Answers
+        the revision the ledger was at (None: an empty database)."""
+        try:
+            return migrate.upgrade(self.engine, auto=self.auto_migrate)
+        except (OperationalError, DBAPIError) as exc:
+            raise LedgerUnavailable(f"ledger unavailable: {describe(exc)}") from exc
+
+    def schema_revision(self) -> str | None:
+        """The schema's migration revision, without changing anything."""
+        with self._connect() as conn:
+            return migrate.current(conn)
 
     def ping(self) -> None:
         with self._connect() as conn:
@@ -199,7 +208,7 @@ class Ledger(Outbox, PollingMixin):
                 .where(sa.or_(secrets.c.expires_at.is_(None), secrets.c.expires_at > now))
                 .order_by(secrets.c.id.desc())
             ).scalars()
-            values = tuple(rows)
+            values = tuple(self._box.open(v) for v in rows)
         self._secret_cache = (now, values)
         return values
 
@@ -208,14 +217,33 @@ class Ledger(Outbox, PollingMixin):
         now = time.time() if now is None else now
         with self._begin() as conn:
             conn.execute(secrets.update().where(secrets.c.expires_at.is_(None)).values(expires_at=now + grace_seconds))
-            conn.execute(secrets.insert().values(secret=secret, created_at=now, expires_at=None))
+            conn.execute(secrets.insert().values(secret=self._box.seal(secret), created_at=now, expires_at=None))
         self._secret_cache = None
 
     def current_secret(self) -> str | None:
         with self._connect() as conn:
-            return conn.execute(
+            found = conn.execute(
                 sa.select(secrets.c.secret).where(secrets.c.expires_at.is_(None)).order_by(secrets.c.id.desc()).limit(1)
             ).scalar()
+        return None if found is None else self._box.open(found)
+
+    def check_secrets(self) -> None:
+        """Raise SecretUnreadable now, at start-up, if RECEIVER_ENCRYPTION_KEY cannot open a secret."""
+        self._read_secrets(time.time())
+
+    @property
+    def encrypts_secrets(self) -> bool:
+        """Whether secrets are stored sealed (RECEIVER_ENCRYPTION_KEY is set)."""
+        return self._box.encrypts
+
+    def reseal_secrets(self) -> int:
+        """Re-encrypt every stored secret under the first key (`receiver db rotate-key`)."""
+        with self._begin() as conn:
+            rows = conn.execute(sa.select(secrets.c.id, secrets.c.secret)).all()
+            for row in rows:
+                conn.execute(secrets.update().where(secrets.c.id == row.id).values(secret=self._box.reseal(row.secret)))
+        self._secret_cache = None
+        return len(rows)
 
     def secret_info(self, now: float | None = None) -> list[SecretInfo]:
         """Ages of the accepted secrets, never their values (for `receiver status`)."""

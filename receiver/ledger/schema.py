@@ -2,6 +2,9 @@
 
 Correctness rests on these constraints, never on check-then-insert: a delivery is unique by event
 id, a batch has one job row (so it is stored once however many deliveries come).
+
+The schema is versioned by the Alembic revisions in migrations/versions/: a change here needs a
+revision there (tests/test_migrations.py fails until the two agree). README, "Scaling out".
 """
 
 from __future__ import annotations
@@ -11,14 +14,13 @@ from typing import NamedTuple
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 1
-
 #: Job states. `failed` waits for its next attempt; `dead` waits for an operator (`receiver fetch`).
 QUEUED, RUNNING, FAILED, STORED, DEAD = "queued", "running", "failed", "stored", "dead"
 JOB_STATES = (QUEUED, RUNNING, FAILED, STORED, DEAD)
 
 metadata = sa.MetaData()
 
+#: Release 0.1.0's version marker, still 1: its processes refuse a ledger whose number is higher.
 schema_info = sa.Table(
     "schema_info",
     metadata,
@@ -67,7 +69,7 @@ PENDING, SENT = "pending", "sent"
 NOTIFICATION_STATES = (PENDING, SENT, FAILED)
 
 #: The outbox: one `batch.stored` event per batch, written in the transaction that marks the job
-#: stored, so no stored batch goes unannounced (contract, "Telling downstream jobs").
+#: stored, so no stored batch goes unannounced (docs/architecture.md, "Invariants").
 notifications = sa.Table(
     "notifications",
     metadata,

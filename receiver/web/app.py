@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 from .. import metrics
 from ..config import Settings
 from ..cooperative import blocking_runner
-from ..errors import ConfigError, LedgerUnavailable, ReceiverError, StorageError
+from ..errors import ConfigError, LedgerUnavailable, ReceiverError, SchemaOutdated, SecretUnreadable, StorageError
 from ..ledger import Ledger, reports
 from ..logs import configure_logging
 from ..storage import open_storage
@@ -43,12 +43,8 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     if test_config:
         app.config.update(test_config)
 
-    ledger = Ledger(settings.database_url, run_blocking=blocking_runner())
-    try:
-        ledger.create_schema()
-    except LedgerUnavailable as exc:
-        # Start anyway: deliveries get 503 (BatchRouter retries) and /readyz says why.
-        log.error("ledger not ready at start-up: %s", exc)
+    ledger = Ledger.from_settings(settings, run_blocking=blocking_runner())
+    prepare_ledger(ledger)
     app.extensions["receiver.ledger"] = ledger
     app.extensions["receiver.storage"] = open_storage(settings)
 
@@ -66,6 +62,23 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     _register_health(app, ledger)
     _register_errors(app)
     return app
+
+
+def prepare_ledger(ledger: Ledger) -> None:
+    """Migrate (or refuse an older schema) and prove the key opens the stored secrets.
+
+    Under gunicorn the master does this once before forking (web/gunicorn_conf.py), so the one line
+    and exit code 2 stop gunicorn itself; each worker then finds the schema current.
+    """
+    try:
+        ledger.create_schema()
+        ledger.check_secrets()
+    except (SchemaOutdated, SecretUnreadable) as exc:
+        print(f"receiver: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except LedgerUnavailable as exc:
+        # Start anyway: deliveries get 503 (BatchRouter retries) and /readyz says why.
+        log.error("ledger not ready at start-up: %s", exc)
 
 
 def _register_health(app: Flask, ledger: Ledger) -> None:

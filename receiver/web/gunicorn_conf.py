@@ -27,6 +27,35 @@ except ConfigError as _exc:
     print(f"receiver: configuration error: {_exc}", file=sys.stderr)
     sys.exit(2)
 
+
+def _prepare_ledger(settings: Settings) -> None:
+    """Migrate the ledger once, before any worker starts, in a child process: the master must not
+    import SQLAlchemy or psycopg, which gevent has to patch first (in each worker)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            from receiver.ledger import Ledger
+            from receiver.web.app import prepare_ledger
+
+            ledger = Ledger.from_settings(settings)
+            prepare_ledger(ledger)
+            ledger.close()
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        except BaseException:
+            code = 1
+            logging.getLogger("receiver").exception("preparing the ledger failed")
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if status:
+        sys.exit(status)
+
+
+_prepare_ledger(_settings)
+
 bind = f"0.0.0.0:{_settings.port}"
 workers = 2
 # gevent, with a read deadline on every client socket (receiver/web/gunicorn_worker.py).
