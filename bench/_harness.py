@@ -22,8 +22,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from receiver.cli.supervise import EMULATOR_KEY, emulator_args
+
 ROOT = Path(__file__).resolve().parent.parent
-EMULATOR_KEY = "br_test_emulator"
 GUNICORN_CONF = "python:receiver.web.gunicorn_conf"
 
 
@@ -109,20 +110,7 @@ def start_emulator(log_dir: Path, name: str = "emulator") -> tuple[Proc, str]:
     port = free_port()
     proc = Proc(
         name,
-        [
-            sys.executable,
-            "-m",
-            "receiver.emulator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--api-key",
-            EMULATOR_KEY,
-            "--allow-insecure-webhooks",
-            "--allow-private-webhooks",
-            "--quiet",
-        ],
+        emulator_args(port, "--quiet"),
         dict(os.environ),
         log_dir,
     )

@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from receiver.cli.supervise import emulator_args
 from receiver.signature import HEADER, sign
 
 from .conftest import Emulator, Service, free_port, make_receiver_env, wait_for, wait_http
@@ -83,22 +84,7 @@ def start_emulator(tmp_path: Path, api_key: str, name: str = "emulator") -> Emul
     port = free_port()
     svc = Service(
         name,
-        [
-            sys.executable,
-            "-m",
-            "receiver.emulator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--api-key",
-            api_key,
-            "--allow-insecure-webhooks",
-            "--allow-private-webhooks",
-            "--retry-delays",
-            "0.2,0.5,1,2,3,4,5",
-            "--quiet",
-        ],
+        emulator_args(port, "--retry-delays", "0.2,0.5,1,2,3,4,5", "--quiet", api_key=api_key),
         dict(os.environ),
         tmp_path,
     ).start()

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 import requests
 
-EMULATOR_KEY = "br_test_emulator"
+from receiver.cli.supervise import EMULATOR_KEY, emulator_args
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -105,21 +106,7 @@ def emulator(tmp_path: Path) -> Iterator[Emulator]:
     env = dict(os.environ)
     svc = Service(
         "emulator",
-        [
-            sys.executable,
-            "-m",
-            "receiver.emulator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--api-key",
-            EMULATOR_KEY,
-            "--allow-insecure-webhooks",
-            "--allow-private-webhooks",
-            "--retry-delays",
-            "0.2,0.5,1,2,4",
-        ],
+        emulator_args(port, "--retry-delays", "0.2,0.5,1,2,4"),
         env,
         tmp_path,
     ).start()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from receiver.cli.supervise import emulator_args
 from receiver.ledger import Ledger
 from receiver.signature import HEADER, sign
 
@@ -77,21 +77,7 @@ def caddy(tmp_path: Path) -> Iterator[Caddy]:
 def emulator(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Emulator]:
     """conftest's emulator, verifying webhook certificates with Caddy's CA when the test uses Caddy."""
     port = free_port()
-    args = [
-        sys.executable,
-        "-m",
-        "receiver.emulator",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--api-key",
-        EMULATOR_KEY,
-        "--allow-insecure-webhooks",
-        "--allow-private-webhooks",
-        "--retry-delays",
-        "0.2,0.5,1,2,4",
-    ]
+    args = emulator_args(port, "--retry-delays", "0.2,0.5,1,2,4")
     if "caddy" in request.fixturenames:
         args += ["--ca-file", str(request.getfixturevalue("caddy").root_ca)]
     svc = Service("emulator", args, dict(os.environ), tmp_path).start()

@@ -117,8 +117,9 @@ class Supervisor:
                 child.wait()
 
 
-def emulator_args(port: int) -> list[str]:
-    """`receiver emulator` on loopback, taking the receiver's plain-http loopback webhook."""
+def emulator_args(port: int, *extra: str, api_key: str = EMULATOR_KEY) -> list[str]:
+    """`receiver emulator` on loopback, taking the receiver's plain-http loopback webhook (the tests
+    and benchmarks start it the same way, with `extra` options)."""
     return [
         sys.executable,
         "-m",
@@ -128,9 +129,10 @@ def emulator_args(port: int) -> list[str]:
         "--port",
         str(port),
         "--api-key",
-        EMULATOR_KEY,
+        api_key,
         "--allow-insecure-webhooks",
         "--allow-private-webhooks",
+        *extra,
     ]
 
 
