@@ -73,7 +73,7 @@ def test_expired_lease_is_claimed_again_and_old_owner_cannot_finish(ledger):
     assert ledger.claim("w2", 5, now=now + 1) is None
     second = ledger.claim("w2", 5, now=now + 6)
     assert second is not None and second.attempts == 2 and second.planned_at == first.planned_at
-    assert ledger.renew(["bat_1"], "w1", 5) == {"bat_1"}
+    assert ledger.renew({"bat_1": None}, "w1", 5) == {"bat_1"}
     assert not ledger.mark_stored("bat_1", "w1", _manifest("bat_1", lines=1, expected_items=1))
     assert ledger.job("bat_1")["state"] == RUNNING
 
@@ -296,3 +296,15 @@ def _manifest(batch_id: str, *, lines: int, expected_items: int) -> Manifest:
         expected_items=expected_items,
         batch={"id": batch_id},
     )
+
+
+def test_the_heartbeat_notes_how_far_a_running_attempt_has_come(ledger):
+    from receiver.ledger import reports
+
+    deliver(ledger, "evt_1")
+    assert ledger.claim("w1", 30) is not None
+    assert reports.overview(ledger)["running"][0]["bytes_so_far"] == 0
+    assert ledger.renew({"bat_1": 5_000_000}, "w1", 30) == set()
+    assert reports.overview(ledger)["running"][0]["bytes_so_far"] == 5_000_000
+    assert ledger.renew({"bat_1": 6_000_000}, "w2", 30) == {"bat_1"}  # not ours: nothing written
+    assert reports.overview(ledger)["running"][0]["bytes_so_far"] == 5_000_000

@@ -60,6 +60,8 @@ class _Running:
     job: Job
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)
     reason: Stop | None = None
+    #: Bytes stored so far by this attempt (every file), for the heartbeat to note in the ledger.
+    stored: int = 0
 
     def stop(self, reason: Stop) -> None:
         self.reason = self.reason or reason
@@ -344,8 +346,11 @@ class Worker:
         was cancelled meanwhile, and return its manifest entry. The writer is ours alone to commit
         or abort."""
 
+        before = running.stored
+
         def on_progress(done: int, total: int | None) -> None:
             self._check(running)
+            running.stored = before + done
             if progress is not None:
                 progress(done, total)
 
@@ -396,11 +401,11 @@ class Worker:
         interval = max(0.5, self.settings.lease_seconds / 3)
         while not self.stopping.wait(interval):
             with self._lock:
-                batch_ids = list(self._running)
-            if not batch_ids:
+                progress: dict[str, int | None] = {b: r.stored for b, r in self._running.items()}
+            if not progress:
                 continue
             try:
-                lost = self.ledger.renew(batch_ids, self.owner, self.settings.lease_seconds)
+                lost = self.ledger.renew(progress, self.owner, self.settings.lease_seconds)
             except LedgerUnavailable as exc:
                 log.error("cannot renew leases: %s", exc)
                 continue

@@ -287,6 +287,7 @@ class Ledger(Outbox, PollingMixin):
                     attempts=jobs.c.attempts + 1,
                     updated_at=now,
                     planned_at=sa.func.coalesce(jobs.c.planned_at, now),
+                    bytes_so_far=0,
                 )
                 .returning(jobs.c.batch_id, jobs.c.state, jobs.c.attempts, jobs.c.lease_owner, jobs.c.planned_at, jobs.c.origin)
             ).first()
@@ -294,21 +295,30 @@ class Ledger(Outbox, PollingMixin):
             return None
         return Job(row.batch_id, row.state, row.attempts, row.lease_owner, row.planned_at, row.origin)
 
-    def renew(self, batch_ids: list[str], owner: str, lease_seconds: float, now: float | None = None) -> set[str]:
-        """Extend our leases; returns the batch ids whose lease we no longer hold."""
-        if not batch_ids:
+    def renew(
+        self,
+        progress: dict[str, int | None],
+        owner: str,
+        lease_seconds: float,
+        now: float | None = None,
+    ) -> set[str]:
+        """Extend our leases on the batches in `progress` and note the bytes each attempt has stored
+        so far (None: unknown); returns the batch ids whose lease we no longer hold."""
+        if not progress:
             return set()
         now = time.time() if now is None else now
+        held: set[str] = set()
         with self._begin() as conn:
-            held = set(
-                conn.execute(
+            for batch_id, done in progress.items():
+                renewed = conn.execute(
                     jobs.update()
-                    .where(jobs.c.batch_id.in_(batch_ids), jobs.c.lease_owner == owner, jobs.c.state == RUNNING)
-                    .values(lease_expires_at=now + lease_seconds)
+                    .where(jobs.c.batch_id == batch_id, jobs.c.lease_owner == owner, jobs.c.state == RUNNING)
+                    .values(lease_expires_at=now + lease_seconds, bytes_so_far=done)
                     .returning(jobs.c.batch_id)
-                ).scalars()
-            )
-        return set(batch_ids) - held
+                ).first()
+                if renewed is not None:
+                    held.add(batch_id)
+        return set(progress) - held
 
     def mark_stored(self, batch_id: str, owner: str, manifest: Manifest, *, notify: bool = False) -> bool:
         """Record that `manifest` is published for the batch whose lease `owner` holds, and with

@@ -59,7 +59,14 @@ def overview(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
         running = [
             dict(r)
             for r in conn.execute(
-                sa.select(jobs.c.batch_id, jobs.c.attempts, jobs.c.lease_owner, jobs.c.updated_at, jobs.c.planned_at)
+                sa.select(
+                    jobs.c.batch_id,
+                    jobs.c.attempts,
+                    jobs.c.lease_owner,
+                    jobs.c.updated_at,
+                    jobs.c.planned_at,
+                    jobs.c.bytes_so_far,
+                )
                 .where(jobs.c.state == RUNNING)
                 .order_by(jobs.c.updated_at)
                 .limit(50)

@@ -61,6 +61,8 @@ jobs = sa.Table(
     sa.Column("lines", sa.BigInteger, nullable=True),
     sa.Column("expected_items", sa.BigInteger, nullable=True),
     sa.Column("counts_match", sa.Boolean, nullable=True),
+    #: Bytes the running attempt has stored so far, renewed with its lease (the status page).
+    sa.Column("bytes_so_far", sa.BigInteger, nullable=True),
     sa.Index("ix_jobs_due", "state", "next_attempt_at"),
 )
 
