@@ -246,10 +246,16 @@ class _Chaos:
         def run() -> None:
             try:
                 self.outage.fail()
-                seconds = self.rng.uniform(3, 6)
+                started = time.monotonic()
                 self.counts["storage_outages"] += 1
-                self.counts["storage_outage_seconds"] += round(seconds)
-                time.sleep(seconds)
+                time.sleep(self.rng.uniform(3, 6))
+                # Held until a worker has met it (30 s at most): on a loaded machine the jobs in
+                # flight may reach their storage step only later, and an outage no job met tests
+                # nothing (the assertion below would then fail for the machine's sake, not ours).
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and not any("StorageUnavailable" in k for k in _worker_failures(self.workers)):
+                    time.sleep(0.2)
+                self.counts["storage_outage_seconds"] += round(time.monotonic() - started)
             except BaseException as exc:  # noqa: BLE001
                 self.errors.append(exc)
             finally:
