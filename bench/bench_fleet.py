@@ -1,6 +1,6 @@
 """Scaling out: batches per minute with 1, 2 and 4 worker processes; deliveries/s with 1 and 2 web instances.
 
-    flock /tmp/receiver-bench.lock python bench/bench_fleet.py [--batches 60] [--size-mb 2] [--workers 1,2,4]
+    flock /tmp/receiver-bench.lock python bench/bench_fleet.py [--batches 100] [--size-mb 5] [--workers 1,2,4]
 
 Two parts, each on PostgreSQL (a throwaway cluster, tests/_postgres.py, fsync on unless
 `--pg-fsync off`) and on SQLite, as README "Scaling out" deploys them:
@@ -11,7 +11,8 @@ Two parts, each on PostgreSQL (a throwaway cluster, tests/_postgres.py, fsync on
   `--size-mb` are created in the emulator as processing, then completed without delivery; their
   signed terminal deliveries go to the web instance in one burst (bench_ingest's client, 16
   connections). Timed from the first delivery to the last job stored (`jobs.stored_at`, written
-  after the manifest), so it includes the workers' 0.5 s idle poll.
+  after the manifest), so it includes the workers' 0.5 s idle poll. The counts alternate in each of
+  `--worker-rounds` rounds and the median is reported.
 - **Web instances.** 1 and 2 gunicorn instances (each the Procfile's `web` line) on one ledger,
   bench_ingest's load (distinct signed `batch.progress` deliveries) split evenly over them,
   `--connections` in all; the counts alternate in each round so drift hits both alike. The rate is
@@ -73,7 +74,7 @@ def _post_burst(url: str, requests: list[bytes], connections: int) -> dict[str, 
 
 def run_workers(backend: Backend, api: str, base: Path, n_workers: int, args: argparse.Namespace) -> dict[str, Any]:
     work = base / f"{backend.name}-workers-{n_workers}"
-    env = backend.env(work / "web", api)
+    env = {**backend.env(work / "web", api), "RECEIVER_WORKER_CONCURRENCY": str(args.concurrency)}
     prepare_ledger(env["DATABASE_URL"])
     tag = uuid.uuid4().hex[:8]
     bodies = []
@@ -117,6 +118,7 @@ def run_workers(backend: Backend, api: str, base: Path, n_workers: int, args: ar
     return {
         "backend": backend.name,
         "workers": n_workers,
+        "concurrency": args.concurrency,
         "batches": args.batches,
         "seconds": seconds,
         "batches_per_minute": args.batches / seconds * 60,
@@ -174,6 +176,10 @@ def run_webs(name: str, database_url: str, base: Path, counts: list[int], args: 
     finally:
         for proc, _url in servers:
             proc.stop()
+    sent = args.rounds * sum(args.requests // n * n + args.warmup * n for n in counts)
+    (recorded,) = _ledger_sql(database_url, "SELECT count(*) FROM deliveries")
+    if recorded != sent:
+        raise RuntimeError(f"{name}: {recorded} deliveries in the ledger, {sent} answered 200")
     rows = []
     for n in counts:
         rows.append(
@@ -195,9 +201,11 @@ def run_webs(name: str, database_url: str, base: Path, counts: list[int], args: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", type=int, default=60, help="batches per worker run (default 60)")
-    parser.add_argument("--size-mb", type=float, default=2, help="artifact size in MB (10^6 bytes)")
+    parser.add_argument("--batches", type=int, default=100, help="batches per worker run (default 100)")
+    parser.add_argument("--size-mb", type=float, default=5, help="artifact size in MB (10^6 bytes)")
     parser.add_argument("--workers", default="1,2,4", help="worker process counts, comma-separated")
+    parser.add_argument("--worker-rounds", type=int, default=3, help="runs per backend and worker count; the median is reported")
+    parser.add_argument("--concurrency", type=int, default=4, help="RECEIVER_WORKER_CONCURRENCY of each worker (shipped: 4)")
     parser.add_argument("--webs", default="1,2", help="web instance counts, comma-separated ('' skips the part)")
     parser.add_argument("--backends", default="postgres,sqlite", help="which of postgres, sqlite to measure")
     parser.add_argument("--connections", type=int, default=64, help="web part: connections in all")
@@ -249,19 +257,33 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
 
-        for backend in backends:
-            for n in worker_counts:
-                reset_moto(moto)  # moto keeps every object in memory
-                s3.create_bucket(Bucket=BUCKET)
-                row = run_workers(backend, api, base, n, args)
-                report["workers"].append(row)
-                print(
-                    f"{row['backend']:>12} | {n} worker(s) | {args.batches} x {args.size_mb:g} MB in {row['seconds']:6.1f} s |"
-                    f" {row['batches_per_minute']:6.0f} batches/min | {row['mb_per_s']:5.1f} MB/s | burst acked in"
-                    f" {row['ack_seconds']:.2f} s | first claim +{row['first_claim_after_s']:.2f} s | retried"
-                    f" {row['jobs_retried']} | load {row['loadavg_before']}",
-                    flush=True,
-                )
+        runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for round_ in range(args.worker_rounds):
+            for backend in backends:
+                for n in worker_counts:
+                    reset_moto(moto)  # moto keeps every object in memory
+                    s3.create_bucket(Bucket=BUCKET)
+                    row = run_workers(backend, api, base, n, args)
+                    runs.setdefault((backend.name, n), []).append(row)
+                    print(
+                        f"round {round_ + 1} | {row['backend']:>12} | {n} worker(s) | {args.batches} x {args.size_mb:g} MB in"
+                        f" {row['seconds']:6.1f} s | {row['batches_per_minute']:6.0f} batches/min | {row['mb_per_s']:5.1f} MB/s |"
+                        f" burst acked in {row['ack_seconds']:.2f} s | first claim +{row['first_claim_after_s']:.2f} s |"
+                        f" retried {row['jobs_retried']} | load {row['loadavg_before']}",
+                        flush=True,
+                    )
+        for (name, n), rows in runs.items():
+            rate = median([r["batches_per_minute"] for r in rows])
+            report["workers"].append(
+                {
+                    "backend": name,
+                    "workers": n,
+                    "batches_per_minute": rate,
+                    "all": [round(r["batches_per_minute"]) for r in rows],
+                    "runs": rows,
+                }
+            )
+            print(f"median | {name:>12} | {n} worker(s) | {rate:6.0f} batches/min {report['workers'][-1]['all']}", flush=True)
         if web_counts:
             databases = []
             if "postgres" in wanted:
