@@ -36,8 +36,20 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import Proc, http_json, loadavg, machine, median, receiver_env, start_emulator, start_gunicorn, write_json  # noqa: E402
+from bench._harness import (
+    Proc,
+    cpu_seconds,
+    http_json,
+    loadavg,
+    machine,
+    median,
+    receiver_env,
+    start_emulator,
+    start_gunicorn,
+    write_json,
+)  # noqa: E402
 from bench.bench_ingest import _drive, build_requests, prepare_ledger, raw_request  # noqa: E402
+from receiver.ledger import Ledger  # noqa: E402
 
 APP = "receiver.app:create_app()"
 BUCKET = "bench-fleet"
@@ -58,8 +70,6 @@ class Backend:
 
 
 def _ledger_sql(database_url: str, sql: str) -> tuple[Any, ...]:
-    from receiver.ledger import Ledger
-
     ledger = Ledger(database_url)
     try:
         with ledger.engine.connect() as conn:
@@ -68,11 +78,34 @@ def _ledger_sql(database_url: str, sql: str) -> tuple[Any, ...]:
         ledger.close()
 
 
+def find_pid(*fragments: str) -> int | None:
+    """The oldest process whose command line holds every fragment (moto_server and PostgreSQL are
+    started by tests/ helpers that do not hand out their pids)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if all(f in cmdline for f in fragments):
+                found.append(int(entry.name))
+    return min(found) if found else None
+
+
+def _cpu(pids: dict[str, list[int]]) -> dict[str, float]:
+    return {name: sum(cpu_seconds(pid) for pid in group) for name, group in pids.items()}
+
+
 def _post_burst(url: str, requests: list[bytes], connections: int) -> dict[str, float]:
     return asyncio.run(_drive(url, [], requests, connections))
 
 
-def run_workers(backend: Backend, api: str, base: Path, n_workers: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_workers(
+    backend: Backend, api: str, base: Path, n_workers: int, args: argparse.Namespace, shared: dict[str, int]
+) -> dict[str, Any]:
+    """One fleet run; `shared` names the pids of the shared services (emulator, moto, PostgreSQL),
+    whose CPU time in the window is reported beside the fleet's own."""
     work = base / f"{backend.name}-workers-{n_workers}"
     env = {**backend.env(work / "web", api), "RECEIVER_WORKER_CONCURRENCY": str(args.concurrency)}
     prepare_ledger(env["DATABASE_URL"])
@@ -85,29 +118,37 @@ def run_workers(backend: Backend, api: str, base: Path, n_workers: int, args: ar
     with contextlib.ExitStack() as stack:
         web, url = start_gunicorn(APP, env, work / "web", "web")
         stack.callback(web.stop)
+        workers = []
         for i in range(n_workers):
             folder = work / f"worker-{i}"  # a working folder of its own, as on a host of its own
             folder.mkdir()
-            stack.enter_context(Proc(f"worker-{i}", [sys.executable, "-m", "receiver", "worker"], env, folder))
+            workers.append(stack.enter_context(Proc(f"worker-{i}", [sys.executable, "-m", "receiver", "worker"], env, folder)))
+        pids = {"web": [web.pid], "workers": [w.pid for w in workers], **{name: [pid] for name, pid in shared.items()}}
+        ledger = Ledger(env["DATABASE_URL"])  # one pool for the polling below, not a connection per look
+        stack.callback(ledger.close)
         time.sleep(2)  # the workers' start-up (imports, migration check) outside the timed window
         host = url.removeprefix("http://")
         requests = [raw_request(host, body.encode()) for body in bodies]
         load = loadavg()
+        cpu_before, bench_before = _cpu(pids), time.process_time()
         first_delivery = time.time()
         sent = _post_burst(url, requests, min(16, len(requests)))
         if sent["failures"]:
             raise RuntimeError(f"{sent['failures']} deliveries failed: {sent['failure_kinds']}; see {web.log_path}")
         deadline = time.monotonic() + 600 + 10 * args.batches
         while True:
-            stored, dead = _ledger_sql(
-                env["DATABASE_URL"],
-                "SELECT sum(CASE WHEN state = 'stored' THEN 1 ELSE 0 END), sum(CASE WHEN state = 'dead' THEN 1 ELSE 0 END) FROM jobs",
-            )
+            with ledger.engine.connect() as conn:
+                stored, dead = conn.exec_driver_sql(
+                    "SELECT sum(CASE WHEN state = 'stored' THEN 1 ELSE 0 END), sum(CASE WHEN state = 'dead' THEN 1 ELSE 0 END) FROM jobs"
+                ).one()
             if (stored or 0) == args.batches:
                 break
             if dead or time.monotonic() > deadline:
                 raise RuntimeError(f"{backend.name}, {n_workers} workers: {stored} stored, {dead} dead; see {work}")
             time.sleep(0.2)
+        window = time.time() - first_delivery
+        cpu = {name: after - cpu_before[name] for name, after in _cpu(pids).items()}
+        cpu["bench client"] = time.process_time() - bench_before
     first_claim, last_stored, total_bytes, retried = _ledger_sql(
         env["DATABASE_URL"],
         "SELECT min(planned_at), max(stored_at), sum(bytes), sum(CASE WHEN attempts > 1 THEN 1 ELSE 0 END) FROM jobs",
@@ -127,6 +168,8 @@ def run_workers(backend: Backend, api: str, base: Path, n_workers: int, args: ar
         "first_claim_after_s": first_claim - first_delivery,
         "jobs_retried": retried,
         "loadavg_before": load,
+        "cpu_seconds": {name: round(value, 2) for name, value in cpu.items()},
+        "cores_busy": sum(cpu.values()) / window,
     }
 
 
@@ -236,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
         emulator, api = start_emulator(base)
         stack.callback(emulator.stop)
+        shared = {"emulator": emulator.pid, "moto": find_pid("moto_server", f"-p {moto.rsplit(':', 1)[1]}")}
+        if cluster is not None:  # the postmaster; cpu_seconds() adds its backends
+            shared["postgres"] = find_pid("postgres", f"-p {cluster.rsplit(':', 1)[1].split('/')[0]}")
         backends = []
         if "postgres" in wanted:
             assert cluster is not None
@@ -263,13 +309,14 @@ def main(argv: list[str] | None = None) -> int:
                 for n in worker_counts:
                     reset_moto(moto)  # moto keeps every object in memory
                     s3.create_bucket(Bucket=BUCKET)
-                    row = run_workers(backend, api, base, n, args)
+                    row = run_workers(backend, api, base, n, args, {k: v for k, v in shared.items() if v})
                     runs.setdefault((backend.name, n), []).append(row)
                     print(
                         f"round {round_ + 1} | {row['backend']:>12} | {n} worker(s) | {args.batches} x {args.size_mb:g} MB in"
                         f" {row['seconds']:6.1f} s | {row['batches_per_minute']:6.0f} batches/min | {row['mb_per_s']:5.1f} MB/s |"
                         f" burst acked in {row['ack_seconds']:.2f} s | first claim +{row['first_claim_after_s']:.2f} s |"
-                        f" retried {row['jobs_retried']} | load {row['loadavg_before']}",
+                        f" retried {row['jobs_retried']} | load {row['loadavg_before']} | cores busy {row['cores_busy']:.2f}:"
+                        f" {', '.join(f'{k} {v:.1f}' for k, v in row['cpu_seconds'].items())} s CPU",
                         flush=True,
                     )
         for (name, n), rows in runs.items():
