@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                         run = run_load(url, connections, args.requests, args.warmup, proc.pid)
                         rates[side].append(run["per_second"])
                         cpu[side].append(run["server_cpu_ms_per_delivery"])
-                        failures[side] += run["failures"]
+                        failures[side] += int(run["failures"])
                 ratios = [b / a for a, b in zip(rates["a"], rates["b"])]
                 cpu_ratios = [b / a for a, b in zip(cpu["a"], cpu["b"])]
                 row = {
