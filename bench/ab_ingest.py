@@ -61,11 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             for connections in (int(c) for c in args.connections.split(",")):
                 rates: dict[str, list[float]] = {"a": [], "b": []}
                 cpu: dict[str, list[float]] = {"a": [], "b": []}  # the server's CPU ms per delivery
+                failures = {"a": 0, "b": 0}  # answers other than 200: a side that refuses is not measured
                 for _ in range(args.rounds):
                     for side, (proc, url) in servers.items():
                         run = run_load(url, connections, args.requests, args.warmup, proc.pid)
                         rates[side].append(run["per_second"])
                         cpu[side].append(run["server_cpu_ms_per_delivery"])
+                        failures[side] += int(run["failures"])
                 ratios = [b / a for a, b in zip(rates["a"], rates["b"])]
                 cpu_ratios = [b / a for a, b in zip(cpu["a"], cpu["b"])]
                 row = {
@@ -78,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                     "a_cpu_ms": [round(c, 3) for c in cpu["a"]],
                     "b_cpu_ms": [round(c, 3) for c in cpu["b"]],
                     "median_cpu_ratio": median(cpu_ratios),
+                    "failures": failures,
                 }
                 report["runs"].append(row)
                 print(
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"B {median(rates['b']):6.0f}/s {median(cpu['b']):.3f} ms | "
                     f"B/A by round {', '.join(f'{r:.2f}' for r in ratios)} | median {row['median_ratio']:.3f}, "
                     f"B faster in {row['b_faster_rounds']} of {len(ratios)} | B/A CPU per delivery "
-                    f"{row['median_cpu_ratio']:.3f}",
+                    f"{row['median_cpu_ratio']:.3f} | not 200: A {failures['a']}, B {failures['b']}",
                     flush=True,
                 )
         finally:

@@ -58,12 +58,17 @@ def build_requests(host: str, count: int, tag: str) -> list[bytes]:
             },
             separators=(",", ":"),
         ).encode()
-        head = (
-            f"POST /hooks/batchrouter HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{HEADER}: {sign(SECRET, body)}\r\nUser-Agent: bench\r\n\r\n"
-        ).encode()
-        out.append(head + body)
+        out.append(raw_request(host, body))
     return out
+
+
+def raw_request(host: str, body: bytes) -> bytes:
+    """One delivery signed with the benchmark's secret, as a raw HTTP/1.1 keep-alive request."""
+    head = (
+        f"POST /hooks/batchrouter HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{HEADER}: {sign(SECRET, body)}\r\nUser-Agent: bench\r\n\r\n"
+    ).encode()
+    return head + body
 
 
 class _Connection:

@@ -37,8 +37,11 @@ def restart(cluster_url: str) -> None:
 
 
 @contextmanager
-def postgres_cluster() -> Iterator[str | None]:
-    """Yield a `postgresql://` URL of a fresh cluster, or None when PostgreSQL is not installed."""
+def postgres_cluster(*, fsync: bool = False) -> Iterator[str | None]:
+    """Yield a `postgresql://` URL of a fresh cluster, or None when PostgreSQL is not installed.
+
+    `fsync` is off for the tests (they never survive a power cut); the benchmarks turn it on, as a
+    production database runs."""
     bindir = _bindir()
     if bindir is None:
         yield None
@@ -65,7 +68,7 @@ def postgres_cluster() -> Iterator[str | None]:
             os.path.join(folder, "log"),
             "-w",
             "-o",
-            f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off",
+            f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync={'on' if fsync else 'off'}",
             "start",
         ],
         check=True,
