@@ -222,15 +222,17 @@ def run_fleet(tmp_path: Path, n_batches: int) -> dict[str, Any]:
         deliver(first)
 
         # A worker killed mid-download: it holds a lease on a running job (the big batches take seconds).
-        # Not while it holds polls: a dead poller's claims come back only after their lease
-        # (receiver.jobs.poller.CLAIM_LEASE_SECONDS, 3 minutes), longer than this test may take.
+        # Not while it may hold polls (a watched batch with no job yet): a dead poller's claims come
+        # back only after their lease (receiver.jobs.poller.CLAIM_LEASE_SECONDS, 3 minutes), longer
+        # than this test may take.
         def downloading_not_polling() -> bool:
-            [(running, watching)] = _query(
+            [(running, unpolled)] = _query(
                 database_url,
                 "SELECT (SELECT count(*) FROM jobs WHERE state = 'running'), "
-                "(SELECT count(*) FROM known_batches WHERE state = 'watching')",
+                "(SELECT count(*) FROM known_batches k WHERE state = 'watching' "
+                "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = k.batch_id))",
             )
-            return running > 0 and watching == 0
+            return running > 0 and unpolled == 0
 
         wait_for(downloading_not_polling, timeout=60, what="a download in flight and no poll in hand")
         workers[0].stop(signal.SIGKILL)
