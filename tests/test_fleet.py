@@ -333,9 +333,9 @@ def run_fleet(tmp_path: Path, n_batches: int) -> dict[str, Any]:
 
 
 def test_fleet_ci_size(tmp_path: Path) -> None:
-    record_figures("fleet", run_fleet(tmp_path, 60))
+    record_figures("fleet", {**run_fleet(tmp_path, 60), "scale": "ci"})
 
 
 @pytest.mark.slow
 def test_fleet_full_size(tmp_path: Path) -> None:
-    record_figures("fleet", run_fleet(tmp_path, 1000))
+    record_figures("fleet", {**run_fleet(tmp_path, 1000), "scale": "full"})
