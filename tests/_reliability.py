@@ -229,6 +229,17 @@ def signed(secret: str, payload: dict[str, Any] | bytes, **meta: Any) -> Deliver
     return Delivery(body, headers={HEADER: sign(secret, body)}, **meta)
 
 
+def progress(secret: str, batch_id: str, n: int = 1) -> Delivery:
+    """A signed `batch.progress` delivery, the `n`th for the batch: it makes the batch known (polled)."""
+    body = {
+        "id": f"evt_progress_{batch_id}_{n}",
+        "type": "batch.progress",
+        "created": int(time.time()),
+        "data": {"batch_id": batch_id, "status": "processing", "items_completed": n},
+    }
+    return signed(secret, body, event_id=body["id"], batch_id=batch_id)
+
+
 # --- reading the ledger and the storage -------------------------------------------------------------
 
 

@@ -67,6 +67,11 @@ class Sink:
             self._server.server_close()
             self._server = None
 
+    def received_since(self, index: int) -> list[Received]:
+        """Every POST from the `index`th on, for a reader that follows the sink as it runs."""
+        with self._lock:
+            return self.received[index:]
+
     def delivered(self) -> list[Received]:
         with self._lock:
             return [r for r in self.received if r.status == 200]

@@ -3,10 +3,15 @@ line) and three `receiver worker` processes, each in its own working folder, sha
 and one S3 bucket (moto_server), fed by the emulator. Meanwhile a worker is SIGKILLed mid-download
 and restarted, a gunicorn worker is SIGKILLed under load, and PostgreSQL restarts.
 
+Every worker announces what it stores to a notify sink (a consumer that refuses some attempts; the
+signatures checked with the `standardwebhooks` package) and polls every few seconds. A few batches
+get a progress delivery and lose their terminal one, as a lost delivery looks from here: polling
+must store them, once.
+
 Each terminal delivery goes to one web instance and a duplicate of it to the other, some at the
 same instant. Answers other than 2xx (the 503s of the PostgreSQL restart) are sent again, as
 BatchRouter retries them. Every batch must end stored exactly once, every 2xx'd delivery recorded,
-no job left running.
+no job left running, every batch announced with one webhook-id.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from ._reliability import (
     new_api_key,
     new_secret,
     parallel,
+    progress,
     receiver_env,
     record_figures,
     signed,
@@ -40,9 +46,13 @@ from ._reliability import (
     start_worker,
     store_secret,
 )
+from ._sink import SECRET as NOTIFY_SECRET
+from ._sink import Sink, verify
 from .conftest import wait_for
 
 BUCKET = "fleet"
+#: Short, so lost terminal deliveries are found within seconds (README "If deliveries are lost").
+POLL_SECONDS = "2"
 
 
 def _query(url: str, sql: str) -> list[tuple[Any, ...]]:
@@ -68,6 +78,48 @@ def _send_until_2xx(sender: Sender, deliveries: list[Delivery], counts: dict[str
     raise AssertionError(f"{len(deliveries)} deliveries were never accepted")
 
 
+class Announcements:
+    """Reads the sink as events arrive, on a thread of its own: `standardwebhooks` refuses a
+    timestamp older than five minutes, and a full-size run is longer than that."""
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink = sink
+        self.webhook_ids: dict[str, set[str]] = {}
+        self.delivered: dict[str, int] = {}
+        self.events: dict[str, dict[str, Any]] = {}
+        self.attempts = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Announcements:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._check()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self._check()
+
+    def _check(self) -> None:
+        for received in self.sink.received_since(self.attempts):
+            self.attempts += 1
+            try:
+                event = verify(received)
+            except Exception as exc:  # noqa: BLE001 - collected, asserted on by the test
+                self.errors.append(f"{received.headers.get('Webhook-Id')}: {exc!r}")
+                continue
+            batch_id = event["data"]["batch_id"]
+            self.webhook_ids.setdefault(batch_id, set()).add(received.headers["Webhook-Id"])
+            if received.status == 200:
+                self.delivered[batch_id] = self.delivered.get(batch_id, 0) + 1
+                self.events[batch_id] = event
+
+
 def run_fleet(tmp_path: Path, n_batches: int) -> dict[str, Any]:
     from ._moto import AWS_TEST_ENV, aws_test_env, moto_server
 
@@ -87,6 +139,10 @@ def run_fleet(tmp_path: Path, n_batches: int) -> dict[str, Any]:
         s3.create_bucket(Bucket=BUCKET)
         emulator = start_emulator(tmp_path, api_key)
         stack.callback(emulator.service.stop)
+        # The consumer refuses one attempt in twenty (500): events are retried, with one webhook-id.
+        sink = Sink(fail_ratio=0.05, seed=f"fleet-{n_batches}").up()
+        stack.callback(sink.down)
+        announcements = stack.enter_context(Announcements(sink))
 
         def env_for(name: str) -> dict[str, str]:
             folder = tmp_path / name  # a working folder of its own, as on a host of its own
@@ -100,6 +156,9 @@ def run_fleet(tmp_path: Path, n_batches: int) -> dict[str, Any]:
                 AWS_ENDPOINT_URL_S3=endpoint,
                 RECEIVER_WORKER_CONCURRENCY="4",
                 RECEIVER_MAX_ATTEMPTS="50",
+                RECEIVER_POLL_SECONDS=POLL_SECONDS,
+                RECEIVER_NOTIFY_URL=sink.url,
+                RECEIVER_NOTIFY_SECRET=NOTIFY_SECRET,
                 **AWS_TEST_ENV,
             )
 
@@ -119,19 +178,33 @@ def run_fleet(tmp_path: Path, n_batches: int) -> dict[str, Any]:
             range(n_batches),
         )
         batch_ids = [b["id"] for b in created]
+        senders = [Sender(hook, 16) for hook in hooks]
+        # Progress deliveries make batches known, so they are polled: one in twenty (all small)
+        # then loses its terminal delivery; one in ten more gets its terminal delivery, racing a poll.
+        lost = {b for i, b in enumerate(batch_ids) if i % 20 == 7}
+        watched = lost | {b for i, b in enumerate(batch_ids) if i % 10 == 5}
+        progress_events = [progress(secret, b) for b in sorted(watched)]
+        progress_answered = []
+        for k in (0, 1):
+            progress_answered += _send_until_2xx(senders[k], progress_events[k::2], counts)
         sent = parallel(lambda b: emulator.complete(b, deliver=False), batch_ids)
-        events = [signed(secret, s["body"].encode(), event_id=s["event_id"], batch_id=b) for b, s in zip(batch_ids, sent)]
+        events = [
+            signed(secret, s["body"].encode(), event_id=s["event_id"], batch_id=b)
+            for b, s in zip(batch_ids, sent)
+            if b not in lost
+        ]
         # To one instance, a duplicate to the other; every third pair at the same instant (two
-        # connections of one wave), the rest in a later wave.
-        first = {0: [], 1: []}
-        later = {0: [], 1: []}
+        # connections of one wave), the rest in a later wave. The watched batches that keep their
+        # terminal delivery get it only in the later wave, when their first poll is due: the
+        # delivery and the poll race.
+        first: dict[int, list[Delivery]] = {0: [], 1: []}
+        later: dict[int, list[Delivery]] = {0: [], 1: []}
         for i, event in enumerate(events):
             side = rng.randrange(2)
-            first[side].append(event)
-            (first if i % 3 == 0 else later)[1 - side].append(event)
+            (later if event.batch_id in watched else first)[side].append(event)
+            (first if i % 3 == 0 and event.batch_id not in watched else later)[1 - side].append(event)
 
         answers: list[Any] = []
-        senders = [Sender(hook, 16) for hook in hooks]
         started = time.monotonic()
 
         def deliver(wave: dict[int, list[Delivery]]) -> None:
@@ -147,8 +220,21 @@ def run_fleet(tmp_path: Path, n_batches: int) -> dict[str, Any]:
             answers.extend(results[0] + results[1])
 
         deliver(first)
+
         # A worker killed mid-download: it holds a lease on a running job (the big batches take seconds).
-        wait_for(lambda: _query(database_url, "SELECT count(*) FROM jobs WHERE state = 'running'")[0][0] > 0, timeout=60)
+        # Not while it may hold polls (a watched batch with no job yet): a dead poller's claims come
+        # back only after their lease (receiver.jobs.poller.CLAIM_LEASE_SECONDS, 3 minutes), longer
+        # than this test may take.
+        def downloading_not_polling() -> bool:
+            [(running, unpolled)] = _query(
+                database_url,
+                "SELECT (SELECT count(*) FROM jobs WHERE state = 'running'), "
+                "(SELECT count(*) FROM known_batches k WHERE state = 'watching' "
+                "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = k.batch_id))",
+            )
+            return running > 0 and unpolled == 0
+
+        wait_for(downloading_not_polling, timeout=60, what="a download in flight and no poll in hand")
         workers[0].stop(signal.SIGKILL)
         counts["workers_killed"] = 1
         # The second wave goes in while PostgreSQL restarts (503s, sent again) and a gunicorn
@@ -175,12 +261,33 @@ def run_fleet(tmp_path: Path, n_batches: int) -> dict[str, Any]:
         except TimeoutError:
             raise AssertionError(_query(database_url, "SELECT state, count(*) FROM jobs GROUP BY state")) from None
         stored_seconds = time.monotonic() - started
+        all_sent = [("sent", n_batches)]
+
+        def announced() -> bool:  # the sink has them, and the senders have recorded its 2xx
+            notifications = _query(database_url, "SELECT state, count(*) FROM notifications GROUP BY state")
+            return set(announcements.delivered) >= set(batch_ids) and notifications == all_sent
+
+        wait_for(
+            announced,
+            timeout=60 + n_batches / 5,
+            interval=1.0,
+            what="every batch announced",
+        )
+        announced_seconds = time.monotonic() - started
 
         # Every 2xx'd delivery recorded; every batch stored once, whole; nothing half-done anywhere.
         recorded = {r[0] for r in _query(database_url, "SELECT event_id FROM deliveries")}
         acknowledged = {json.loads(a.body)["event_id"] for a in answers}
         assert acknowledged == {e.event_id for e in events}
         assert acknowledged <= recorded
+        assert len(progress_answered) == len(progress_events) and {p.event_id for p in progress_events} <= recorded
+        # The lost batches: no terminal delivery recorded, found and queued by a poll.
+        terminal = _query(database_url, "SELECT batch_id, event_type FROM deliveries WHERE event_type <> 'batch.progress'")
+        assert [r for r in terminal if r[0] in lost] == []
+        found_by_poll = {r[0] for r in _query(database_url, "SELECT batch_id FROM known_batches WHERE found_by_poll")}
+        queued_by_poll = {r[0] for r in _query(database_url, "SELECT batch_id FROM jobs WHERE origin = 'poll'")}
+        assert lost <= found_by_poll and lost <= queued_by_poll
+        polls = _query(database_url, "SELECT coalesce(sum(polls), 0) FROM known_batches")[0][0]
         assert _query(database_url, "SELECT count(*) FROM jobs WHERE state <> 'stored'") == [(0,)]
         keys = [
             o["Key"].removeprefix("receiver/")
@@ -194,25 +301,41 @@ def run_fleet(tmp_path: Path, n_batches: int) -> dict[str, Any]:
             assert len(results) == 1, (batch_id, results)
             manifest = json.loads(s3.get_object(Bucket=BUCKET, Key=f"receiver/manifests/{batch_id}.json")["Body"].read())
             assert manifest["files"][0]["sha256"] == emulator.expected(batch_id)["results"]["sha256"]
+            if batch_id in lost:
+                assert manifest["event_ids"] == [], batch_id
+            # Announced with what was stored (the event is the manifest, plus when).
+            assert announcements.events[batch_id]["data"]["files"] == manifest["files"], batch_id
+        # Every stored batch announced at least once, each under one webhook-id however often sent.
+        assert announcements.errors == []
+        assert set(announcements.webhook_ids) == set(batch_ids)
+        assert {b: ids for b, ids in announcements.webhook_ids.items() if len(ids) != 1} == {}
         for web in webs:
             assert "Traceback" not in web.output()
         connections = _query(database_url, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")[0][0]
     return {
         "batches": n_batches,
-        "deliveries_sent": 2 * n_batches,
-        "deliveries_acknowledged": len(answers),
+        "deliveries_sent": 2 * len(events) + len(progress_events),
+        "deliveries_acknowledged": len(answers) + len(progress_answered),
+        "progress_deliveries": len(progress_events),
         "batches_stored": n_batches,
+        "batches_terminal_delivery_lost": len(lost),
+        "batches_found_by_poll": len(found_by_poll),
+        "polls": polls,
+        "notification_attempts": announcements.attempts,
+        "notification_attempts_refused_by_sink": announcements.attempts - sum(announcements.delivered.values()),
+        "batches_announced_more_than_once": sum(1 for n in announcements.delivered.values() if n > 1),
         "postgres_connections_at_end": connections,
         **counts,
         "seconds_to_acknowledge_all": round(ack_seconds, 1),
         "seconds_until_all_stored": round(stored_seconds, 1),
+        "seconds_until_all_announced": round(announced_seconds, 1),
     }
 
 
 def test_fleet_ci_size(tmp_path: Path) -> None:
-    record_figures("fleet", run_fleet(tmp_path, 60))
+    record_figures("fleet", {**run_fleet(tmp_path, 60), "scale": "ci"})
 
 
 @pytest.mark.slow
 def test_fleet_full_size(tmp_path: Path) -> None:
-    record_figures("fleet", run_fleet(tmp_path, 1000))
+    record_figures("fleet", {**run_fleet(tmp_path, 1000), "scale": "full"})

@@ -37,6 +37,7 @@ from ._reliability import (
     new_api_key,
     new_secret,
     parallel,
+    progress,
     receiver_env,
     record_figures,
     register_webhook,
@@ -106,14 +107,14 @@ def test_load_every_batch_stored_once_no_5xx_nothing_lost(tmp_path: Path) -> Non
         distinct = []
         for batch_id, sent in zip(batch_ids, completions):
             distinct.append(signed(secret, sent["body"].encode(), event_id=sent["event_id"], batch_id=batch_id))
-            distinct.append(_progress(secret, batch_id, 1))
+            distinct.append(progress(secret, batch_id, 1))
         extra = 0
         while len(distinct) < n_distinct:
             batch_id = batch_ids[(extra // 2) % n_batches]
             if extra % 2 == 0:
                 distinct.append(signed(secret, {"event": "batch.completed", "batch_id": batch_id}, batch_id=batch_id))
             else:
-                distinct.append(_progress(secret, batch_id, 2 + extra))
+                distinct.append(progress(secret, batch_id, 2 + extra))
             extra += 1
         assert len({d.body for d in distinct}) == n_distinct
         rng = random.Random(5)
@@ -192,19 +193,6 @@ def test_load_every_batch_stored_once_no_5xx_nothing_lost(tmp_path: Path) -> Non
             "deliveries_per_second": round(n_total / ack_seconds),
             "seconds_until_all_stored": round(stored_seconds, 1),
         },
-    )
-
-
-def _progress(secret: str, batch_id: str, n: int):
-    return signed(
-        secret,
-        {
-            "id": f"evt_progress_{batch_id}_{n}",
-            "type": "batch.progress",
-            "created": int(time.time()),
-            "data": {"batch_id": batch_id, "status": "processing", "items_completed": n},
-        },
-        batch_id=batch_id,
     )
 
 
