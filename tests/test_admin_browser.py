@@ -91,7 +91,8 @@ def test_operator_logs_in_sees_batches_and_retries_a_dead_one(emulator, web, wor
     # Retry the dead one from the overview; the page says so, and the worker stores it.
     browser.get(f"{base}/admin")
     browser.find_element(By.ID, f"retry-{bad}").click()
-    assert "Queued again" in browser.page_source
+    # The click submits a form: wait for the page it leads to rather than read the old one.
+    wait_for(lambda: "Queued again" in browser.page_source, timeout=15, what="the retried job's page")
     wait_for(lambda: read_manifest(tmp_path / "storage", bad), what="retried batch stored")
 
     def shows_stored() -> bool:
@@ -115,6 +116,7 @@ def test_operator_logs_in_sees_batches_and_retries_a_dead_one(emulator, web, wor
     browser.get(f"{base}/admin")
     browser.find_element(By.ID, "watch-batch-id").send_keys(silent)
     browser.find_element(By.ID, "watch-submit").click()
+    wait_for(lambda: 'id="watched-notice"' in browser.page_source, timeout=15, what="the overview after Watch")
     assert "Watched" in browser.find_element(By.ID, "watched-notice").text
     assert browser.find_element(By.CSS_SELECTOR, "#watched-count .value").text == "1"
     emulator.complete(silent, deliver=False)
