@@ -26,12 +26,12 @@ DEFAULT_DATABASE_URL = "sqlite:///./receiver-data/receiver.db"
 class Settings:
     """Every knob of the receiver. Defaults are the embedded ones: SQLite and a local folder."""
 
-    api_key: str | None = None
+    api_key: str | None = dataclasses.field(default=None, repr=False)
     api_url: str = DEFAULT_API_URL
     storage_url: str = DEFAULT_STORAGE_URL
     database_url: str = DEFAULT_DATABASE_URL
     public_url: str | None = None
-    webhook_secrets: tuple[str, ...] = ()
+    webhook_secrets: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     artifact_hosts: tuple[str, ...] = ()
     worker_concurrency: int = 4
     port: int = 8000
@@ -78,7 +78,7 @@ class Settings:
     #: Bring the ledger's schema up to date at start; when false an older schema stops the process.
     auto_migrate: bool = True
     #: Fernet keys sealing the stored webhook secrets: the first encrypts, every one decrypts.
-    encryption_keys: tuple[str, ...] = ()
+    encryption_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
 
     @property
     def is_sqlite(self) -> bool:

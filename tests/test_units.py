@@ -144,3 +144,20 @@ def test_dotenv_is_read_and_environment_wins(tmp_path):
     dotenv.write_text("PORT=9001\nRECEIVER_WORKER_CONCURRENCY=7\n")
     s = Settings.from_env({"PORT": "9002"}, dotenv_path=dotenv)
     assert (s.port, s.worker_concurrency) == (9002, 7)
+
+
+def test_settings_repr_shows_no_secret() -> None:
+    """A Settings object that ends up in a log or a traceback carries no key or secret."""
+    from receiver.config import Settings
+
+    settings = Settings.from_env(
+        {
+            "BATCHROUTER_API_KEY": "br_live_secretkey123",
+            "RECEIVER_WEBHOOK_SECRET": "topsecret-value-1",
+            "RECEIVER_ENCRYPTION_KEY": "ZmDfcTF7_60GrrY167zsiPd67pEvs0aGOv2oasOM1Pg=",
+            "RECEIVER_ADMIN_TOKEN": "admin-token-0123456789",
+        }
+    )
+    shown = repr(settings)
+    for secret in ("secretkey123", "topsecret-value-1", "ZmDfcTF7", "admin-token-0123456789"):
+        assert secret not in shown
