@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import click
@@ -38,11 +39,15 @@ def notify(batch_ids: tuple[str, ...]) -> None:
             layout.validate_batch_id(batch_id)
         except ReceiverError as exc:
             raise click.BadParameter(f"{batch_id!r}: {exc}", param_hint="BATCH_ID") from None
+    from ..storage import open_storage
+
     ledger = open_ledger(settings)
+    storage = open_storage(settings)
     missing = []
     try:
         for batch_id in batch_ids:
-            if ledger.replay_notification(batch_id) or _first_event(settings, ledger, batch_id):
+            read_manifest = functools.partial(storage.get_bytes, layout.manifest_key(batch_id))
+            if ledger.replay_notification(batch_id, read_manifest=read_manifest) or _first_event(settings, ledger, batch_id):
                 row = ledger.notification(batch_id) or {}
                 click.echo(f"{batch_id}: queued ({row.get('webhook_id')})")
             else:

@@ -33,6 +33,7 @@ from .engine import READ_ONLY, create_engine, describe, sqlite_path
 from .group_commit import GroupCommit, PostgresGroupCommit, SQLiteGroupCommit
 from .outbox import Outbox
 from .polling import PollingMixin
+from .retention import RetentionMixin, RetentionPolicy, rules
 from .schema import (
     DEAD,
     FAILED,
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
     from ..config import Settings
 
 
-class Ledger(Outbox, PollingMixin, WebhookSecrets):
+class Ledger(Outbox, PollingMixin, RetentionMixin, WebhookSecrets):
     """One per process. Thread-safe (a pooled engine); every method is one short transaction."""
 
     def __init__(
@@ -381,10 +382,13 @@ class Ledger(Outbox, PollingMixin, WebhookSecrets):
         }
 
     def prune_deliveries(self, retention_days: int, now: float | None = None) -> int:
-        """Forget delivery records past their retention; jobs (stored batches) are kept for ever."""
+        """Forget delivery records past their retention, in small steps (see ledger/retention.py)."""
         now = time.time() if now is None else now
-        with self._begin() as conn:
-            return conn.execute(deliveries.delete().where(deliveries.c.received_at < now - retention_days * 86400)).rowcount
+        rule = rules(RetentionPolicy(delivery_days=retention_days), now)[0]
+        removed = 0
+        while (step := self.prune_step(rule)) > 0:
+            removed += step
+        return removed
 
     # --- plumbing ---------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -127,18 +128,27 @@ class Outbox:
                 .values(lease_owner=None, lease_expires_at=None, **values)
             )
 
-    def replay_notification(self, batch_id: str, now: float | None = None) -> bool:
+    def replay_notification(
+        self, batch_id: str, now: float | None = None, *, read_manifest: Callable[[], bytes] | None = None
+    ) -> bool:
         """Queue a batch's event again, with its webhook-id, and a fresh retry window. False when
-        the batch has no event."""
+        the batch has no event.
+
+        Retention empties the body of a settled event after RECEIVER_NOTIFICATION_RETENTION_DAYS;
+        `read_manifest` (the manifest's bytes from storage) rebuilds it then. Without it such an
+        event is not replayed: an empty body is never sent."""
         now = time.time() if now is None else now
+        values: dict[str, Any] = {"state": PENDING, "attempts": 0, "next_attempt_at": now, "retry_from": now, "last_error": None}
+        where = notifications.c.batch_id == batch_id
+        row = self.notification(batch_id)
+        if row is not None and not row["body"]:
+            if read_manifest is None:
+                return False
+            values["body"] = event_body(Manifest.from_bytes(read_manifest()))
+        else:
+            where = sa.and_(where, sa.func.length(notifications.c.body) > 0)
         with self._begin() as conn:
-            return bool(
-                conn.execute(
-                    notifications.update()
-                    .where(notifications.c.batch_id == batch_id)
-                    .values(state=PENDING, attempts=0, next_attempt_at=now, retry_from=now, last_error=None)
-                ).rowcount
-            )
+            return bool(conn.execute(notifications.update().where(where).values(**values)).rowcount)
 
     def notification(self, batch_id: str) -> dict[str, Any] | None:
         with self._connect() as conn:

@@ -64,6 +64,8 @@ jobs = sa.Table(
     #: Bytes the running attempt has stored so far, renewed with its lease (the status page).
     sa.Column("bytes_so_far", sa.BigInteger, nullable=True),
     sa.Index("ix_jobs_due", "state", "next_attempt_at"),
+    #: Retention finds stored jobs past their time through it (receiver/ledger/retention.py).
+    sa.Index("ix_jobs_state_updated", "state", "updated_at"),
 )
 
 #: Notification states: `pending` until a 2xx (or its retry window ends: `failed`), then `sent`.
@@ -91,6 +93,16 @@ notifications = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("sent_at", sa.Float, nullable=True),
     sa.Index("ix_notifications_due", "state", "next_attempt_at"),
+    #: Retention: events past the job retention (the rows go) ...
+    sa.Index("ix_notifications_created", "created_at"),
+    #: ... and events that still hold a body (an emptied body leaves this index, so dropping
+    #: bodies never rescans the ones already dropped).
+    sa.Index(
+        "ix_notifications_body_kept",
+        "created_at",
+        sqlite_where=sa.text("length(body) > 0"),
+        postgresql_where=sa.text("length(body) > 0"),
+    ),
 )
 
 secrets = sa.Table(
@@ -145,6 +157,8 @@ known_batches = sa.Table(
     #: True when a poll (not a delivery) queued the batch's job: its terminal delivery was lost.
     sa.Column("found_by_poll", sa.Boolean, nullable=False, default=False),
     sa.Index("ix_known_batches_due", "state", "next_poll_at"),
+    #: Retention finds ended and not-found batches past their time through it.
+    sa.Index("ix_known_batches_state_seen", "state", "first_seen_at"),
 )
 
 #: Deliveries refused for a bad signature, counted per minute (never their bodies): a wrong secret

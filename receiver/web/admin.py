@@ -14,6 +14,7 @@ or a presigned URL (errors pass through logs.redact, the manifest's raw batch is
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -28,7 +29,7 @@ from werkzeug.exceptions import NotFound
 from .. import metrics
 from ..config import Settings
 from ..errors import LedgerUnavailable, ReceiverError
-from ..layout import validate_batch_id
+from ..layout import manifest_key, validate_batch_id
 from ..ledger import DEAD, JOB_STATES, Ledger, reports
 from ..logs import redact
 
@@ -207,7 +208,13 @@ def watch() -> Response:
 @bp.post("/jobs/<path:batch_id>/replay")
 def replay(batch_id: str) -> Response:
     """Send a batch's `batch.stored` event again, with the same webhook-id (as `receiver notify --replay`)."""
-    if not _ledger().replay_notification(batch_id):
+    try:
+        key = manifest_key(batch_id)
+    except ReceiverError:
+        raise NotFound(f"no notification for batch {batch_id}") from None
+    # An event older than RECEIVER_NOTIFICATION_RETENTION_DAYS has no body left: rebuilt from the manifest.
+    read_manifest = functools.partial(current_app.extensions["receiver.storage"].get_bytes, key)
+    if not _ledger().replay_notification(batch_id, read_manifest=read_manifest):
         raise NotFound(f"no notification for batch {batch_id}")
     log.info(
         "admin: %s replayed the notification of batch %s from %s",

@@ -1,0 +1,42 @@
+"""Indexes that retention's small deletes walk, so pruning costs what it removes, not the history.
+
+Stored jobs by age, known batches by state and age, and notifications by age (every row, and the
+rows that still hold a body: a partial index, so that dropping bodies never rescans the emptied
+ones). See receiver/ledger/retention.py.
+
+Revision ID: 0005
+Revises: 0003
+Create Date: 2026-12-04
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+_HOLDS_BODY = sa.text("length(body) > 0")
+
+
+def upgrade() -> None:
+    op.create_index("ix_jobs_state_updated", "jobs", ["state", "updated_at"])
+    op.create_index("ix_known_batches_state_seen", "known_batches", ["state", "first_seen_at"])
+    op.create_index("ix_notifications_created", "notifications", ["created_at"])
+    op.create_index(
+        "ix_notifications_body_kept",
+        "notifications",
+        ["created_at"],
+        sqlite_where=_HOLDS_BODY,
+        postgresql_where=_HOLDS_BODY,
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("ix_notifications_body_kept", table_name="notifications")
+    op.drop_index("ix_notifications_created", table_name="notifications")
+    op.drop_index("ix_known_batches_state_seen", table_name="known_batches")
+    op.drop_index("ix_jobs_state_updated", table_name="jobs")

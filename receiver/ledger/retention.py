@@ -1,0 +1,286 @@
+"""Retention: what the ledger keeps, for how long, and the small steps that remove the rest.
+
+Every table has a rule (a setting with a minimum that keeps what correctness needs):
+
+* deliveries: `RECEIVER_DELIVERY_RETENTION_DAYS` (event-id deduplication of BatchRouter's 24 h of
+  retries);
+* job attempts: `RECEIVER_ATTEMPT_RETENTION_DAYS` (the status page's windows);
+* a sent or failed event's body: `RECEIVER_NOTIFICATION_RETENTION_DAYS` (the row and its webhook-id
+  stay; a replay after that rebuilds the body from the manifest, see Outbox.replay_notification);
+* stored jobs, their events, and ended or not-found known batches: `RECEIVER_JOB_RETENTION_DAYS`;
+* refused-delivery minutes: `RECEIVER_REFUSED_RETENTION_DAYS`.
+
+What is never pruned: jobs that are not stored (queued, running, failed, dead: in flight or waiting
+for an operator), events still pending, batches still watched, and webhook secrets (one row per
+rotation). A delivery for a batch whose rows were pruned queues its job again; the worker confirms
+the batch, finds its manifest in storage (the record of what was stored) and adopts it, downloading
+nothing.
+
+Every step removes at most `limit` rows, chosen by primary key through an index in one short
+transaction, so no step holds a lock for long or blocks writers, and the first prune after a backlog
+is many small deletes, never one huge one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from .schema import (
+    ENDED,
+    NOT_FOUND,
+    PENDING,
+    STORED,
+    deliveries,
+    job_attempts,
+    jobs,
+    known_batches,
+    notifications,
+    refused_deliveries,
+)
+
+if TYPE_CHECKING:
+    from ..config import Settings
+
+DAY = 86400.0
+
+#: Rows per transaction: small enough that a step holds SQLite's write lock for milliseconds.
+STEP_ROWS = 2000
+
+#: `length(body) > 0` as literal SQL, the same text as the partial index ix_notifications_body_kept,
+#: so both SQLite's and PostgreSQL's planners see that the index covers the query.
+_HOLDS_BODY = sa.text("length(body) > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RetentionPolicy:
+    """Days each kind of row is kept (the settings of the same names)."""
+
+    delivery_days: int = 14
+    attempt_days: int = 30
+    notification_days: int = 7
+    job_days: int = 90
+    refused_days: int = 7
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetentionPolicy:
+        return cls(
+            delivery_days=settings.delivery_retention_days,
+            attempt_days=settings.attempt_retention_days,
+            notification_days=settings.notification_retention_days,
+            job_days=settings.job_retention_days,
+            refused_days=settings.refused_retention_days,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """Rows of `table` (named by `key`) that `where` says are past their time; `drop` empties
+    those columns instead of deleting the rows."""
+
+    name: str
+    setting: str
+    days: int
+    table: sa.Table
+    key: sa.Column[Any]
+    where: sa.ColumnElement[bool]
+    #: Oldest first where one index gives that order; None where sorting would cost a scan.
+    order: sa.Column[Any] | None
+    drop: dict[str, Any] | None = None
+
+
+def notification_rules(policy: RetentionPolicy, now: float) -> list[Rule]:
+    """The outbox's rules: bodies of settled events go after the notification retention, the rows
+    (with their webhook-id) after the job retention. Pending events are never touched."""
+    settled = notifications.c.state != PENDING
+    return [
+        Rule(
+            "notification bodies",
+            "RECEIVER_NOTIFICATION_RETENTION_DAYS",
+            policy.notification_days,
+            notifications,
+            notifications.c.batch_id,
+            sa.and_(notifications.c.created_at < now - policy.notification_days * DAY, _HOLDS_BODY, settled),
+            notifications.c.created_at,
+            drop={"body": b""},
+        ),
+        Rule(
+            "notifications",
+            "RECEIVER_JOB_RETENTION_DAYS",
+            policy.job_days,
+            notifications,
+            notifications.c.batch_id,
+            sa.and_(notifications.c.created_at < now - policy.job_days * DAY, settled),
+            notifications.c.created_at,
+        ),
+    ]
+
+
+def rules(policy: RetentionPolicy, now: float) -> list[Rule]:
+    """Every table's rule, in the order a prune runs them."""
+    job_cutoff = now - policy.job_days * DAY
+    return [
+        Rule(
+            "deliveries",
+            "RECEIVER_DELIVERY_RETENTION_DAYS",
+            policy.delivery_days,
+            deliveries,
+            deliveries.c.event_id,
+            deliveries.c.received_at < now - policy.delivery_days * DAY,
+            deliveries.c.received_at,
+        ),
+        Rule(
+            "job attempts",
+            "RECEIVER_ATTEMPT_RETENTION_DAYS",
+            policy.attempt_days,
+            job_attempts,
+            job_attempts.c.id,
+            job_attempts.c.finished_at < now - policy.attempt_days * DAY,
+            job_attempts.c.finished_at,
+        ),
+        *notification_rules(policy, now),
+        Rule(
+            "stored jobs",
+            "RECEIVER_JOB_RETENTION_DAYS",
+            policy.job_days,
+            jobs,
+            jobs.c.batch_id,
+            sa.and_(jobs.c.state == STORED, jobs.c.updated_at < job_cutoff),
+            jobs.c.updated_at,
+        ),
+        # Watched batches stay (polling needs them); one that ended has its job (or had it).
+        Rule(
+            "known batches",
+            "RECEIVER_JOB_RETENTION_DAYS",
+            policy.job_days,
+            known_batches,
+            known_batches.c.batch_id,
+            sa.and_(known_batches.c.state.in_((ENDED, NOT_FOUND)), known_batches.c.first_seen_at < job_cutoff),
+            None,  # two states: ordering by age would sort every candidate before the LIMIT
+        ),
+        Rule(
+            "refused deliveries",
+            "RECEIVER_REFUSED_RETENTION_DAYS",
+            policy.refused_days,
+            refused_deliveries,
+            refused_deliveries.c.minute,
+            refused_deliveries.c.minute < int((now - policy.refused_days * DAY) // 60),
+            refused_deliveries.c.minute,
+        ),
+    ]
+
+
+@dataclasses.dataclass(frozen=True)
+class TableSize:
+    """One ledger table in `receiver db stats`: rows, and bytes with its indexes (None: unknown)."""
+
+    table: str
+    rows: int
+    bytes: int | None
+
+
+class RetentionMixin:
+    """Methods of :class:`~receiver.ledger.Ledger` for retention (see the module)."""
+
+    if TYPE_CHECKING:  # provided by Ledger
+        dialect: str
+
+        def _begin(self) -> AbstractContextManager[Connection]: ...
+        def _connect(self) -> AbstractContextManager[Connection]: ...
+
+    def prune_step(self, rule: Rule, *, limit: int = STEP_ROWS) -> int:
+        """Remove (or empty) at most `limit` of `rule`'s rows, oldest first, in one transaction;
+        returns how many. The rows are picked by primary key through the rule's index and the
+        condition is checked again by the DELETE itself, so a row that changed meanwhile stays."""
+        pick = sa.select(rule.key).where(rule.where).limit(limit)
+        if rule.order is not None:
+            pick = pick.order_by(rule.order)
+        if self.dialect == "postgresql":
+            pick = pick.with_for_update(skip_locked=True)
+        target = sa.and_(rule.key.in_(pick.scalar_subquery()), rule.where)
+        with self._begin() as conn:
+            if rule.drop is None:
+                return conn.execute(rule.table.delete().where(target)).rowcount
+            return conn.execute(rule.table.update().where(target).values(**rule.drop)).rowcount
+
+    def prune_steps(
+        self, policy: RetentionPolicy, *, now: float | None = None, limit: int = STEP_ROWS
+    ) -> Iterator[tuple[Rule, int]]:
+        """One step of every rule, then again while any rule had a full step: yields (rule, rows)
+        after each step so the caller can pause between them (or stop)."""
+        now = time.time() if now is None else now
+        pending = rules(policy, now)
+        while pending:
+            again = []
+            for rule in pending:
+                removed = self.prune_step(rule, limit=limit)
+                yield rule, removed
+                if removed >= limit:
+                    again.append(rule)
+            pending = again
+
+    def prune(
+        self,
+        policy: RetentionPolicy,
+        *,
+        now: float | None = None,
+        limit: int = STEP_ROWS,
+        pause: Callable[[], None] = lambda: None,
+    ) -> dict[str, int]:
+        """Remove everything past its retention now, in steps of `limit` rows with `pause()`
+        between them; rows removed by rule name."""
+        removed: dict[str, int] = {}
+        for rule, count in self.prune_steps(policy, now=now, limit=limit):
+            removed[rule.name] = removed.get(rule.name, 0) + count
+            if count:
+                pause()
+        return removed
+
+    def prune_backlog(self, policy: RetentionPolicy, *, now: float | None = None) -> dict[str, int]:
+        """What a prune would remove now, by rule name (`db prune --dry-run`, `db stats`)."""
+        now = time.time() if now is None else now
+        with self._connect() as conn:
+            return {
+                rule.name: int(conn.execute(sa.select(sa.func.count()).select_from(rule.table).where(rule.where)).scalar_one())
+                for rule in rules(policy, now)
+            }
+
+    def table_sizes(self) -> list[TableSize]:
+        """Rows and bytes (with indexes) of every ledger table, largest first (`db stats`).
+
+        Counting rows reads each table whole: an operator's command, never run per request."""
+        from .schema import metadata
+
+        with self._connect() as conn:
+            sizes = _table_bytes(conn, self.dialect, [t.name for t in metadata.sorted_tables])
+            found = [
+                TableSize(t.name, int(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()), sizes.get(t.name))
+                for t in metadata.sorted_tables
+            ]
+        return sorted(found, key=lambda s: (-(s.bytes or 0), -s.rows, s.table))
+
+
+def _table_bytes(conn: Connection, dialect: str, names: list[str]) -> dict[str, int]:
+    """Bytes on disk per table, indexes included: pg_total_relation_size on PostgreSQL, the
+    `dbstat` virtual table on SQLite when it is compiled in (most builds), else nothing."""
+    if dialect == "postgresql":
+        return {
+            name: int(conn.execute(sa.text("SELECT pg_total_relation_size(CAST(:t AS regclass))"), {"t": name}).scalar_one())
+            for name in names
+        }
+    try:
+        rows = conn.execute(
+            sa.text(
+                "SELECT coalesce(m.tbl_name, s.name), sum(s.pgsize) FROM dbstat AS s "
+                "LEFT JOIN sqlite_master AS m ON m.name = s.name GROUP BY 1"
+            )
+        ).all()
+    except sa.exc.OperationalError:  # no such table: dbstat (SQLite built without it)
+        return {}
+    return {str(name): int(size) for name, size in rows if name in names}
