@@ -7,7 +7,7 @@ Every table has a rule (a setting with a minimum that keeps what correctness nee
 * job attempts: `RECEIVER_ATTEMPT_RETENTION_DAYS` (the status page's windows);
 * a sent or failed event's body: `RECEIVER_NOTIFICATION_RETENTION_DAYS` (the row and its webhook-id
   stay; a replay after that rebuilds the body from the manifest, see Outbox.replay_notification);
-* stored jobs, their events, and ended or not-found known batches: `RECEIVER_JOB_RETENTION_DAYS`;
+* stored jobs, their events, and known batches no longer polled: `RECEIVER_JOB_RETENTION_DAYS`;
 * refused-delivery minutes: `RECEIVER_REFUSED_RETENTION_DAYS`.
 
 What is never pruned: jobs that are not stored (queued, running, failed, dead: in flight or waiting
@@ -37,6 +37,7 @@ from .schema import (
     NOT_FOUND,
     PENDING,
     STORED,
+    WATCHING,
     deliveries,
     job_attempts,
     jobs,
@@ -145,6 +146,21 @@ def rules(policy: RetentionPolicy, now: float) -> list[Rule]:
             job_attempts.c.finished_at,
         ),
         *notification_rules(policy, now),
+        # Before the jobs: a batch still marked watched (polling off, or the poller has not ended
+        # it yet) but with a job is done with polling; without a job it is still polled, and kept.
+        Rule(
+            "known batches",
+            "RECEIVER_JOB_RETENTION_DAYS",
+            policy.job_days,
+            known_batches,
+            known_batches.c.batch_id,
+            sa.and_(
+                known_batches.c.state.in_((ENDED, NOT_FOUND, WATCHING)),
+                known_batches.c.first_seen_at < job_cutoff,
+                sa.or_(known_batches.c.state != WATCHING, sa.exists().where(jobs.c.batch_id == known_batches.c.batch_id)),
+            ),
+            None,  # three states: ordering by age would sort every candidate before the LIMIT
+        ),
         Rule(
             "stored jobs",
             "RECEIVER_JOB_RETENTION_DAYS",
@@ -153,16 +169,6 @@ def rules(policy: RetentionPolicy, now: float) -> list[Rule]:
             jobs.c.batch_id,
             sa.and_(jobs.c.state == STORED, jobs.c.updated_at < job_cutoff),
             jobs.c.updated_at,
-        ),
-        # Watched batches stay (polling needs them); one that ended has its job (or had it).
-        Rule(
-            "known batches",
-            "RECEIVER_JOB_RETENTION_DAYS",
-            policy.job_days,
-            known_batches,
-            known_batches.c.batch_id,
-            sa.and_(known_batches.c.state.in_((ENDED, NOT_FOUND)), known_batches.c.first_seen_at < job_cutoff),
-            None,  # two states: ordering by age would sort every candidate before the LIMIT
         ),
         Rule(
             "refused deliveries",
