@@ -55,7 +55,7 @@ class Settings:
     attempt_retention_days: int = 30
     #: How long a stored batch's job row (and its known-batch and event rows) is kept; a delivery
     #: for a batch pruned after that adopts the manifest in storage and downloads nothing.
-    job_retention_days: int = 90
+    job_retention_days: int = 30
     #: How long the per-minute counts of deliveries refused for their signature are kept.
     refused_retention_days: int = 7
     #: Artifact read timeout: a stalled host frees the download slot after this many seconds.
@@ -166,7 +166,7 @@ class Settings:
             # day of attempts and refusals for `status`, a job past BatchRouter's 24 h of retries.
             notification_retention_days=_int(env, "RECEIVER_NOTIFICATION_RETENTION_DAYS", 7, 2, 3650),
             attempt_retention_days=_int(env, "RECEIVER_ATTEMPT_RETENTION_DAYS", 30, 2, 3650),
-            job_retention_days=_int(env, "RECEIVER_JOB_RETENTION_DAYS", 90, 7, 36500),
+            job_retention_days=_int(env, "RECEIVER_JOB_RETENTION_DAYS", 30, 7, 36500),
             refused_retention_days=_int(env, "RECEIVER_REFUSED_RETENTION_DAYS", 7, 2, 3650),
             read_timeout_seconds=_float(env, "RECEIVER_READ_TIMEOUT_SECONDS", 60.0, 0.1, 3600),
             connect_timeout_seconds=_float(env, "RECEIVER_CONNECT_TIMEOUT_SECONDS", 10.0, 0.1, 600),

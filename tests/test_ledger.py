@@ -337,7 +337,7 @@ def test_retention_prunes_each_table_past_its_time_and_keeps_what_is_in_flight(l
     from receiver.ledger import reports
     from receiver.ledger.retention import RetentionPolicy
 
-    policy = RetentionPolicy()  # the defaults: 14, 30, 7, 90, 7 days
+    policy = RetentionPolicy()  # the defaults: 14, 30, 7, 30, 7 days
     now = time.time()
     for name in ("old", "new"):
         _stored(ledger, f"bat_{name}", notify=True)
@@ -345,7 +345,7 @@ def test_retention_prunes_each_table_past_its_time_and_keeps_what_is_in_flight(l
     _age(ledger, "notifications", 100, batch_id="bat_old")
     _age(ledger, "known_batches", 100, batch_id="bat_old")
     _stored(ledger, "bat_body", notify=True)
-    _age(ledger, "notifications", 10, batch_id="bat_body")  # past the body's 7 days, not the row's 90
+    _age(ledger, "notifications", 10, batch_id="bat_body")  # past the body's 7 days, not the row's 30
     # Not stored: dead (an operator's), failed (retrying), pending event, watched batch: all kept.
     deliver(ledger, "evt_dead", batch_id="bat_dead")
     ledger.claim("w1", 30, batch_id="bat_dead")
