@@ -103,3 +103,33 @@ def test_db_stats_and_prune_report_and_remove_what_is_past_retention(tmp_path: P
         bad = run_cli(dict(env, **{name: value}), "db", "prune")
         lines = bad.stderr.decode().strip().splitlines()
         assert bad.returncode == 2 and len(lines) == 1 and name in lines[0], bad.stderr
+
+
+def test_housekeeping_prunes_a_backlog_in_steps_while_jobs_are_claimed(tmp_path: Path):
+    """The duty prunes on its own thread in small steps with pauses: a claim made while it runs
+    goes through while rows remain to prune (an ordering, not a timing), and the round ends with
+    nothing past retention."""
+    from receiver.config import Settings
+    from receiver.jobs.housekeeping import Housekeeping
+    from receiver.ledger.retention import RetentionPolicy
+    from receiver.storage.local import LocalStorage
+
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    ledger = Ledger(url)
+    ledger.create_schema()
+    for i in range(300):
+        ledger.record_delivery(Delivery(f"evt_{i}", "batch.progress", None, "processing", terminal=False))
+    _age_everything(url, 20)
+    settings = Settings(database_url=url, storage_url=str(tmp_path / "storage"))
+    duty = Housekeeping(settings, ledger, LocalStorage(tmp_path / "storage"), step_rows=10)
+    duty.start()
+    try:
+        ledger.record_delivery(Delivery("evt_done", "batch.completed", "bat_1", "completed", terminal=True))
+        assert ledger.claim("w1", 30).batch_id == "bat_1"
+        assert ledger.prune_backlog(RetentionPolicy())["deliveries"] > 0  # the claim did not wait for the prune
+        wait_for(lambda: ledger.prune_backlog(RetentionPolicy())["deliveries"] == 0, what="the backlog pruned")
+    finally:
+        duty.stop()
+        duty.join(10)
+    assert ledger.has_delivery("evt_done")
+    ledger.close()

@@ -197,8 +197,8 @@ class RetentionMixin:
     if TYPE_CHECKING:  # provided by Ledger
         dialect: str
 
-        def _begin(self) -> AbstractContextManager[Connection]: ...
-        def _connect(self) -> AbstractContextManager[Connection]: ...
+        def begin(self) -> AbstractContextManager[Connection]: ...
+        def connect(self) -> AbstractContextManager[Connection]: ...
 
     def prune_step(self, rule: Rule, *, limit: int = STEP_ROWS) -> int:
         """Remove (or empty) at most `limit` of `rule`'s rows, oldest first, in one transaction;
@@ -210,7 +210,7 @@ class RetentionMixin:
         if self.dialect == "postgresql":
             pick = pick.with_for_update(skip_locked=True)
         target = sa.and_(rule.key.in_(pick.scalar_subquery()), rule.where)
-        with self._begin() as conn:
+        with self.begin() as conn:
             if rule.drop is None:
                 return conn.execute(rule.table.delete().where(target)).rowcount
             if self.dialect == "postgresql":
@@ -253,7 +253,7 @@ class RetentionMixin:
     def prune_backlog(self, policy: RetentionPolicy, *, now: float | None = None) -> dict[str, int]:
         """What a prune would remove now, by rule name (`db prune --dry-run`, `db stats`)."""
         now = time.time() if now is None else now
-        with self._connect() as conn:
+        with self.connect() as conn:
             return {
                 rule.name: int(conn.execute(sa.select(sa.func.count()).select_from(rule.table).where(rule.where)).scalar_one())
                 for rule in rules(policy, now)
@@ -265,7 +265,7 @@ class RetentionMixin:
         Counting rows reads each table whole: an operator's command, never run per request."""
         from .schema import metadata
 
-        with self._connect() as conn:
+        with self.connect() as conn:
             sizes = _table_bytes(conn, self.dialect, [t.name for t in metadata.sorted_tables])
             found = [
                 TableSize(t.name, int(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()), sizes.get(t.name))
