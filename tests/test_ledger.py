@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import datetime as dt
 import time
 
@@ -463,3 +464,26 @@ def test_table_sizes_name_every_table_with_rows_and_bytes(ledger):
     assert sizes["jobs"].rows == 1 and sizes["notifications"].rows == 1 and sizes["deliveries"].rows == 1
     assert all(s.bytes is None or s.bytes > 0 for s in sizes.values())
     assert sizes["jobs"].bytes  # dbstat is in Python's SQLite; PostgreSQL always knows
+
+
+def test_an_event_written_again_after_pruning_keeps_its_webhook_id(ledger):
+    """A late delivery of a pruned batch makes the worker adopt its manifest, which writes its
+    event again: with the webhook-id the consumer already saw, so it deduplicates it."""
+    from receiver.ledger.retention import RetentionPolicy
+
+    _stored(ledger, "bat_1", notify=True)
+    first = ledger.notification("bat_1")["webhook_id"]
+    with ledger.engine.begin() as conn:
+        from receiver.ledger.schema import notifications
+
+        conn.execute(notifications.update().values(state="sent", created_at=time.time() - 40 * DAY))
+    assert ledger.prune(RetentionPolicy())["notifications"] == 1
+    assert ledger.notification("bat_1") is None
+    assert ledger.add_notification("bat_1", _manifest_at("bat_1", ledger))
+    assert ledger.notification("bat_1")["webhook_id"] == first
+
+
+def _manifest_at(batch_id, ledger):
+    """The manifest `_stored` published, read back as adoption reads it (same stored_at)."""
+    stored_at = dt.datetime.fromtimestamp(ledger.job(batch_id)["stored_at"], dt.UTC)
+    return dataclasses.replace(_manifest(batch_id, lines=1, expected_items=1), stored_at=stored_at)

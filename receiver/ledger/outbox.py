@@ -8,8 +8,8 @@ workers run, each event is sent by one of them at a time.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import secrets
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -37,9 +37,14 @@ def event_body(manifest: Manifest, moment: dt.datetime | None = None) -> bytes:
     return json.dumps(event, separators=(",", ":"), sort_keys=True).encode()
 
 
-def new_webhook_id() -> str:
-    """A Standard Webhooks message id: unique per event, reused on every attempt of it."""
-    return "msg_" + secrets.token_hex(16)
+def webhook_id_for(manifest: Manifest) -> str:
+    """A Standard Webhooks message id: the same on every attempt and replay of a batch's event.
+
+    Derived from the batch and its manifest's `stored_at` rather than drawn at random, so that when
+    retention has pruned a batch's rows and a late delivery makes the worker adopt its manifest
+    again, the event written anew carries the id the consumer has already seen (and deduplicates)."""
+    digest = hashlib.sha256(f"{manifest.batch_id}\n{rfc3339(manifest.stored_at)}".encode()).hexdigest()
+    return "msg_" + digest[:32]
 
 
 class Outbox:
@@ -58,7 +63,7 @@ class Outbox:
             self._insert(notifications)
             .values(
                 batch_id=batch_id,
-                webhook_id=new_webhook_id(),
+                webhook_id=webhook_id_for(manifest),
                 body=event_body(manifest),
                 state=PENDING,
                 attempts=0,
