@@ -104,13 +104,10 @@ def pg_cluster() -> Iterator[str | None]:
         yield url
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path, pg_cluster: str | None) -> Iterator[str]:
-    """The URL of an empty ledger database on each backend: a SQLite file under tmp_path, or a new
-    database in the session's PostgreSQL cluster, dropped after the test."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/ledger.db"
-        return
+@pytest.fixture
+def pg_database(pg_cluster: str | None) -> Iterator[str]:
+    """The URL of a new, empty database in the session's PostgreSQL cluster, dropped after the
+    test; skips where PostgreSQL is not installed."""
     if pg_cluster is None:
         pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
     from ._postgres import drop_database, fresh_database
@@ -118,6 +115,15 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path, pg_cluster: str | Non
     url = fresh_database(pg_cluster)
     yield url
     drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of an empty ledger database on each backend: a SQLite file under tmp_path, or a new
+    database in the session's PostgreSQL cluster (`pg_database`)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/ledger.db"
+    return request.getfixturevalue("pg_database")
 
 
 # --- S3: moto and SeaweedFS, each started once for the session --------------------------------------
