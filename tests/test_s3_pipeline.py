@@ -38,7 +38,7 @@ from receiver.ledger import Ledger
 from ._httpservers import LiveServer
 from ._moto import FlakyProxy
 from ._s3servers import S3Endpoint
-from .conftest import S3_SERVERS, Service, moto_only, run_cli, wait_for
+from .conftest import S3_SERVERS, Service, moto_only, run_cli, seaweedfs_only, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "tenant/prod"
@@ -399,6 +399,23 @@ def test_missing_bucket_ends_the_job_dead_naming_the_bucket(emulator, web, secre
         worker.stop()
     assert dead["attempts"] == 1
     assert f"bucket {missing} does not exist" in dead["last_error"] and "s3:PutObject" in dead["last_error"]
+
+
+@seaweedfs_only("moto accepts aws:kms; SeaweedFS without KMS answers every such write with 500")
+def test_kms_on_a_store_without_kms_ends_the_job_dead_at_its_first_attempt(
+    emulator, web, secret, receiver_env, network, s3_endpoint, s3, bucket, tmp_path
+):
+    env = dict(receiver_env, RECEIVER_S3_SSE="aws:kms")
+    worker = Service("worker-kms", [sys.executable, "-m", "receiver", "worker"], env, tmp_path).start()
+    try:
+        batch_id = emulator.create_batch(items=100)["id"]
+        emulator.complete(batch_id)
+        dead = wait_for(lambda: (j := job(env, batch_id)).get("state") == "dead" and j, timeout=60, what="a dead job")
+    finally:
+        worker.stop()
+    assert dead["attempts"] == 1
+    assert "aws:kms" in dead["last_error"] and "RECEIVER_S3_SSE" in dead["last_error"]
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
 
 
 @moto_only("CloudFormation stacks")

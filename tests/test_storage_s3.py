@@ -8,6 +8,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import time
 import tracemalloc
 import uuid
 from collections.abc import Iterator
@@ -296,6 +297,16 @@ def test_cleanup_partials_spares_recent_uploads() -> None:
 
     assert S3Storage("bkt", "p", client=Client()).cleanup_partials(older_than_seconds=3600) == 1
     assert aborted == ["old"]
+
+
+@seaweedfs_only("moto reports every upload as initiated in 2010; SeaweedFS reports when it was")
+def test_cleanup_partials_spares_uploads_younger_than_the_age_given(storage: S3Storage, client: Any, bucket: str) -> None:
+    client.create_multipart_upload(Bucket=bucket, Key=f"tenant/prod/{KEY}")
+    assert storage.cleanup_partials(older_than_seconds=3600) == 0
+    assert len(_uploads(client, bucket)) == 1
+    time.sleep(1.1)  # S3 reports the initiation time to the second
+    assert storage.cleanup_partials(older_than_seconds=0) == 1
+    assert _uploads(client, bucket) == []
 
 
 # --- outages and refusals -------------------------------------------------------------------------
