@@ -205,6 +205,12 @@ class StoragePermissionError(StorageError):
     """The storage refuses us (AccessDenied, NoSuchBucket, EACCES): an operator must fix it."""
 
 
+class StorageEncryptionUnsupported(StoragePermissionError):
+    """The store fails every write encrypted the configured way (RECEIVER_S3_SSE=aws:kms) and
+    accepts the same write unencrypted: an S3-compatible store without KMS answers 500 to each, which
+    retries would only repeat until the job is dead. An operator must change the setting."""
+
+
 class ObjectNotFound(StorageError):
     """The key does not exist in storage."""
 

@@ -10,7 +10,7 @@ from receiver.errors import ArtifactExpired, DownloadFailed, RateLimited, Storag
 from receiver.ledger import reports
 from receiver.manifest import Manifest, StoredFile
 
-from .test_ledger import deliver, ledger, pg_url  # noqa: F401  (fixtures)
+from .test_ledger import deliver, ledger  # noqa: F401  (fixture)
 
 
 def test_figures_overview_and_search(ledger):  # noqa: F811

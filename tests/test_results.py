@@ -1,4 +1,5 @@
-"""The results reader (`receiver.results.ResultStore`) over real storage: a folder and moto's S3."""
+"""The results reader (`receiver.results.ResultStore`) over real storage: a folder, moto's S3 and
+SeaweedFS's."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import os
 import subprocess
 import sys
 import tracemalloc
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,32 +19,24 @@ from receiver import layout
 from receiver.errors import ChecksumMismatch, ConfigError
 from receiver.results import ResultStore
 from receiver.storage import storage_from_url
-from receiver.storage.s3 import make_client
 
-from ._moto import aws_test_env, moto_server
 from ._stored import store_batch
+from .conftest import S3_SERVERS
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with aws_test_env(), moto_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["local", "file", "s3"])
+@pytest.fixture(params=["local", "file", *S3_SERVERS])
 def root(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A storage root URL of each kind the contract names."""
+    """A storage root URL of each kind the contract names, S3 on each server."""
     if request.param == "local":
         yield str(tmp_path / "storage")
     elif request.param == "file":
         yield (tmp_path / "storage").as_uri()
     else:
-        endpoint = request.getfixturevalue("s3_endpoint")
-        bucket = f"results-{uuid.uuid4().hex[:10]}"
-        with aws_test_env(AWS_ENDPOINT_URL_S3=endpoint):
-            make_client(endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        endpoint = request.getfixturevalue(f"{request.param}_s3")
+        bucket = endpoint.new_bucket("results")
+        with endpoint.environment(AWS_ENDPOINT_URL_S3=endpoint.url):
             yield f"s3://{bucket}/tenant/prod"
 
 
