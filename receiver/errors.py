@@ -166,7 +166,16 @@ class IncompleteDownload(TransferError):
 
 
 class DownloadFailed(TransferError):
-    """The artifact host failed: a 5xx, a 429, a timeout or a dropped connection."""
+    """The artifact host failed: a 5xx, a 429, a timeout or a dropped connection.
+
+    `status` is the HTTP status the host answered, None when no answer came (a timeout, a dropped
+    connection) or the answer was not the failure (a bad redirect, a changed artifact); the retry
+    cause is read from it, never from the message.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
 
 
 class ArtifactMissing(TransferError):
