@@ -43,7 +43,8 @@ ARG UID=10001
 RUN useradd --uid "${UID}" --user-group --create-home --home-dir /home/receiver --shell /usr/sbin/nologin receiver && \
     install -d -o "${UID}" -g "${UID}" /srv/receiver /srv/receiver/receiver-data
 COPY --from=build /opt/receiver /opt/receiver
-ENV PATH=/opt/receiver/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PORT=8000
+# PORT is left to the receiver's own default (8000), so a mounted .env may set it too.
+ENV PATH=/opt/receiver/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 # The working folder: the embedded defaults (SQLite ledger, local storage, `serve --emulator`'s
 # emulator.env) live in ./receiver-data, a volume. With PostgreSQL and S3 nothing is kept here.
 WORKDIR /srv/receiver
