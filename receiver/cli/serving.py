@@ -20,7 +20,13 @@ from ._common import ConfigurationError, Failure, load_settings, open_ledger
     help="Also run a local BatchRouter emulator and point the receiver at it (no account needed).",
 )
 @click.option("--emulator-port", default=8081, show_default=True, help="Port of the emulator started by --emulator.")
-def serve(with_emulator: bool, emulator_port: int) -> None:
+@click.option(
+    "--emulator-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the emulator binds; 0.0.0.0 in a container, so that a published port reaches it.",
+)
+def serve(with_emulator: bool, emulator_port: int, emulator_host: str) -> None:
     """Run the web server (gunicorn) and the worker together, on the embedded defaults.
 
     SQLite and a local folder unless DATABASE_URL / RECEIVER_STORAGE_URL say otherwise. Stops both on
@@ -40,7 +46,7 @@ def serve(with_emulator: bool, emulator_port: int) -> None:
     if with_emulator:
         if emulator_port == settings.port:
             raise ConfigurationError(f"PORT and --emulator-port are both {emulator_port}; give them different ports")
-        check_port_free("127.0.0.1", emulator_port, "choose another with --emulator-port")
+        check_port_free(emulator_host, emulator_port, "choose another with --emulator-port")
         env = emulator_env(env, emulator_port)
         settings = Settings.from_env(env)
     from ..logs import configure_logging
@@ -51,7 +57,7 @@ def serve(with_emulator: bool, emulator_port: int) -> None:
     web_url = f"http://127.0.0.1:{settings.port}"
     urls = [f"{web_url}/healthz"]
     if with_emulator:
-        children.start("emulator", emulator_args(emulator_port), env)
+        children.start("emulator", emulator_args(emulator_port, host=emulator_host), env)
         urls.append(f"{settings.api_url}/healthz")
     gunicorn = [sys.executable, "-m", "gunicorn", "-c", "python:receiver.web.gunicorn_conf", "receiver.app:create_app()"]
     children.start("gunicorn", gunicorn, env)
