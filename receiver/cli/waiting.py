@@ -15,7 +15,7 @@ import click
 
 from .. import layout
 from ..errors import ObjectNotFound, ReceiverError
-from ._common import Failure, load_settings
+from ._common import Failure, load_settings, validate_batch_ids
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -38,11 +38,7 @@ def wait(batch_ids: tuple[str, ...], timeout: float | None, interval: float) -> 
     Exits 0 when every batch is stored with results; 1 when one ended without results (failed,
     cancelled, expired), is dead in the ledger, or the timeout passed.
     """
-    for batch_id in batch_ids:
-        try:
-            layout.validate_batch_id(batch_id)
-        except ReceiverError as exc:
-            raise click.BadParameter(f"{batch_id!r}: {exc}", param_hint="BATCH_ID") from None
+    validate_batch_ids(batch_ids)
     settings = load_settings()
     from ..storage import open_storage
 

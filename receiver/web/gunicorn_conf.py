@@ -43,6 +43,9 @@ def _prepare_ledger(settings: Settings) -> None:
             ledger.close()
         except SystemExit as exc:
             code = int(exc.code or 0)
+        except ConfigError as exc:  # e.g. postgresql:// with a psycopg that does not import
+            print(f"receiver: configuration error: {exc}", file=sys.stderr)
+            code = 2
         except BaseException:
             code = 1
             logging.getLogger("receiver").exception("preparing the ledger failed")
