@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -119,7 +120,7 @@ def _listening(port: int) -> bool:
 class _Serve:
     """`receiver serve --emulator` in tmp_path, its stdout and stderr in serve.N.log."""
 
-    def __init__(self, tmp_path: Path, env: dict[str, str], emulator_port: int, n: int = 0) -> None:
+    def __init__(self, tmp_path: Path, env: dict[str, str], emulator_port: int, n: int = 0, *, terminal: bool = False) -> None:
         self.log_path = tmp_path / f"serve.{n}.log"
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
@@ -128,6 +129,8 @@ class _Serve:
             cwd=tmp_path,
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            # `terminal`: a process group of its own, signalled whole as a terminal's Ctrl-C does.
+            start_new_session=terminal,
         )
 
     def output(self) -> str:
@@ -151,6 +154,33 @@ class _Serve:
             code = self.proc.wait()
         self.log.close()
         return code, self.output()
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The IPv4 addresses something listens on at `port`, from the kernel's own table."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, _, hex_port = local.partition(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
+
+
+def test_ctrl_c_on_serve_emulator_is_clean_and_it_listens_on_loopback_only(tmp_path: Path) -> None:
+    env = _serve_env(tmp_path)
+    serve = _Serve(tmp_path, env, free_port(), terminal=True)
+    try:
+        banner = serve.wait_banner()
+        assert _listening_addresses(int(env["PORT"])) == {"127.0.0.1"}, banner  # not 0.0.0.0 on a laptop
+        # One control socket per gunicorn, not the shared ~/.gunicorn/gunicorn.ctl.
+        assert re.search(r"Control socket listening at \S*/receiver-gunicorn-\d+\.ctl", banner), banner
+        os.killpg(serve.proc.pid, signal.SIGINT)  # the whole foreground group, as Ctrl-C sends it
+    finally:
+        code, output = serve.stop()
+    assert code == 0, output
+    assert "Traceback" not in output and "SystemExit" not in output, output
+    assert wait_for(lambda: _marked_processes(env) == [], timeout=10, what="no process left")
 
 
 def _second_shell(tmp_path: Path, env: dict[str, str], command: str, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
