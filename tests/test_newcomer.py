@@ -114,8 +114,8 @@ def _clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def test_commands_that_only_read_never_create_a_ledger(tmp_path: Path) -> None:
     env = _clean_env(tmp_path)
-    for args in (["ls"], ["status"], ["cat", "bat_x"], ["ls", "--json"]):
-        result = run_cli(env, *args)
+    for args in (["ls"], ["status"], ["cat", "bat_x"], ["ls", "--json"], ["wait", "bat_x"]):
+        result = run_cli(env, *args, timeout=30)
         stderr = result.stderr.decode()
         assert result.returncode == 2, (args, stderr)
         assert stderr.count("\n") == 1 and "Traceback" not in stderr

@@ -15,7 +15,7 @@ import click
 
 from .. import layout
 from ..errors import ObjectNotFound, ReceiverError
-from ._common import Failure, load_settings, validate_batch_ids
+from ._common import ConfigurationError, Failure, ledger_file_missing, load_settings, validate_batch_ids
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -44,6 +44,14 @@ def wait(batch_ids: tuple[str, ...], timeout: float | None, interval: float) -> 
 
     storage = open_storage(settings)
     ledger = _ledger_if_readable(settings)
+    root = getattr(storage, "root", None)  # a local folder (S3 has no such thing to be missing)
+    if ledger is None and root is not None and not os.path.isdir(root):
+        # Nothing to wait on here: it would wait for ever. Most likely the wrong folder.
+        raise ConfigurationError(
+            f"no storage at {root} and no ledger at {ledger_file_missing(settings) or settings.database_url}: "
+            "run this where `receiver serve` runs, or set RECEIVER_STORAGE_URL (after `receiver serve --emulator`, "
+            "in its folder: set -a; . receiver-data/emulator.env; set +a)"
+        )
     deadline = None if timeout is None else time.monotonic() + timeout
     waiting = list(dict.fromkeys(batch_ids))
     bad: list[str] = []
