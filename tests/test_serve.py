@@ -183,6 +183,33 @@ def test_ctrl_c_on_serve_emulator_is_clean_and_it_listens_on_loopback_only(tmp_p
     assert wait_for(lambda: _marked_processes(env) == [], timeout=10, what="no process left")
 
 
+def test_ctrl_c_on_the_procfiles_gunicorn_is_clean(tmp_path: Path) -> None:
+    env = _serve_env(tmp_path, DATABASE_URL=f"sqlite:///{tmp_path}/receiver.db", RECEIVER_STORAGE_URL=str(tmp_path / "storage"))
+    log = tmp_path / "gunicorn.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "receiver.app:create_app()"],  # the Procfile's web, from the root
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_for(lambda: _listening(int(env["PORT"])), timeout=60, what="gunicorn", interval=0.1)
+            wait_for(lambda: log.read_text().count("Booting worker") == 2, timeout=30, what="both workers")
+            time.sleep(1)  # the workers' app loaded (a signal before that is a different story)
+            os.killpg(proc.pid, signal.SIGINT)  # worker and master both hear it, as from a terminal
+            code = proc.wait(timeout=40)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output = log.read_text(errors="replace")
+    assert code == 0, output
+    assert "Traceback" not in output and "SystemExit" not in output, output
+
+
 def _second_shell(tmp_path: Path, env: dict[str, str], command: str, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
     """`command` in a new shell that has only what the README says: the emulator.env file loaded."""
     clean = _serve_env(tmp_path)
