@@ -34,7 +34,7 @@ def notify(batch_ids: tuple[str, ...]) -> None:
     if settings.notify_url is None:
         raise ConfigurationError(str(ConfigError("RECEIVER_NOTIFY_URL", "is not set; there is nowhere to send events")))
     validate_batch_ids(batch_ids)
-    ledger = open_ledger(settings, create=False)
+    ledger = open_ledger(settings)  # it writes: the event goes into the outbox
     missing = []
     try:
         for batch_id in batch_ids:
