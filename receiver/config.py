@@ -9,17 +9,20 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import importlib.util
 import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .errors import ConfigError, UnsupportedDatabase
 
 DEFAULT_API_URL = "https://api.batchrouter.com"
 DEFAULT_STORAGE_URL = "./receiver-data/storage"
 DEFAULT_DATABASE_URL = "sqlite:///./receiver-data/receiver.db"
+#: What a postgresql:// DATABASE_URL without the driver installed says.
+POSTGRES_DRIVER_MISSING = "PostgreSQL needs psycopg: pip install 'batchrouter-receiver[postgres]'"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +107,15 @@ class Settings:
             from dotenv import dotenv_values
 
             env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
-        env.update(os.environ if environ is None else environ)
-        return cls.from_mapping(env)
+        from_file = set(env)
+        environment = os.environ if environ is None else environ
+        env.update(environment)
+        try:
+            return cls.from_mapping(env)
+        except ConfigError as exc:
+            if exc.variable in from_file and exc.variable not in environment:  # say where to fix it
+                raise type(exc)(exc.variable, f"{exc.problem} (set in {dotenv_path})") from None
+            raise
 
     @classmethod
     def from_mapping(cls, env: Mapping[str, str]) -> Settings:
@@ -120,7 +130,8 @@ class Settings:
         api_key = get("BATCHROUTER_API_KEY")
         if api_key is not None and (not api_key.isprintable() or " " in api_key):
             raise ConfigError("BATCHROUTER_API_KEY", "contains spaces or control characters; paste the key exactly")
-        storage_url = _validate_storage_url(get("RECEIVER_STORAGE_URL") or DEFAULT_STORAGE_URL)
+        storage_url = get("RECEIVER_STORAGE_URL") or DEFAULT_STORAGE_URL
+        parse_storage_url(storage_url)
         database_url = _validate_database_url(get("DATABASE_URL") or DEFAULT_DATABASE_URL)
         public_url = get("RECEIVER_PUBLIC_URL")
         if public_url is not None and urlsplit(public_url).scheme not in ("http", "https"):
@@ -189,7 +200,11 @@ class Settings:
     def require_api_key(self) -> str:
         """The API key, or a configuration error for the commands that need one."""
         if not self.api_key:
-            raise ConfigError("BATCHROUTER_API_KEY", "is not set; create a key in the BatchRouter console and export it")
+            raise ConfigError(
+                "BATCHROUTER_API_KEY",
+                "is not set; create a key in the BatchRouter console and export it (for the local emulator, "
+                "load the settings `receiver serve --emulator` wrote: set -a; . receiver-data/emulator.env; set +a)",
+            )
         return self.api_key
 
 
@@ -239,26 +254,43 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 def _validate_api_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError("BATCHROUTER_API_URL", f"must be an https:// URL such as {DEFAULT_API_URL}")
+        raise ConfigError(
+            "BATCHROUTER_API_URL",
+            f"must be an https:// URL such as {DEFAULT_API_URL} (or http:// on loopback for the emulator)",
+        )
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         raise ConfigError("BATCHROUTER_API_URL", "plain http is allowed only on loopback (the emulator); use https://")
     return url.rstrip("/")
 
 
-def _validate_storage_url(url: str) -> str:
-    scheme = urlsplit(url).scheme
-    if scheme in ("", "file"):
-        return url
-    if scheme == "s3":
-        parts = urlsplit(url)
+#: The storage URL schemes, and the backend each one opens: config checks a URL against this list
+#: and `receiver.storage.storage_from_url` opens what it names, so a new backend is one entry here
+#: and one branch there. No scheme is a local path.
+STORAGE_SCHEMES = {"": "local", "file": "local", "s3": "s3"}
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageLocation:
+    """Where a storage URL points: a `local` folder (`path`) or an `s3` bucket and key prefix."""
+
+    backend: str
+    path: str
+    bucket: str = ""
+
+
+def parse_storage_url(url: str, setting: str = "RECEIVER_STORAGE_URL") -> StorageLocation:
+    """Read a storage root URL (a path, `file://…` or `s3://bucket/prefix`); ConfigError otherwise."""
+    parts = urlsplit(url)
+    backend = STORAGE_SCHEMES.get(parts.scheme)
+    if backend is None and len(parts.scheme) == 1 and os.name == "nt":  # a drive letter
+        backend = "local"
+    if backend is None:
+        raise ConfigError(setting, f"scheme {parts.scheme!r} is not supported; use a local path, file:// or s3://bucket/prefix")
+    if backend == "s3":
         if not parts.netloc:
-            raise ConfigError("RECEIVER_STORAGE_URL", "an s3:// URL needs a bucket: s3://bucket/prefix")
-        return url
-    if len(scheme) == 1 and os.name == "nt":  # a drive letter
-        return url
-    raise ConfigError(
-        "RECEIVER_STORAGE_URL", f"scheme {scheme!r} is not supported; use a local path, file:// or s3://bucket/prefix"
-    )
+            raise ConfigError(setting, "an s3:// URL needs a bucket: s3://bucket/prefix")
+        return StorageLocation("s3", parts.path.strip("/"), bucket=parts.netloc)
+    return StorageLocation("local", unquote(parts.path) if parts.scheme == "file" else url)
 
 
 def _validate_database_url(url: str) -> str:
@@ -268,6 +300,8 @@ def _validate_database_url(url: str) -> str:
             raise ConfigError("DATABASE_URL", "a SQLite URL is sqlite:///relative/path.db or sqlite:////abs/path.db")
         return url
     if scheme in ("postgresql", "postgres"):
+        if importlib.util.find_spec("psycopg") is None:  # found, not imported: gevent patches first
+            raise UnsupportedDatabase("DATABASE_URL", POSTGRES_DRIVER_MISSING)
         return url
     raise UnsupportedDatabase("DATABASE_URL", f"{scheme or url!r} is not supported; use sqlite:///path.db or postgresql://…")
 
@@ -315,7 +349,7 @@ def _validate_notify_secret(secret: str | None, *, required: bool) -> str | None
     if secret is None:
         if required:
             raise ConfigError(
-                "RECEIVER_NOTIFY_SECRET", "is required with RECEIVER_NOTIFY_URL: whsec_ and base64 of 24+ random bytes"
+                "RECEIVER_NOTIFY_SECRET", "is required with RECEIVER_NOTIFY_URL: whsec_ and the base64 of 16 or more random bytes"
             )
         return None
     try:

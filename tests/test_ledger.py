@@ -12,24 +12,11 @@ import pytest
 from receiver.ledger import DEAD, FAILED, QUEUED, RUNNING, STORED, Delivery, Ledger
 from receiver.manifest import Manifest, StoredFile
 
-from ._postgres import fresh_database, postgres_cluster
 
-
-@pytest.fixture(scope="module")
-def pg_url():
-    with postgres_cluster() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger(request, tmp_path, pg_url):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/ledger.db"
-    else:
-        if pg_url is None:
-            pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
-        url = fresh_database(pg_url)
-    led = Ledger(url)
+@pytest.fixture
+def ledger(db_url):
+    """A ledger with its schema, on SQLite and on PostgreSQL (conftest's `db_url`)."""
+    led = Ledger(db_url)
     led.create_schema()
     yield led
     led.close()
@@ -197,6 +184,16 @@ def test_a_progress_delivery_makes_its_batch_known_and_due_after_one_interval(le
     # Claimed: nobody else polls it until its lease runs out.
     assert ledger.claim_polls("w2", interval=60, now=now + 62, lease_seconds=10) == []
     assert ledger.claim_polls("w2", interval=60, now=now + 61 + 200) == ["bat_p"]
+
+
+def test_watch_polls_at_once_when_asked_and_queues_an_ended_batch_it_was_told_of(ledger):
+    now = time.time()
+    ledger.watch("bat_checked", status="processing", now=now)  # `receiver watch`: just asked BatchRouter
+    ledger.watch("bat_unchecked", poll_now=True, now=now)  # the status page: nobody asked yet
+    assert ledger.claim_polls("w1", interval=300, now=now + 1) == ["bat_unchecked"]
+    assert ledger.watch("bat_done", status="completed", ended=True, now=now) == "queued to be stored now"
+    assert ledger.watch("bat_done", status="completed", ended=True, now=now) == "already queued"
+    assert [j["batch_id"] for j in ledger.list_jobs()] == ["bat_done"]
 
 
 def test_polls_are_shared_between_workers(ledger):
@@ -451,7 +448,8 @@ def test_a_replay_after_the_body_was_dropped_rebuilds_it_from_the_manifest(ledge
     assert ledger.prune(RetentionPolicy())["notification bodies"] == 1
     assert not ledger.replay_notification("bat_1")  # no manifest to rebuild from: an empty body is never sent
     manifest = _manifest("bat_1", lines=1, expected_items=1)
-    assert ledger.replay_notification("bat_1", read_manifest=manifest.to_bytes)
+    assert not ledger.replay_notification("bat_1", manifest=lambda: None)  # its manifest is gone too
+    assert ledger.replay_notification("bat_1", manifest=lambda: manifest)
     event = ledger.claim_notification("w1", 30)
     assert event.webhook_id == first["webhook_id"]
     assert json.loads(event.body)["data"]["batch_id"] == "bat_1"

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .. import layout
-from ..errors import ConfigError, ObjectNotFound, ReceiverError
-from ._common import ConfigurationError, Failure, load_settings, open_ledger
+from ..errors import ConfigError, ReceiverError
+from ..manifest import read_manifest
+from ._common import ConfigurationError, Failure, load_settings, open_ledger, validate_batch_ids
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -34,20 +34,16 @@ def notify(batch_ids: tuple[str, ...]) -> None:
     settings = load_settings()
     if settings.notify_url is None:
         raise ConfigurationError(str(ConfigError("RECEIVER_NOTIFY_URL", "is not set; there is nowhere to send events")))
-    for batch_id in batch_ids:
-        try:
-            layout.validate_batch_id(batch_id)
-        except ReceiverError as exc:
-            raise click.BadParameter(f"{batch_id!r}: {exc}", param_hint="BATCH_ID") from None
+    validate_batch_ids(batch_ids)
     from ..storage import open_storage
 
-    ledger = open_ledger(settings)
+    ledger = open_ledger(settings)  # it writes: the event goes into the outbox
     storage = open_storage(settings)
     missing = []
     try:
         for batch_id in batch_ids:
-            read_manifest = functools.partial(storage.get_bytes, layout.manifest_key(batch_id))
-            if ledger.replay_notification(batch_id, read_manifest=read_manifest) or _first_event(settings, ledger, batch_id):
+            manifest = functools.partial(read_manifest, storage, batch_id)
+            if ledger.replay_notification(batch_id, manifest=manifest) or _first_event(settings, ledger, batch_id):
                 row = ledger.notification(batch_id) or {}
                 click.echo(f"{batch_id}: queued ({row.get('webhook_id')})")
             else:
@@ -60,12 +56,10 @@ def notify(batch_ids: tuple[str, ...]) -> None:
 
 def _first_event(settings: Settings, ledger: Ledger, batch_id: str) -> bool:
     """Write the event of a batch stored without one, from its manifest; False if it has none."""
-    from ..manifest import Manifest
     from ..storage import open_storage
 
-    try:
-        manifest = Manifest.from_bytes(open_storage(settings).get_bytes(layout.manifest_key(batch_id)))
-    except ObjectNotFound:
+    manifest = read_manifest(open_storage(settings), batch_id)
+    if manifest is None:
         return False
     ledger.add_notification(batch_id, manifest)
     return True

@@ -131,22 +131,23 @@ class Outbox:
             )
 
     def replay_notification(
-        self, batch_id: str, now: float | None = None, *, read_manifest: Callable[[], bytes] | None = None
+        self, batch_id: str, now: float | None = None, *, manifest: Callable[[], Manifest | None] | None = None
     ) -> bool:
         """Queue a batch's event again, with its webhook-id, and a fresh retry window. False when
         the batch has no event.
 
         Retention empties the body of a settled event after RECEIVER_NOTIFICATION_RETENTION_DAYS;
-        `read_manifest` (the manifest's bytes from storage) rebuilds it then. Without it such an
-        event is not replayed: an empty body is never sent."""
+        `manifest` (reading the batch's manifest from storage) rebuilds it then. Without it, or
+        without a manifest, such an event is not replayed: an empty body is never sent."""
         now = time.time() if now is None else now
         values: dict[str, Any] = {"state": PENDING, "attempts": 0, "next_attempt_at": now, "retry_from": now, "last_error": None}
         where = notifications.c.batch_id == batch_id
         row = self.notification(batch_id)
         if row is not None and not row["body"]:
-            if read_manifest is None:
+            found = manifest() if manifest is not None else None
+            if found is None:
                 return False
-            values["body"] = event_body(Manifest.from_bytes(read_manifest()))
+            values["body"] = event_body(found)
         else:
             where = sa.and_(where, sa.func.length(notifications.c.body) > 0)
         with self.begin() as conn:

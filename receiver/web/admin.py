@@ -17,7 +17,6 @@ import base64
 import functools
 import hashlib
 import hmac
-import json
 import logging
 import time
 from pathlib import Path
@@ -29,9 +28,10 @@ from werkzeug.exceptions import NotFound
 from .. import metrics
 from ..config import Settings
 from ..errors import LedgerUnavailable, ReceiverError
-from ..layout import manifest_key, validate_batch_id
+from ..layout import validate_batch_id
 from ..ledger import DEAD, JOB_STATES, Ledger, reports
 from ..logs import redact
+from ..manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def job(batch_id: str) -> str:
         job=detail["job"],
         events=detail["events"],
         attempts=detail["attempts"],
-        manifest=_manifest(detail["job"].get("manifest_key")),
+        manifest=_manifest(batch_id) if detail["job"].get("manifest_key") else None,
         location=_location(detail["job"].get("manifest_key")),
         notification=_ledger().notification(batch_id),
     )
@@ -186,15 +186,17 @@ def retry(batch_id: str) -> Response:
 
 @bp.post("/watch")
 def watch() -> Response:
-    """Make a batch id known so the polling fallback stores it even if no delivery ever names it
-    (as `receiver watch` does, without its up-front check: the web side makes no API calls, and a
-    poll that gets 404 stops and shows the batch as not found)."""
+    """Make a batch id known so the polling fallback stores it even if no delivery ever names it,
+    through the ledger's `watch` as `receiver watch` does. The web side makes no API calls, so
+    where the command checks the batch first, this asks the worker's poller to check it at once:
+    an ended batch is queued within a poll tick, and one BatchRouter does not know shows as not
+    found."""
     batch_id = (request.form.get("batch_id") or "").strip()
     try:
         validate_batch_id(batch_id)
     except ReceiverError:
         return redirect(url_for("admin.overview", done="bad-batch-id"), 303)  # type: ignore[return-value]
-    _ledger().watch(batch_id)
+    _ledger().watch(batch_id, poll_now=True)
     log.info(
         "admin: %s watched batch %s from %s",
         _who(),
@@ -209,12 +211,12 @@ def watch() -> Response:
 def replay(batch_id: str) -> Response:
     """Send a batch's `batch.stored` event again, with the same webhook-id (as `receiver notify --replay`)."""
     try:
-        key = manifest_key(batch_id)
+        validate_batch_id(batch_id)
     except ReceiverError:
         raise NotFound(f"no notification for batch {batch_id}") from None
     # An event older than RECEIVER_NOTIFICATION_RETENTION_DAYS has no body left: rebuilt from the manifest.
-    read_manifest = functools.partial(current_app.extensions["receiver.storage"].get_bytes, key)
-    if not _ledger().replay_notification(batch_id, read_manifest=read_manifest):
+    manifest = functools.partial(read_manifest, current_app.extensions["receiver.storage"], batch_id)
+    if not _ledger().replay_notification(batch_id, manifest=manifest):
         raise NotFound(f"no notification for batch {batch_id}")
     log.info(
         "admin: %s replayed the notification of batch %s from %s",
@@ -252,14 +254,15 @@ def _render(template: str, **context: Any) -> str:
     )
 
 
-def _manifest(key: str | None) -> dict[str, Any] | None:
+def _manifest(batch_id: str) -> dict[str, Any]:
     """The manifest's operator-facing fields (never its raw `batch`, which may hold URLs)."""
-    if not key:
-        return None
     try:
-        manifest = json.loads(current_app.extensions["receiver.storage"].get_bytes(key))
+        found = read_manifest(current_app.extensions["receiver.storage"], batch_id)
     except (ReceiverError, ValueError) as exc:
         return {"error": redact(str(exc))}
+    if found is None:  # the ledger says stored, storage has no manifest: say so
+        return {"error": f"no manifest for batch {batch_id} in storage"}
+    manifest = found.to_dict()
     files = [{k: f.get(k) for k in ("key", "bytes", "lines", "sha256")} for f in manifest.get("files", [])]
     fields = ("status", "stored_at", "source", "expected_items", "counts_match")
     return {"files": files, **{k: manifest.get(k) for k in fields}}
