@@ -133,3 +133,11 @@ def test_housekeeping_prunes_a_backlog_in_steps_while_jobs_are_claimed(tmp_path:
         duty.join(10)
     assert ledger.has_delivery("evt_done")
     ledger.close()
+
+
+def test_db_stats_and_prune_make_no_ledger_where_there_is_none(tmp_path: Path):
+    env = make_receiver_env(tmp_path, "http://127.0.0.1:9")
+    for args in (["db", "stats"], ["db", "prune", "--dry-run"]):
+        done = run_cli(env, *args)
+        assert done.returncode == 2 and b"no ledger at" in done.stderr, done.stderr
+    assert not (tmp_path / "receiver.db").exists()

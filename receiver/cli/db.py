@@ -97,14 +97,12 @@ def stats(as_json: bool) -> None:
 
     settings = load_settings()
     policy = RetentionPolicy.from_settings(settings)
-    ledger = open_ledger(settings)
+    ledger = open_ledger(settings, create=False)
     try:
         sizes = ledger.table_sizes()
         backlog = ledger.prune_backlog(policy)
     except ReceiverError as exc:
         raise Failure(str(exc)) from None
-    finally:
-        ledger.close()
     kept = [{"rule": r.name, "setting": r.setting, "days": r.days, "removable": backlog[r.name]} for r in rules(policy, 0)]
     if as_json:
         tables = [dataclasses.asdict(s) for s in sizes]
@@ -131,7 +129,7 @@ def prune(dry_run: bool) -> None:
 
     settings = load_settings()
     policy = RetentionPolicy.from_settings(settings)
-    ledger = open_ledger(settings)
+    ledger = open_ledger(settings, create=False)
     try:
         if dry_run:
             counts = ledger.prune_backlog(policy)
@@ -139,8 +137,6 @@ def prune(dry_run: bool) -> None:
             counts = ledger.prune(policy, pause=lambda: time.sleep(PRUNE_PAUSE_SECONDS))
     except ReceiverError as exc:
         raise Failure(str(exc)) from None
-    finally:
-        ledger.close()
     verb = "would remove" if dry_run else "removed"
     for name, count in counts.items():
         click.echo(f"{name}: {verb} {count:,}")
