@@ -21,12 +21,18 @@ from ._common import ConfigurationError, Failure, load_settings, open_ledger
 )
 @click.option("--emulator-port", default=8081, show_default=True, help="Port of the emulator started by --emulator.")
 @click.option(
+    "--emulator-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the emulator binds; 0.0.0.0 in a container, so that a published port reaches it.",
+)
+@click.option(
     "--host",
     metavar="ADDRESS",
     help="Address the web server listens on. Default: 127.0.0.1 with --emulator (a laptop's dev server is "
     "not for other machines), 0.0.0.0 otherwise (as the Procfile's web).",
 )
-def serve(with_emulator: bool, emulator_port: int, host: str | None) -> None:
+def serve(with_emulator: bool, emulator_port: int, emulator_host: str, host: str | None) -> None:
     """Run the web server (gunicorn) and the worker together, on the embedded defaults.
 
     SQLite and a local folder unless DATABASE_URL / RECEIVER_STORAGE_URL say otherwise. Stops both on
@@ -47,7 +53,7 @@ def serve(with_emulator: bool, emulator_port: int, host: str | None) -> None:
     if with_emulator:
         if emulator_port == settings.port:
             raise ConfigurationError(f"PORT and --emulator-port are both {emulator_port}; give them different ports")
-        check_port_free("127.0.0.1", emulator_port, "choose another with --emulator-port")
+        check_port_free(emulator_host, emulator_port, "choose another with --emulator-port")
         env = emulator_env(env, emulator_port)
         settings = Settings.from_env(env)
     from ..logs import configure_logging
@@ -58,7 +64,7 @@ def serve(with_emulator: bool, emulator_port: int, host: str | None) -> None:
     web_url = f"http://{_local_address(host)}:{settings.port}"
     urls = [f"{web_url}/healthz"]
     if with_emulator:
-        children.start("emulator", emulator_args(emulator_port), env)
+        children.start("emulator", emulator_args(emulator_port, host=emulator_host), env)
         urls.append(f"{settings.api_url}/healthz")
     gunicorn = [
         sys.executable,

@@ -120,15 +120,16 @@ class Supervisor:
                 child.wait()
 
 
-def emulator_args(port: int, *extra: str, api_key: str = EMULATOR_KEY) -> list[str]:
-    """`receiver emulator` on loopback, taking the receiver's plain-http loopback webhook (the tests
-    and benchmarks start it the same way, with `extra` options)."""
+def emulator_args(port: int, *extra: str, api_key: str = EMULATOR_KEY, host: str = "127.0.0.1") -> list[str]:
+    """`receiver emulator` on loopback (or `host`: a container's published port arrives on its own
+    interface, not on loopback), taking the receiver's plain-http loopback webhook (the tests and
+    benchmarks start it the same way, with `extra` options)."""
     return [
         sys.executable,
         "-m",
         "receiver.emulator",
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         str(port),
         "--api-key",

@@ -47,6 +47,7 @@ from .schema import (
     Job,
     RecordResult,
     deliveries,
+    insert_deliveries,
     jobs,
 )
 from .secret_box import SecretBox
@@ -92,12 +93,9 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
         self._secret_refresh = threading.Lock()
         # Built once: ingest runs this per delivery, and constructing the statement each time
         # costs more than SQLite's insert itself.
-        self._record_stmt = (
-            self._insert(deliveries)
-            .values({c: sa.bindparam(c) for c in ("event_id", "batch_id", "event_type", "status", "outcome", "received_at")})
-            .on_conflict_do_nothing(index_elements=["event_id"])
-            .returning(deliveries.c.event_id)
-        )
+        # Built once: ingest runs this per delivery, and constructing the statement each time
+        # costs more than SQLite's insert itself.
+        self._record_stmt = insert_deliveries(self._insert, {c: sa.bindparam(c) for c in DeliveryRow._fields})
         # Deliveries are committed in groups (GroupCommit); an in-memory SQLite ledger (tests of
         # one process) commits each on its own.
         path = sqlite_path(url)
