@@ -63,21 +63,30 @@ class LedgerCollector(Collector):
             value=stats["counts_mismatch"],
         )
         yield GaugeMetricFamily("receiver_stored_bytes", "Bytes of results stored.", value=stats["stored_bytes"])
-        notifications = stats.get("notifications")
-        if notifications:
-            states = notifications["states"]
-            yield GaugeMetricFamily(
-                "receiver_notifications_pending", "batch.stored events not yet acknowledged by a 2xx.", value=states["pending"]
-            )
-            yield GaugeMetricFamily(
-                "receiver_notifications_failed", "batch.stored events given up after their retry window.", value=states["failed"]
-            )
+        yield from _notification_metrics(stats.get("notifications"))
         yield from _polling_metrics(stats.get("polling"))
         last = stats["last_delivery"]
         if last:
             yield GaugeMetricFamily(
                 "receiver_last_delivery_timestamp_seconds", "When the last delivery was recorded.", value=last["received_at"]
             )
+
+
+def _notification_metrics(notifications: dict[str, Any] | None) -> Iterator[GaugeMetricFamily]:
+    """Deliveries of batch.stored events per target (`webhook`, `sqs`, `eventbridge`)."""
+    if not notifications:
+        return
+    pending = GaugeMetricFamily(
+        "receiver_notifications_pending", "batch.stored events a target has not yet accepted.", labels=["target"]
+    )
+    failed = GaugeMetricFamily(
+        "receiver_notifications_failed", "batch.stored events given up after their retry window, or rejected.", labels=["target"]
+    )
+    for target, counts in notifications["targets"].items():
+        pending.add_metric([target], counts["pending"])
+        failed.add_metric([target], counts["failed"])
+    yield pending
+    yield failed
 
 
 def _polling_metrics(polling: dict[str, Any] | None) -> Iterator[GaugeMetricFamily]:

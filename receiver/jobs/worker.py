@@ -91,7 +91,7 @@ class Worker:
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(settings.worker_concurrency)
-        self._notifier: Any = None
+        self._notifiers: list[Any] = []
 
     @classmethod
     def from_settings(cls, settings: Settings, ledger: Ledger | None = None) -> Worker:
@@ -119,11 +119,13 @@ class Worker:
         heartbeat = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
         heartbeat.start()
         poller = start_poller(self.settings, self.ledger, self.owner, self.stopping)
-        if self.settings.notify_url is not None:
+        if self.settings.notify_targets:
             from .notifier import Notifier
 
-            self._notifier = Notifier(self.settings, self.ledger, self.owner)
-            self._notifier.start()
+            # One per target: each retries on its own, so a target that is down holds no other back.
+            self._notifiers = [Notifier(self.settings, self.ledger, self.owner, t) for t in self.settings.notify_targets]
+            for notifier in self._notifiers:
+                notifier.start()
         housekeeping_due = 0.0
         with ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="job") as pool:
             while not self.stopping.is_set():
@@ -145,15 +147,15 @@ class Worker:
             self._cancel_all(Stop.SHUTDOWN)
         if poller is not None:
             poller.join(15)
-        if self._notifier is not None:
-            self._notifier.stop(timeout=5)
+        for notifier in self._notifiers:
+            notifier.stop(timeout=5)
         log.info("worker %s stopped", self.owner)
 
     def stop(self) -> None:
         self.stopping.set()
         self._cancel_all(Stop.SHUTDOWN)
-        if self._notifier is not None:
-            self._notifier.stopping.set()
+        for notifier in self._notifiers:
+            notifier.stopping.set()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: stop claiming, give back leases, abort unfinished uploads."""
@@ -301,7 +303,7 @@ class Worker:
             log.info("job %s: manifest already published by another worker", batch_id)
             self._adopt_existing(job, manifest_key)
             return
-        self.ledger.mark_stored(batch_id, self.owner, manifest, notify=self.settings.notify_url is not None)
+        self.ledger.mark_stored(batch_id, self.owner, manifest, notify=self.settings.notify_targets)
         if manifest.counts_match is False:
             results = manifest.results
             log.warning(
@@ -382,7 +384,7 @@ class Worker:
     def _adopt_existing(self, job: Job, manifest_key: str) -> None:
         """The batch is already published (an earlier attempt, or another worker): record it."""
         manifest = Manifest.from_bytes(self.storage.get_bytes(manifest_key))
-        self.ledger.mark_stored(job.batch_id, self.owner, manifest, notify=self.settings.notify_url is not None)
+        self.ledger.mark_stored(job.batch_id, self.owner, manifest, notify=self.settings.notify_targets)
 
     def _check(self, running: _Running) -> None:
         if running.cancel.is_set():
