@@ -105,7 +105,7 @@ def classify(code: str, message: str, target: str, fix: str, *, status: int = 0)
     said = f"{code}: {message}" if message else code
     if code in MISSING:
         return NotifyTransient(f"{target} does not exist ({said}); {fix}")
-    if code in DENIED:
+    if code in DENIED or status in (401, 403):
         return NotifyTransient(f"{target} refused our credentials ({said}); {fix}")
     if code in THROTTLING or code in INTERNAL or status >= 500 or status == 0 or status in (408, 429):
         return NotifyTransient(f"{target}: {said}")
