@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from . import errors
+from .config import NOTIFY_TARGETS
 
 if TYPE_CHECKING:
     from .ledger import Job, Ledger
@@ -73,7 +74,8 @@ class LedgerCollector(Collector):
 
 
 def _notification_metrics(notifications: dict[str, Any] | None) -> Iterator[GaugeMetricFamily]:
-    """Deliveries of batch.stored events per target (`webhook`, `sqs`, `eventbridge`)."""
+    """Deliveries of batch.stored events per target (`webhook`, `sqs`, `eventbridge`); every target
+    has its series, 0 when it has no delivery, so alert rules never meet an absent one."""
     if not notifications:
         return
     pending = GaugeMetricFamily(
@@ -82,9 +84,10 @@ def _notification_metrics(notifications: dict[str, Any] | None) -> Iterator[Gaug
     failed = GaugeMetricFamily(
         "receiver_notifications_failed", "batch.stored events given up after their retry window, or rejected.", labels=["target"]
     )
-    for target, counts in notifications["targets"].items():
-        pending.add_metric([target], counts["pending"])
-        failed.add_metric([target], counts["failed"])
+    for target in dict.fromkeys([*NOTIFY_TARGETS, *notifications["targets"]]):
+        counts = notifications["targets"].get(target, {})
+        pending.add_metric([target], counts.get("pending", 0))
+        failed.add_metric([target], counts.get("failed", 0))
     yield pending
     yield failed
 
