@@ -1,7 +1,7 @@
 """The notifier: deliver each outbox event to one target until the target has it.
 
-One notifier per configured target (webhook, SQS, EventBridge) runs as a thread of every worker
-process. Deliveries are claimed from the ledger under a lease, so many workers attempt each one one
+One notifier per configured target (webhook, SQS, EventBridge) runs as one of every worker
+process's duties (see duty.py). Deliveries are claimed from the ledger under a lease, so many workers attempt each one one
 at a time; a transient failure (see :mod:`receiver.jobs.senders`) is retried with capped backoff and
 jitter until the delivery's retry window (at least 24 h) ends, across restarts, and then marked
 failed (`receiver status`, /metrics); a rejected event is marked failed at once. Each target has its
@@ -11,13 +11,13 @@ own rows, so one that is down never holds another back.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from ..config import WEBHOOK, Settings
-from ..errors import LedgerUnavailable, NotifyError, NotifyRejected
+from ..errors import NotifyError, NotifyRejected
 from ..ledger import Ledger
 from ..retry import backoff
+from .duty import Duty
 from .senders import Sender, open_sender
 
 log = logging.getLogger(__name__)
@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 MAX_RETRY_AFTER_SECONDS = 3600.0
 
 
-class Notifier:
-    """Claims a target's due deliveries from the ledger and hands them to its sender."""
+class Notifier(Duty):
+    """Claims a target's due deliveries from the ledger and hands them to its sender, one per round."""
 
     def __init__(
         self,
@@ -39,40 +39,24 @@ class Notifier:
         sender: Sender | None = None,
         idle_seconds: float = 1.0,
     ) -> None:
+        super().__init__(idle_seconds)
         self.settings = settings
         self.ledger = ledger
         self.owner = owner
         self.sender = sender if sender is not None else open_sender(target, settings)
         self.target = self.sender.target
-        self.idle_seconds = idle_seconds
-        self.stopping = threading.Event()
+        self.name = f"notifier-{self.target}"
         # A claim outlives the longest attempt, so no second sender takes an event still in flight.
         self.lease_seconds = self.sender.timeout_seconds + settings.lease_seconds
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.run_forever, name=f"notifier-{self.target}", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float | None = None) -> None:
-        self.stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def run_forever(self) -> None:
+    def started(self) -> None:
         log.info("notifier %s sending batch.stored events to %s", self.owner, self.target)
-        while not self.stopping.is_set():
-            try:
-                sent = self.send_one()
-            except LedgerUnavailable as exc:
-                log.error("cannot claim %s notifications: %s", self.target, exc)
-                sent = False
-            except Exception:  # never let one event stop the sender
-                log.exception("notifier: unexpected error")
-                sent = False
-            if not sent:
-                self.stopping.wait(self.idle_seconds)
+
+    def finished(self) -> None:
         self.sender.close()
+
+    def tick(self) -> bool:
+        return self.send_one()
 
     def send_one(self, now: float | None = None) -> bool:
         """Claim one due delivery and make one attempt at it; False when none was due."""

@@ -3,9 +3,9 @@ of it, claimed and sent like a job.
 
 The event and one delivery row per configured target are written in the transaction that marks the
 job stored (`Ledger.mark_stored(notify=targets)`), so a crash can never leave a stored batch
-unannounced. A target's notifier claims its due deliveries under a lease (one UPDATE of the oldest
-due row, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so however many workers run, each delivery is
-attempted by one of them at a time, and a failing target never holds another one back.
+unannounced. A target's notifier claims its due deliveries under a lease (leases.claim_due: one
+UPDATE of the oldest due row), so however many workers run, each delivery is attempted by one of
+them at a time, and a failing target never holds another one back.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection
 
 from ..config import NOTIFY_TARGETS, WEBHOOK
 from ..manifest import Manifest, rfc3339
+from .leases import claim_due
 from .schema import FAILED, NOTIFICATION_STATES, PENDING, SENT, Notification, notification_deliveries, notifications
 
 if TYPE_CHECKING:
@@ -50,8 +51,8 @@ class Outbox:
     if TYPE_CHECKING:
         dialect: str
 
-        def _begin(self) -> AbstractContextManager[Connection]: ...
-        def _connect(self) -> AbstractContextManager[Connection]: ...
+        def begin(self) -> AbstractContextManager[Connection]: ...
+        def connect(self) -> AbstractContextManager[Connection]: ...
         def _insert(self, table: sa.Table) -> Any: ...
 
     def _add_notification(self, conn: Connection, batch_id: str, manifest: Manifest, targets: Iterable[str], now: float) -> bool:
@@ -84,7 +85,7 @@ class Outbox:
     ) -> bool:
         """Write an event for a batch stored before notifications were on (`notify --replay`)."""
         now = time.time() if now is None else now
-        with self._begin() as conn:
+        with self.begin() as conn:
             return self._add_notification(conn, batch_id, manifest, targets, now)
 
     def claim_notification(
@@ -95,28 +96,24 @@ class Outbox:
         lease runs out)."""
         now = time.time() if now is None else now
         d = notification_deliveries.c
-        pick = (
-            sa.select(d.batch_id)
-            .where(
-                d.target == target,
-                d.state == PENDING,
-                d.next_attempt_at <= now,
-                sa.or_(d.lease_expires_at.is_(None), d.lease_expires_at < now),
-            )
-            .order_by(d.next_attempt_at)
-            .limit(1)
+        due = sa.and_(
+            d.target == target,
+            d.state == PENDING,
+            d.next_attempt_at <= now,
+            sa.or_(d.lease_expires_at.is_(None), d.lease_expires_at < now),
         )
-        if self.dialect == "postgresql":
-            pick = pick.with_for_update(skip_locked=True)
-        with self._begin() as conn:
-            row = conn.execute(
-                notification_deliveries.update()
-                .where(d.target == target, d.batch_id == pick.scalar_subquery())
-                .values(lease_owner=owner, lease_expires_at=now + lease_seconds, attempts=d.attempts + 1)
-                .returning(d.batch_id, d.attempts, d.retry_from)
-            ).first()
-            if row is None:
+        with self.begin() as conn:
+            taken = claim_due(
+                conn,
+                notification_deliveries,
+                due=due,
+                order_by=d.next_attempt_at,
+                values={"lease_owner": owner, "lease_expires_at": now + lease_seconds, "attempts": d.attempts + 1},
+                returning=(d.batch_id, d.attempts, d.retry_from),
+            )
+            if not taken:
                 return None
+            row = taken[0]
             event = conn.execute(
                 sa.select(notifications.c.webhook_id, notifications.c.body).where(notifications.c.batch_id == row.batch_id)
             ).one()
@@ -137,7 +134,7 @@ class Outbox:
 
     def _settle(self, batch_id: str, target: str, owner: str, **values: Any) -> None:
         d = notification_deliveries.c
-        with self._begin() as conn:
+        with self.begin() as conn:
             conn.execute(
                 notification_deliveries.update()
                 .where(d.batch_id == batch_id, d.target == target, d.lease_owner == owner)
@@ -150,7 +147,7 @@ class Outbox:
         that has a delivery of it when None. False when the batch has no event."""
         now = time.time() if now is None else now
         d = notification_deliveries.c
-        with self._begin() as conn:
+        with self.begin() as conn:
             if conn.execute(sa.select(notifications.c.batch_id).where(notifications.c.batch_id == batch_id)).first() is None:
                 return False
             again = notification_deliveries.update().where(d.batch_id == batch_id)
@@ -175,7 +172,7 @@ class Outbox:
             .join(notification_deliveries, notification_deliveries.c.batch_id == notifications.c.batch_id)
             .where(notifications.c.batch_id == batch_id)
         )
-        with self._connect() as conn:
+        with self.connect() as conn:
             return {row["target"]: dict(row) for row in conn.execute(query).mappings()}
 
     def _notification_stats(self, conn: Connection) -> dict[str, Any]:
