@@ -30,6 +30,7 @@ from receiver.storage.s3.client import make_client
 
 from ._httpservers import Canned, LiveServer, ScriptedServer
 from ._moto import aws_test_env, moto_server
+from ._postgres import fresh_database, postgres_cluster
 from ._sink import SECRET, Sink, verify
 from .conftest import Service, make_receiver_env, read_manifest, run_cli, wait_for
 
@@ -326,14 +327,22 @@ def test_the_worker_announces_a_stored_batch_to_sqs_and_eventbridge(emulator, we
 # --- the upgrade -----------------------------------------------------------------------------------------
 
 
-def test_webhook_notifications_in_a_ledger_upgrade_as_the_webhook_target(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_webhook_notifications_in_a_ledger_upgrade_as_the_webhook_target(tmp_path: Path, backend: str) -> None:
     """A ledger at revision 0003 (one row per event, its state in the row) upgrades: every event
     keeps its webhook-id and body, its state becomes the `webhook` target's, and a pending one is
     still sent."""
+    with postgres_cluster() as pg_url:
+        if backend == "postgresql" and pg_url is None:
+            pytest.skip("PostgreSQL is not installed")
+        url = fresh_database(pg_url) if backend == "postgresql" and pg_url else f"sqlite:///{tmp_path}/receiver.db"
+        _upgrade_old_notifications(url)
+
+
+def _upgrade_old_notifications(url: str) -> None:
     from alembic import command
 
-    url = f"sqlite:///{tmp_path}/receiver.db"
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
     with engine.begin() as conn:
         command.upgrade(_config(conn), "0003")
         rows = [
