@@ -324,6 +324,47 @@ def test_the_worker_announces_a_stored_batch_to_sqs_and_eventbridge(emulator, we
     assert len(ids) == 1
 
 
+ADMIN_TOKEN = "admin-token-" + "y" * 20
+
+
+@pytest.fixture
+def receiver_env(tmp_path: Path, emulator) -> dict[str, str]:
+    """The web process of these tests serves the status page too."""
+    return make_receiver_env(tmp_path, emulator.url, RECEIVER_ADMIN_TOKEN=ADMIN_TOKEN)
+
+
+def test_the_status_page_shows_and_replays_each_target_on_its_own(web, receiver_env) -> None:
+    import re
+
+    import requests
+
+    ledger = Ledger(receiver_env["DATABASE_URL"])
+    ledger.enqueue("bat_told", origin="fetch")
+    ledger.add_notification("bat_told", _manifest("bat_told"), ("webhook", "sqs"))
+    for target, error in (("webhook", "HTTP 500"), ("sqs", "SQS queue … does not exist")):
+        assert ledger.claim_notification("w1", 30, target=target) is not None
+        ledger.notification_failed("bat_told", "w1", error, retry_at=None, target=target)
+    auth = ("alice", ADMIN_TOKEN)
+    overview = requests.get(f"{web.url}/admin", auth=auth, timeout=10).text
+    assert ">bat_told</a></td><td>sqs</td>" in overview and ">bat_told</a></td><td>webhook</td>" in overview
+    page = requests.get(f"{web.url}/admin/jobs/bat_told", auth=auth, timeout=10).text
+    assert 'id="notification-webhook"' in page and 'id="notification-sqs"' in page and "does not exist" in page
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert csrf is not None
+    replayed = requests.post(
+        f"{web.url}/admin/jobs/bat_told/replay", data={"csrf_token": csrf.group(1), "target": "sqs"}, auth=auth, timeout=10
+    )
+    assert replayed.status_code == 200 and 'id="replayed-notice"' in replayed.text
+    states = {t: d["state"] for t, d in ledger.notification_deliveries("bat_told").items()}
+    assert states == {"webhook": "failed", "sqs": "pending"}
+    assert "replayed the notification of batch bat_told to sqs" in web.service.output()
+    unknown = requests.post(
+        f"{web.url}/admin/jobs/bat_told/replay", data={"csrf_token": csrf.group(1), "target": "sns"}, auth=auth, timeout=10
+    )
+    assert unknown.status_code == 404
+    ledger.close()
+
+
 # --- the upgrade -----------------------------------------------------------------------------------------
 
 
