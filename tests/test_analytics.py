@@ -26,7 +26,7 @@ import pytest
 
 from receiver import layout
 
-from ._moto import aws_test_env, moto_server
+from ._s3servers import S3Endpoint
 from .conftest import make_receiver_env, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,10 +178,11 @@ def test_duckdb_reads_the_stored_results_with_the_tables_schema(stored: dict[str
 # --- created through moto's Glue and Athena APIs -----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    with aws_test_env(), moto_server() as url:
-        yield url
+@pytest.fixture
+def endpoint(moto_s3: S3Endpoint) -> Iterator[str]:
+    """The session's moto_server, its credentials in the environment for the test."""
+    with moto_s3.environment():
+        yield moto_s3.url
 
 
 def test_catalog_and_workgroup_are_accepted_by_the_glue_and_athena_apis(endpoint: str) -> None:

@@ -29,25 +29,19 @@ from receiver.metrics import render
 from receiver.storage.s3.client import make_client
 
 from ._httpservers import Canned, LiveServer, ScriptedServer
-from ._moto import aws_test_env, moto_server
-from ._postgres import fresh_database, postgres_cluster
+from ._moto import aws_test_env
+from ._s3servers import S3Endpoint
 from ._sink import SECRET, Sink, verify
 from .conftest import Service, make_receiver_env, read_manifest, run_cli, wait_for
 
 ACCOUNT = "123456789012"
 
 
-@pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    with aws_test_env(), moto_server() as url:
-        yield url
-
-
 @pytest.fixture
-def aws(endpoint: str) -> Iterator[str]:
-    """boto3 pointed at moto for SQS and EventBridge, for the block."""
-    with aws_test_env(AWS_ENDPOINT_URL_SQS=endpoint, AWS_ENDPOINT_URL_EVENTBRIDGE=endpoint):
-        yield endpoint
+def aws(moto_s3: S3Endpoint) -> Iterator[str]:
+    """The session's moto_server, with boto3 pointed at it for SQS and EventBridge, for the test."""
+    with moto_s3.environment(AWS_ENDPOINT_URL_SQS=moto_s3.url, AWS_ENDPOINT_URL_EVENTBRIDGE=moto_s3.url):
+        yield moto_s3.url
 
 
 @pytest.fixture
@@ -368,16 +362,11 @@ def test_the_status_page_shows_and_replays_each_target_on_its_own(web, receiver_
 # --- the upgrade -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_webhook_notifications_in_a_ledger_upgrade_as_the_webhook_target(tmp_path: Path, backend: str) -> None:
+def test_webhook_notifications_in_a_ledger_upgrade_as_the_webhook_target(db_url: str) -> None:
     """A ledger at revision 0003 (one row per event, its state in the row) upgrades: every event
     keeps its webhook-id and body, its state becomes the `webhook` target's, and a pending one is
     still sent."""
-    with postgres_cluster() as pg_url:
-        if backend == "postgresql" and pg_url is None:
-            pytest.skip("PostgreSQL is not installed")
-        url = fresh_database(pg_url) if backend == "postgresql" and pg_url else f"sqlite:///{tmp_path}/receiver.db"
-        _upgrade_old_notifications(url)
+    _upgrade_old_notifications(db_url)
 
 
 def _upgrade_old_notifications(url: str) -> None:

@@ -31,10 +31,11 @@ from ..errors import (
     JobCancelled,
     LeaseLost,
     LedgerUnavailable,
+    ObjectNotFound,
     ReceiverError,
 )
 from ..ledger import DEAD, STORED, Job, Ledger
-from ..manifest import Manifest, StoredFile
+from ..manifest import Manifest, StoredFile, read_manifest
 from ..retry import backoff
 from ..storage import Storage, Writer
 from . import pages
@@ -397,7 +398,9 @@ class Worker:
 
     def _adopt_existing(self, job: Job, manifest_key: str) -> None:
         """The batch is already published (an earlier attempt, or another worker): record it."""
-        manifest = Manifest.from_bytes(self.storage.get_bytes(manifest_key))
+        manifest = read_manifest(self.storage, job.batch_id)
+        if manifest is None:  # removed since we saw it: not ours to recreate under another's feet
+            raise ObjectNotFound(f"{manifest_key} vanished while being adopted")
         self.ledger.mark_stored(job.batch_id, self.owner, manifest, notify=self.settings.notify_targets)
 
     def _check(self, running: _Running) -> None:
