@@ -6,10 +6,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .. import layout
 from ..config import NOTIFY_TARGETS
 from ..errors import ConfigError, ReceiverError
-from ._common import ConfigurationError, Failure, load_settings, open_ledger
+from ._common import ConfigurationError, Failure, load_settings, open_ledger, validate_batch_ids
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -56,12 +55,8 @@ def notify(batch_ids: tuple[str, ...], chosen: tuple[str, ...]) -> None:
             f"{', '.join(unset)} is not set (configured: {', '.join(settings.notify_targets)})", param_hint="--target"
         )
     targets = chosen or settings.notify_targets
-    for batch_id in batch_ids:
-        try:
-            layout.validate_batch_id(batch_id)
-        except ReceiverError as exc:
-            raise click.BadParameter(f"{batch_id!r}: {exc}", param_hint="BATCH_ID") from None
-    ledger = open_ledger(settings)
+    validate_batch_ids(batch_ids)
+    ledger = open_ledger(settings)  # it writes: the event goes into the outbox
     missing = []
     try:
         for batch_id in batch_ids:
