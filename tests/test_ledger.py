@@ -315,7 +315,6 @@ DAY = 86400.0
 
 def _age(ledger, table, days, **where):
     """Move a row's timestamps `days` into the past, as time passing would (test set-up only)."""
-
     from receiver.ledger import schema
 
     tbl = getattr(schema, table)
@@ -323,6 +322,9 @@ def _age(ledger, table, days, **where):
     ago = time.time() - days * DAY
     with ledger.engine.begin() as conn:
         conn.execute(tbl.update().where(*(tbl.c[k] == v for k, v in where.items())).values({c: ago for c in columns[table]}))
+        if table == "notifications":  # and every target's delivery of the event
+            d = schema.notification_deliveries
+            conn.execute(d.update().where(*(d.c[k] == v for k, v in where.items())).values(retry_from=ago))
 
 
 def _stored(ledger, batch_id, *, notify=False):
@@ -354,10 +356,11 @@ def test_retention_prunes_each_table_past_its_time_and_keeps_what_is_in_flight(l
     ledger.watch("bat_watched", now=now - 400 * DAY)
     deliver(ledger, "evt_very_old", batch_id="bat_gone", terminal=False)
     with ledger.engine.begin() as conn:
-        from receiver.ledger.schema import deliveries, notifications
+        from receiver.ledger.schema import deliveries, notification_deliveries
 
         conn.execute(deliveries.update().where(deliveries.c.event_id == "evt_very_old").values(received_at=now - 15 * DAY))
-        conn.execute(notifications.update().where(notifications.c.batch_id != "bat_pending").values(state="sent"))
+        sent = notification_deliveries.c.batch_id != "bat_pending"
+        conn.execute(notification_deliveries.update().where(sent).values(state="sent"))
     reports.record_attempt(ledger, batch_id="bat_old", attempt=1, outcome=STORED, cause=None, bytes_=1, seconds=1.0)
     ledger.note_refused_delivery(now=now - 8 * DAY)
     ledger.note_refused_delivery(now=now)
@@ -367,6 +370,7 @@ def test_retention_prunes_each_table_past_its_time_and_keeps_what_is_in_flight(l
         "deliveries": 1,
         "job attempts": 0,
         "notification bodies": 2,
+        "notification deliveries": 1,
         "notifications": 1,
         "known batches": 1,  # bat_old's, still `watching` (no poller ended it) but it has a job
         "stored jobs": 1,
@@ -403,6 +407,7 @@ def test_a_batch_whose_rows_were_pruned_is_queued_again_by_its_next_delivery(led
         "deliveries": 1,
         "job attempts": 0,
         "notification bodies": 0,
+        "notification deliveries": 0,
         "notifications": 0,
         "known batches": 1,
         "stored jobs": 1,
@@ -442,9 +447,10 @@ def test_a_replay_after_the_body_was_dropped_rebuilds_it_from_the_manifest(ledge
     _stored(ledger, "bat_1", notify=True)
     first = ledger.notification("bat_1")
     with ledger.engine.begin() as conn:
-        from receiver.ledger.schema import notifications
+        from receiver.ledger.schema import notification_deliveries, notifications
 
-        conn.execute(notifications.update().values(state="sent", created_at=time.time() - 8 * DAY))
+        conn.execute(notification_deliveries.update().values(state="sent"))
+        conn.execute(notifications.update().values(created_at=time.time() - 8 * DAY))
     assert ledger.prune(RetentionPolicy())["notification bodies"] == 1
     assert not ledger.replay_notification("bat_1")  # no manifest to rebuild from: an empty body is never sent
     manifest = _manifest("bat_1", lines=1, expected_items=1)
@@ -472,9 +478,11 @@ def test_an_event_written_again_after_pruning_keeps_its_webhook_id(ledger):
     _stored(ledger, "bat_1", notify=True)
     first = ledger.notification("bat_1")["webhook_id"]
     with ledger.engine.begin() as conn:
-        from receiver.ledger.schema import notifications
+        from receiver.ledger.schema import notification_deliveries, notifications
 
-        conn.execute(notifications.update().values(state="sent", created_at=time.time() - 40 * DAY))
+        ago = time.time() - 40 * DAY
+        conn.execute(notification_deliveries.update().values(state="sent", retry_from=ago))
+        conn.execute(notifications.update().values(created_at=ago))
     assert ledger.prune(RetentionPolicy())["notifications"] == 1
     assert ledger.notification("bat_1") is None
     assert ledger.add_notification("bat_1", _manifest_at("bat_1", ledger))

@@ -199,3 +199,16 @@ def test_ls_calls_a_batch_that_ended_without_results_failed(tmp_path: Path) -> N
     assert table[1].split()[:3] == ["bat_failed", "failed", "failed"]
     [row] = json.loads(run_cli(env, "ls", "--json").stdout)
     assert (row["state"], row["job_state"]) == ("failed", "stored")
+
+
+def test_setting_messages_say_what_is_allowed_and_where_to_look(tmp_path: Path) -> None:
+    def one_line(env: dict[str, str], *args: str) -> str:
+        result = run_cli(env, *args, timeout=30)
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.decode().strip().splitlines()
+        return line
+
+    assert "receiver-data/emulator.env" in one_line(_clean_env(tmp_path), "fetch", "bat_x")
+    assert "http:// on loopback" in one_line(_clean_env(tmp_path, BATCHROUTER_API_URL="ftp://api.example.com"), "status")
+    no_secret = _clean_env(tmp_path, RECEIVER_NOTIFY_URL="http://127.0.0.1:9/hook")
+    assert "16 or more random bytes" in one_line(no_secret, "status")  # as the README says, not 24+

@@ -264,10 +264,16 @@ def test_banner_follows_both_servers_and_everything_it_prints_works(tmp_path: Pa
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        time.sleep(3)
-        assert second_worker.poll() is None, second_worker.communicate()[0]
+        # Wait for its first log line (not a fixed sleep: a loaded machine imports slowly), then stop it.
+        assert second_worker.stdout is not None
+        first_lines = []
+        for raw in second_worker.stdout:
+            first_lines.append(raw.decode())
+            if "started" in first_lines[-1]:
+                break
+        assert second_worker.poll() is None, "".join(first_lines)
         second_worker.send_signal(signal.SIGTERM)
-        worker_output = second_worker.communicate(timeout=30)[0].decode()
+        worker_output = "".join(first_lines) + second_worker.communicate(timeout=30)[0].decode()
         assert second_worker.returncode == 0 and "started" in worker_output, worker_output
 
         # A request the emulator logs in colour on a terminal (404): plain text in a file.

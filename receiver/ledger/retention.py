@@ -5,9 +5,11 @@ Every table has a rule (a setting with a minimum that keeps what correctness nee
 * deliveries: `RECEIVER_DELIVERY_RETENTION_DAYS` (event-id deduplication of BatchRouter's 24 h of
   retries);
 * job attempts: `RECEIVER_ATTEMPT_RETENTION_DAYS` (the status page's windows);
-* a sent or failed event's body: `RECEIVER_NOTIFICATION_RETENTION_DAYS` (the row and its webhook-id
-  stay; a replay after that rebuilds the body from the manifest, see Outbox.replay_notification);
-* stored jobs, their events, and known batches no longer polled: `RECEIVER_JOB_RETENTION_DAYS`;
+* an event's body once every target has sent it (or given up): `RECEIVER_NOTIFICATION_RETENTION_DAYS`
+  (the row and its webhook-id stay; a replay after that rebuilds the body from the manifest, see
+  Outbox.replay_notification);
+* stored jobs, settled events and their deliveries, and known batches no longer polled:
+  `RECEIVER_JOB_RETENTION_DAYS`;
 * refused-delivery minutes: `RECEIVER_REFUSED_RETENTION_DAYS`.
 
 What is never pruned: jobs that are not stored (queued, running, failed, dead: in flight or waiting
@@ -42,6 +44,7 @@ from .schema import (
     job_attempts,
     jobs,
     known_batches,
+    notification_deliveries,
     notifications,
     refused_deliveries,
 )
@@ -97,9 +100,12 @@ class Rule:
 
 
 def notification_rules(policy: RetentionPolicy, now: float) -> list[Rule]:
-    """The outbox's rules: bodies of settled events go after the notification retention, the rows
-    (with their webhook-id) after the job retention. Pending events are never touched."""
-    settled = notifications.c.state != PENDING
+    """The outbox's rules. An event's body goes after the notification retention once no target's
+    delivery of it is pending; its settled deliveries after the job retention, and then the event
+    itself (with its webhook-id). Nothing a target still has to send is touched."""
+    d = notification_deliveries.c
+    pending = sa.exists().where(d.batch_id == notifications.c.batch_id, d.state == PENDING)
+    job_cutoff = now - policy.job_days * DAY
     return [
         Rule(
             "notification bodies",
@@ -107,9 +113,19 @@ def notification_rules(policy: RetentionPolicy, now: float) -> list[Rule]:
             policy.notification_days,
             notifications,
             notifications.c.batch_id,
-            sa.and_(notifications.c.created_at < now - policy.notification_days * DAY, _HOLDS_BODY, settled),
+            sa.and_(notifications.c.created_at < now - policy.notification_days * DAY, _HOLDS_BODY, ~pending),
             notifications.c.created_at,
             drop={"body": b""},
+        ),
+        Rule(
+            "notification deliveries",
+            "RECEIVER_JOB_RETENTION_DAYS",
+            policy.job_days,
+            notification_deliveries,
+            # Two-column key: (batch, target) pairs are picked by batch id, the condition rechecked.
+            d.batch_id,
+            sa.and_(d.retry_from < job_cutoff, d.state != PENDING),
+            d.retry_from,
         ),
         Rule(
             "notifications",
@@ -117,7 +133,13 @@ def notification_rules(policy: RetentionPolicy, now: float) -> list[Rule]:
             policy.job_days,
             notifications,
             notifications.c.batch_id,
-            sa.and_(notifications.c.created_at < now - policy.job_days * DAY, settled),
+            # Once none of its deliveries is kept (the rule above removes them, in any order).
+            sa.and_(
+                notifications.c.created_at < job_cutoff,
+                ~sa.exists().where(
+                    d.batch_id == notifications.c.batch_id, sa.or_(d.state == PENDING, d.retry_from >= job_cutoff)
+                ),
+            ),
             notifications.c.created_at,
         ),
     ]

@@ -1,11 +1,13 @@
 """Indexes that retention's small deletes walk, so pruning costs what it removes, not the history.
 
-Stored jobs by age, known batches by state and age, and notifications by age (every row, and the
-rows that still hold a body: a partial index, so that dropping bodies never rescans the emptied
-ones). See receiver/ledger/retention.py.
+Stored jobs by age, known batches by state and age, events by age (every row, and the rows that
+still hold a body: a partial index, so that dropping bodies never rescans the emptied ones) and
+their deliveries by retry_from. See receiver/ledger/retention.py.
+
+After 0006 (the notification targets), which rebuilds the notifications table.
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0006
 Create Date: 2026-12-04
 """
 
@@ -15,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0005"
-down_revision = "0003"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
@@ -26,6 +28,7 @@ def upgrade() -> None:
     op.create_index("ix_jobs_state_updated", "jobs", ["state", "updated_at"])
     op.create_index("ix_known_batches_state_seen", "known_batches", ["state", "first_seen_at"])
     op.create_index("ix_notifications_created", "notifications", ["created_at"])
+    op.create_index("ix_notification_deliveries_retry_from", "notification_deliveries", ["retry_from"])
     op.create_index(
         "ix_notifications_body_kept",
         "notifications",
@@ -37,6 +40,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_notifications_body_kept", table_name="notifications")
+    op.drop_index("ix_notification_deliveries_retry_from", table_name="notification_deliveries")
     op.drop_index("ix_notifications_created", table_name="notifications")
     op.drop_index("ix_known_batches_state_seen", table_name="known_batches")
     op.drop_index("ix_jobs_state_updated", table_name="jobs")
