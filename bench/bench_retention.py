@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from receiver.ledger import Delivery, Ledger, reports
 from receiver.ledger.retention import RetentionPolicy
-from receiver.ledger.schema import jobs, notifications
+from receiver.ledger.schema import jobs, notification_deliveries, notifications
 from receiver.manifest import Manifest, StoredFile
 
 DAY = 86400.0
@@ -78,6 +78,13 @@ def build(ledger: Ledger, batches: int, days: float, now: float) -> None:
         conn.execute(
             notifications.update().values(
                 created_at=sa.select(jobs.c.created_at).where(jobs.c.batch_id == notifications.c.batch_id).scalar_subquery()
+            )
+        )
+        conn.execute(
+            notification_deliveries.update().values(
+                retry_from=sa.select(jobs.c.created_at)
+                .where(jobs.c.batch_id == notification_deliveries.c.batch_id)
+                .scalar_subquery()
             )
         )
 
