@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,12 +43,43 @@ from ._reliability import (
 )
 from ._sink import SECRET as NOTIFY_SECRET
 from ._sink import Sink, verify
-from .conftest import Emulator, Service, read_manifest, wait_for
+from .conftest import Emulator, Service, wait_for
 
 LEASE_SECONDS = 6
 #: Longer than the emulator's stall, so the stalled download is one request, not a resumed one.
 READ_TIMEOUT_SECONDS = 10
 STALL_SECONDS = 4
+
+
+class Folder:
+    """The storage root as the tests read it: a folder (RECEIVER_STORAGE_URL a path)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def keys(self, prefix: str) -> list[str]:
+        return sorted(str(p.relative_to(self.root)) for p in self.root.glob(prefix + "**/*") if p.is_file())
+
+    def read(self, key: str) -> bytes | None:
+        path = self.root / key
+        return path.read_bytes() if path.exists() else None
+
+
+class Bucket:
+    """The storage root as the tests read it: `s3://bucket/prefix`, read with boto3."""
+
+    def __init__(self, s3: Any, bucket: str, prefix: str) -> None:
+        self.s3, self.bucket, self.prefix = s3, bucket, prefix
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + prefix)
+        return sorted(o["Key"].removeprefix(self.prefix) for page in pages for o in page.get("Contents", []))
+
+    def read(self, key: str) -> bytes | None:
+        try:
+            return bytes(self.s3.get_object(Bucket=self.bucket, Key=self.prefix + key)["Body"].read())
+        except self.s3.exceptions.NoSuchKey:
+            return None
 
 
 @dataclasses.dataclass
@@ -58,7 +90,7 @@ class Rig:
     sink: Sink
     web: Service
     worker: Service
-    storage: Path
+    storage: Folder | Bucket
     figures: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def engine(self) -> sa.Engine:
@@ -86,8 +118,13 @@ class Rig:
     def wait_running(self, batch_id: str) -> None:
         wait_for(lambda: (self.job(batch_id) or ("",))[0] == "running", timeout=30, what=f"{batch_id} claimed")
 
-    def results_files(self, batch_id: str) -> list[Path]:
-        return sorted(self.storage.glob(f"results/*/batch_id={batch_id}/*"))
+    def results_files(self, batch_id: str) -> list[str]:
+        """Every object under the batch's results folder, a local part file included."""
+        return [k for k in self.storage.keys("results/") if f"/batch_id={batch_id}/" in k]
+
+    def manifest(self, batch_id: str) -> dict[str, Any] | None:
+        data = self.storage.read(f"manifests/{batch_id}.json")
+        return None if data is None else dict(json.loads(data))
 
     def wait_stored(self, batch_id: str, since: float, step: str) -> None:
         wait_for(lambda: (self.job(batch_id) or ("",))[0] == "stored", timeout=60, what=f"{batch_id} stored")
@@ -96,13 +133,13 @@ class Rig:
     def assert_once(self, batch_id: str) -> None:
         """Stored once (one results file, no part file, the emulator's bytes), downloaded once,
         announced once, and nothing logged a traceback."""
-        manifest = read_manifest(self.storage, batch_id)
+        manifest = self.manifest(batch_id)
         assert manifest is not None
         expected = self.emulator.expected(batch_id)["results"]
         [results] = self.results_files(batch_id)
-        assert results.name == "results.jsonl"
+        assert results.endswith("/results.jsonl")
         assert manifest["files"][0]["sha256"] == expected["sha256"]
-        assert manifest["files"][0]["key"] == str(results.relative_to(self.storage))
+        assert manifest["files"][0]["key"] == results
         assert self.emulator.stats()["artifact_requests"][batch_id] == 1
         wait_for(lambda: self._announced(batch_id), timeout=30, what=f"{batch_id} announced")
         time.sleep(0.5)  # a second announcement would follow the first at once
@@ -116,8 +153,10 @@ class Rig:
         return [e for e in events if e["data"]["batch_id"] == batch_id]
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+@pytest.fixture(scope="module", params=["local", pytest.param("s3", marks=pytest.mark.slow)])
+def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    """The stack, storing in a folder or (`-m slow`) in S3 (moto_server), where the adoption reads
+    the stored object back from the bucket."""
     tmp_path = tmp_path_factory.mktemp("blips")
     api_key, secret = new_api_key(), new_secret()
     with contextlib.ExitStack() as stack:
@@ -125,6 +164,19 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         if cluster is None:
             pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
         database_url = _postgres.fresh_database(cluster)
+        storage_env: dict[str, str] = {}
+        storage: Folder | Bucket = Folder(tmp_path / "storage")
+        if request.param == "s3":
+            import boto3
+
+            from ._moto import AWS_TEST_ENV, aws_test_env, moto_server
+
+            stack.enter_context(aws_test_env())
+            endpoint = stack.enter_context(moto_server())
+            s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+            s3.create_bucket(Bucket="blips")
+            storage = Bucket(s3, "blips", "receiver/")
+            storage_env = {"RECEIVER_STORAGE_URL": "s3://blips/receiver", "AWS_ENDPOINT_URL_S3": endpoint, **AWS_TEST_ENV}
         emulator = start_emulator(tmp_path, api_key)
         stack.callback(emulator.service.stop)
         sink = Sink().up()
@@ -138,6 +190,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
             RECEIVER_READ_TIMEOUT_SECONDS=str(READ_TIMEOUT_SECONDS),
             RECEIVER_NOTIFY_URL=sink.url,
             RECEIVER_NOTIFY_SECRET=NOTIFY_SECRET,
+            **storage_env,
         )
         store_secret(env, secret)
         web = start_web(env, tmp_path)
@@ -145,9 +198,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         register_webhook(emulator, api_key, f"http://127.0.0.1:{env['PORT']}/hooks/batchrouter", secret)
         worker = start_worker(env, tmp_path)
         stack.callback(worker.stop)
-        rig = Rig(cluster, database_url, emulator, sink, web, worker, Path(env["RECEIVER_STORAGE_URL"]))
+        rig = Rig(cluster, database_url, emulator, sink, web, worker, storage)
         yield rig
-        record_figures("db_blips", rig.figures)
+        record_figures(f"db_blips_{request.param}", rig.figures)
 
 
 @contextlib.contextmanager
@@ -200,7 +253,7 @@ def test_restart_mid_download_stores_once(rig: Rig) -> None:
     batch_id = _downloading(rig)
     since = time.monotonic()
     _postgres.restart(rig.cluster)
-    assert read_manifest(rig.storage, batch_id) is None  # the stall outlasts the restart
+    assert rig.manifest(batch_id) is None  # the stall outlasts the restart
     rig.wait_stored(batch_id, since, "mid_download")
     rig.assert_once(batch_id)
 
@@ -212,8 +265,9 @@ def _uploaded_not_published(rig: Rig) -> Iterator[str]:
     batch_id = _downloading(rig)
     with _locked(rig, "deliveries") as wait_for_waiter:
         wait_for_waiter("SELECT deliveries.event_id")
-        assert [p.name for p in rig.results_files(batch_id)] == ["results.jsonl"]
-        assert read_manifest(rig.storage, batch_id) is None
+        [results] = rig.results_files(batch_id)
+        assert results.endswith("/results.jsonl")
+        assert rig.manifest(batch_id) is None
         yield batch_id
 
 
@@ -230,7 +284,7 @@ def test_restart_during_the_outbox_write_stores_and_announces_once(rig: Rig) -> 
     with _locked(rig, "notifications") as wait_for_waiter:
         rig.emulator.complete(batch_id)
         wait_for_waiter("INSERT INTO notifications")
-        assert read_manifest(rig.storage, batch_id) is not None
+        assert rig.manifest(batch_id) is not None
         assert (rig.job(batch_id) or ("",))[0] == "running"
         since = time.monotonic()
         _postgres.restart(rig.cluster)
