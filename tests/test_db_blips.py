@@ -154,16 +154,18 @@ class Rig:
 
 
 @pytest.fixture(scope="module", params=["local", pytest.param("s3", marks=pytest.mark.slow)])
-def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    """The stack, storing in a folder or (`-m slow`) in S3 (moto_server), where the adoption reads
-    the stored object back from the bucket."""
+def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pg_cluster: str | None) -> Iterator[Rig]:
+    """The stack on a database of its own in the session's PostgreSQL cluster (which these tests
+    restart and stop), storing in a folder or (`-m slow`) in S3 (moto_server), where the adoption
+    reads the stored object back from the bucket."""
+    if pg_cluster is None:
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
+    cluster = pg_cluster
     tmp_path = tmp_path_factory.mktemp("blips")
     api_key, secret = new_api_key(), new_secret()
     with contextlib.ExitStack() as stack:
-        cluster = stack.enter_context(_postgres.postgres_cluster())
-        if cluster is None:
-            pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
         database_url = _postgres.fresh_database(cluster)
+        stack.callback(_postgres.drop_database, database_url)
         storage_env: dict[str, str] = {}
         storage: Folder | Bucket = Folder(tmp_path / "storage")
         if request.param == "s3":

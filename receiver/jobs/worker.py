@@ -1,8 +1,10 @@
 """The worker: claim a job, confirm the batch, fetch, store, publish; retry or give up.
 
 It knows the ledger, the BatchRouter client, the downloader and storage; nothing of Flask. Each job
-runs under a lease that one heartbeat thread renews while downloads run, so a crashed worker's job is
-taken again once its lease runs out and a healthy slow download is never taken over.
+runs under a lease that one heartbeat renews while downloads run, so a crashed worker's job is
+taken again once its lease runs out and a healthy slow download is never taken over. The heartbeat,
+housekeeping, the poller and the notifier are the worker's duties (duty.py): each on a thread of its
+own, built in one list by :meth:`Worker.duties`, started, stopped and joined the same way.
 
 A lost database connection (a PostgreSQL restart or failover) is a retry, not a failed attempt:
 every ledger call a job makes is made again, with backoff, for as long as the lease is surely still
@@ -35,15 +37,18 @@ from ..errors import (
     LeaseLost,
     LedgerConnectionLost,
     LedgerUnavailable,
+    ObjectNotFound,
     ReceiverError,
     StorageError,
 )
 from ..ledger import DEAD, STORED, Job, Ledger
-from ..manifest import Manifest, StoredFile
+from ..manifest import Manifest, StoredFile, read_manifest
 from ..retry import backoff
 from ..storage import Storage, Writer
 from . import pages
-from .poller import start_poller
+from .duty import Duty
+from .housekeeping import Housekeeping
+from .poller import Poller
 from .tally import tally
 from .transfer import Downloader, TransferResult
 
@@ -59,6 +64,9 @@ LEDGER_RETRY_CAP_SECONDS = 2.0
 #: Share of the lease we count on after a claim or renewal: the rest covers the clocks of other
 #: hosts (they compare the lease's expiry with their own time) and the call in flight.
 LEASE_TRUSTED = 0.8
+
+#: How long a stopping worker waits, in all, for its duties to finish the round in hand.
+DUTY_JOIN_SECONDS = 15.0
 
 
 class Stop(enum.Enum):
@@ -111,7 +119,7 @@ class Worker:
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(settings.worker_concurrency)
-        self._notifier: Any = None
+        self._duties: list[Duty] = []
 
     @classmethod
     def from_settings(cls, settings: Settings, ledger: Ledger | None = None) -> Worker:
@@ -133,24 +141,27 @@ class Worker:
 
     # --- the loop ---------------------------------------------------------------------------------
 
-    def run_forever(self) -> None:
-        """Claim and run jobs until :meth:`stop`; then release what is in hand and return."""
-        log.info("worker %s started, %d downloads in flight at most", self.owner, self.settings.worker_concurrency)
-        heartbeat = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
-        heartbeat.start()
-        poller = start_poller(self.settings, self.ledger, self.owner, self.stopping)
+    def duties(self) -> list[Duty]:
+        """The background duties this worker runs beside its claim loop."""
+        duties: list[Duty] = [Heartbeat(self), Housekeeping(self.settings, self.ledger, self.storage)]
+        poller = Poller.from_settings(self.settings, self.ledger, self.owner)
+        if poller is not None:
+            duties.append(poller)
         if self.settings.notify_url is not None:
             from .notifier import Notifier
 
-            self._notifier = Notifier(self.settings, self.ledger, self.owner)
-            self._notifier.start()
-        housekeeping_due = 0.0
+            duties.append(Notifier(self.settings, self.ledger, self.owner))
+        return duties
+
+    def run_forever(self) -> None:
+        """Claim and run jobs until :meth:`stop`; then release what is in hand and return."""
+        log.info("worker %s started, %d downloads in flight at most", self.owner, self.settings.worker_concurrency)
+        self._duties = self.duties()
+        for duty in self._duties:
+            duty.start()
         claim_failures = 0
         with ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="job") as pool:
             while not self.stopping.is_set():
-                if time.monotonic() >= housekeeping_due:
-                    self._housekeeping()
-                    housekeeping_due = time.monotonic() + 300
                 if not self._slots.acquire(timeout=self.poll_interval):
                     continue
                 claimed_at = time.monotonic()
@@ -173,17 +184,22 @@ class Worker:
                     continue
                 pool.submit(self._run_in_slot, job, claimed_at)
             self._cancel_all(Stop.SHUTDOWN)
-        if poller is not None:
-            poller.join(15)
-        if self._notifier is not None:
-            self._notifier.stop(timeout=5)
+            self._stop_duties()
+        # A duty in the middle of a round (a poll, a POST) gets a bounded while to finish it.
+        deadline = time.monotonic() + DUTY_JOIN_SECONDS
+        for duty in self._duties:
+            duty.join(max(0.0, deadline - time.monotonic()))
         log.info("worker %s stopped", self.owner)
 
     def stop(self) -> None:
+        """Stop claiming, cancel the jobs in hand and stop every duty; safe from a signal handler."""
         self.stopping.set()
         self._cancel_all(Stop.SHUTDOWN)
-        if self._notifier is not None:
-            self._notifier.stopping.set()
+        self._stop_duties()
+
+    def _stop_duties(self) -> None:
+        for duty in self._duties:
+            duty.stop()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: stop claiming, give back leases, abort unfinished uploads."""
@@ -427,7 +443,10 @@ class Worker:
 
     def _adopt_existing(self, running: _Running, manifest_key: str) -> None:
         """The batch is already published (an earlier attempt, or another worker): record it."""
-        self._mark_stored(running, Manifest.from_bytes(self.storage.get_bytes(manifest_key)))
+        manifest = read_manifest(self.storage, running.job.batch_id)
+        if manifest is None:  # removed since we saw it: not ours to recreate under another's feet
+            raise ObjectNotFound(f"{manifest_key} vanished while being adopted")
+        self._mark_stored(running, manifest)
 
     def _mark_stored(self, running: _Running, manifest: Manifest) -> None:
         """Record the published manifest (and its notification, in the same transaction).
@@ -515,48 +534,46 @@ class Worker:
             for running in self._running.values():
                 running.stop(reason)
 
-    # --- background duties ------------------------------------------------------------------------
+    def _renew_leases(self) -> None:
+        """Renew the lease of every job in hand, noting how far each has come; stop those lost."""
+        with self._lock:
+            progress: dict[str, int | None] = {b: r.stored for b, r in self._running.items()}
+        if not progress:
+            return
+        sent = time.monotonic()
+        lost = self.ledger.renew(progress, self.owner, self.settings.lease_seconds)
+        with self._lock:
+            for batch_id, running in self._running.items():
+                if batch_id in lost:
+                    running.stop(Stop.LEASE_LOST)
+                elif batch_id in progress:
+                    running.lease_until = sent + self._trusted_lease()
 
-    def _heartbeat(self) -> None:
-        interval = max(0.5, self.settings.lease_seconds / 3)
-        wait, failures = interval, 0
-        while not self.stopping.wait(wait):
-            with self._lock:
-                progress: dict[str, int | None] = {b: r.stored for b, r in self._running.items()}
-            if not progress:
-                continue
-            sent = time.monotonic()
-            try:
-                lost = self.ledger.renew(progress, self.owner, self.settings.lease_seconds)
-            except LedgerUnavailable as exc:
-                # Soon again, not a third of a lease later: the leases run out meanwhile.
-                failures += 1
-                if failures == 1:
-                    log.error("cannot renew leases: %s; trying again", exc)
-                wait = min(interval, _ledger_backoff(failures))
-                continue
-            if failures:
-                log.info("leases renewed again after %d failed tries", failures)
-            wait, failures = interval, 0
-            with self._lock:
-                for batch_id, running in self._running.items():
-                    if batch_id in lost:
-                        running.stop(Stop.LEASE_LOST)
-                    elif batch_id in progress:
-                        running.lease_until = sent + self._trusted_lease()
 
-    def _housekeeping(self) -> None:
+class Heartbeat(Duty):
+    """Renews the leases of a worker's jobs in hand, a third of a lease apart."""
+
+    name = "lease-heartbeat"
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(max(0.5, worker.settings.lease_seconds / 3))
+        self.worker = worker
+        self._failures = 0
+
+    def tick(self) -> bool:
         try:
-            removed = self.storage.cleanup_partials(
-                older_than_seconds=max(600.0, 4 * self.settings.lease_seconds + 2 * self.settings.read_timeout_seconds)
-            )
-            if removed:
-                log.info("removed %d abandoned partial uploads", removed)
-            pruned = self.ledger.prune_deliveries(self.settings.delivery_retention_days)
-            if pruned:
-                log.info("pruned %d delivery records older than %d days", pruned, self.settings.delivery_retention_days)
-        except ReceiverError as exc:
-            log.warning("housekeeping skipped: %s", exc)
+            self.worker._renew_leases()
+        except LedgerConnectionLost as exc:
+            # Again after a short backoff, not a third of a lease later: the leases run out meanwhile.
+            self._failures += 1
+            if self._failures == 1:
+                log.error("cannot renew leases: %s; trying again", exc)
+            self.stopping.wait(_ledger_backoff(self._failures))
+            return True
+        if self._failures:
+            log.info("leases renewed again after %d failed tries", self._failures)
+            self._failures = 0
+        return False
 
 
 def _ledger_backoff(failures: int) -> float:

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DisconnectionError, OperationalError
 
 from ..errors import UnsupportedDatabase
 
-#: Execution option marking a connection that only reads (Ledger._connect).
+#: Execution option marking a connection that only reads (Ledger.connect).
 READ_ONLY = "receiver_read_only"
 
 

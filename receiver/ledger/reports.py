@@ -13,8 +13,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .ledger import Ledger
-from .schema import DEAD, FAILED, JOB_STATES, QUEUED, RUNNING, STORED, deliveries, job_attempts, jobs
+from .ledger import Ledger, job_counts, queue_depth
+from .schema import DEAD, FAILED, QUEUED, RUNNING, STORED, deliveries, job_attempts, jobs
 
 #: Buckets of the job duration histogram (seconds from first claim to stored).
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
@@ -35,7 +35,7 @@ def record_attempt(
 ) -> None:
     """Note one finished attempt (stored, failed or dead) and why it failed."""
     now = time.time() if now is None else now
-    with ledger._begin() as conn:
+    with ledger.begin() as conn:
         conn.execute(
             job_attempts.insert().values(
                 batch_id=batch_id, attempt=attempt, outcome=outcome, cause=cause, bytes=bytes_, seconds=seconds, finished_at=now
@@ -46,8 +46,8 @@ def record_attempt(
 def overview(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
     """The status page's first screen: are deliveries arriving, are results landing."""
     now = time.time() if now is None else now
-    with ledger._connect() as conn:
-        by_state: dict[str, int] = dict(conn.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)).all())
+    with ledger.connect() as conn:
+        states = job_counts(conn)
         windows = {}
         for name, seconds in (("hour", 3600), ("day", 86400)):
             rows = conn.execute(
@@ -75,11 +75,10 @@ def overview(ledger: Ledger, now: float | None = None) -> dict[str, Any]:
         oldest = _oldest_due(conn, now)
         last_stored = conn.execute(sa.select(sa.func.max(jobs.c.updated_at)).where(jobs.c.state == STORED)).scalar()
         last_delivery = conn.execute(sa.select(sa.func.max(deliveries.c.received_at))).scalar()
-    states = {state: int(by_state.get(state, 0)) for state in JOB_STATES}
     return {
         "deliveries": windows,
         "jobs": states,
-        "queue_depth": states[QUEUED] + states[FAILED],
+        "queue_depth": queue_depth(states),
         "oldest_queued_age": None if oldest is None else max(0.0, now - oldest),
         "running": running,
         "dead": states[DEAD],
@@ -96,13 +95,13 @@ def find_jobs(ledger: Ledger, *, state: str | None = None, search: str | None = 
     if search:
         escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         query = query.where(jobs.c.batch_id.like(f"%{escaped}%", escape="\\"))
-    with ledger._connect() as conn:
+    with ledger.connect() as conn:
         return [dict(r) for r in conn.execute(query).mappings()]
 
 
 def job_detail(ledger: Ledger, batch_id: str) -> dict[str, Any] | None:
     """One job with the deliveries that named its batch and its attempt history."""
-    with ledger._connect() as conn:
+    with ledger.connect() as conn:
         row = conn.execute(sa.select(jobs).where(jobs.c.batch_id == batch_id)).mappings().first()
         if row is None:
             return None
@@ -137,7 +136,7 @@ def metric_figures(
     now = time.time() if now is None else now
     duration = jobs.c.updated_at - jobs.c.planned_at
     stored = jobs.c.state == STORED
-    with ledger._connect() as conn:
+    with ledger.connect() as conn:
         oldest = _oldest_due(conn, now)
         last_stored = conn.execute(sa.select(sa.func.max(jobs.c.updated_at)).where(stored)).scalar()
         durations = _histogram(conn, duration, sa.and_(stored, jobs.c.planned_at.is_not(None)), duration_buckets)
