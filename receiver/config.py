@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import importlib.util
 import ipaddress
 import os
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ from .errors import ConfigError, UnsupportedDatabase
 DEFAULT_API_URL = "https://api.batchrouter.com"
 DEFAULT_STORAGE_URL = "./receiver-data/storage"
 DEFAULT_DATABASE_URL = "sqlite:///./receiver-data/receiver.db"
+#: What a postgresql:// DATABASE_URL without the driver installed says.
+POSTGRES_DRIVER_MISSING = "PostgreSQL needs psycopg: pip install 'batchrouter-receiver[postgres]'"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +97,15 @@ class Settings:
             from dotenv import dotenv_values
 
             env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
-        env.update(os.environ if environ is None else environ)
-        return cls.from_mapping(env)
+        from_file = set(env)
+        environment = os.environ if environ is None else environ
+        env.update(environment)
+        try:
+            return cls.from_mapping(env)
+        except ConfigError as exc:
+            if exc.variable in from_file and exc.variable not in environment:  # say where to fix it
+                raise type(exc)(exc.variable, f"{exc.problem} (set in {dotenv_path})") from None
+            raise
 
     @classmethod
     def from_mapping(cls, env: Mapping[str, str]) -> Settings:
@@ -174,7 +184,11 @@ class Settings:
     def require_api_key(self) -> str:
         """The API key, or a configuration error for the commands that need one."""
         if not self.api_key:
-            raise ConfigError("BATCHROUTER_API_KEY", "is not set; create a key in the BatchRouter console and export it")
+            raise ConfigError(
+                "BATCHROUTER_API_KEY",
+                "is not set; create a key in the BatchRouter console and export it (for the local emulator, "
+                "load the settings `receiver serve --emulator` wrote: set -a; . receiver-data/emulator.env; set +a)",
+            )
         return self.api_key
 
 
@@ -224,7 +238,10 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 def _validate_api_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError("BATCHROUTER_API_URL", f"must be an https:// URL such as {DEFAULT_API_URL}")
+        raise ConfigError(
+            "BATCHROUTER_API_URL",
+            f"must be an https:// URL such as {DEFAULT_API_URL} (or http:// on loopback for the emulator)",
+        )
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         raise ConfigError("BATCHROUTER_API_URL", "plain http is allowed only on loopback (the emulator); use https://")
     return url.rstrip("/")
@@ -267,6 +284,8 @@ def _validate_database_url(url: str) -> str:
             raise ConfigError("DATABASE_URL", "a SQLite URL is sqlite:///relative/path.db or sqlite:////abs/path.db")
         return url
     if scheme in ("postgresql", "postgres"):
+        if importlib.util.find_spec("psycopg") is None:  # found, not imported: gevent patches first
+            raise UnsupportedDatabase("DATABASE_URL", POSTGRES_DRIVER_MISSING)
         return url
     raise UnsupportedDatabase("DATABASE_URL", f"{scheme or url!r} is not supported; use sqlite:///path.db or postgresql://…")
 
@@ -314,7 +333,7 @@ def _validate_notify_secret(secret: str | None, *, required: bool) -> str | None
     if secret is None:
         if required:
             raise ConfigError(
-                "RECEIVER_NOTIFY_SECRET", "is required with RECEIVER_NOTIFY_URL: whsec_ and base64 of 24+ random bytes"
+                "RECEIVER_NOTIFY_SECRET", "is required with RECEIVER_NOTIFY_URL: whsec_ and the base64 of 16 or more random bytes"
             )
         return None
     try:

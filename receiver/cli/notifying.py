@@ -6,9 +6,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .. import layout
 from ..errors import ConfigError, ReceiverError
-from ._common import ConfigurationError, Failure, load_settings, open_ledger
+from ._common import ConfigurationError, Failure, load_settings, open_ledger, validate_batch_ids
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -33,12 +32,8 @@ def notify(batch_ids: tuple[str, ...]) -> None:
     settings = load_settings()
     if settings.notify_url is None:
         raise ConfigurationError(str(ConfigError("RECEIVER_NOTIFY_URL", "is not set; there is nowhere to send events")))
-    for batch_id in batch_ids:
-        try:
-            layout.validate_batch_id(batch_id)
-        except ReceiverError as exc:
-            raise click.BadParameter(f"{batch_id!r}: {exc}", param_hint="BATCH_ID") from None
-    ledger = open_ledger(settings)
+    validate_batch_ids(batch_ids)
+    ledger = open_ledger(settings)  # it writes: the event goes into the outbox
     missing = []
     try:
         for batch_id in batch_ids:

@@ -10,7 +10,8 @@ revision there (tests/test_migrations.py fails until the two agree). README, "Sc
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
@@ -213,3 +214,11 @@ class SecretInfo:
     id: int
     created_at: float
     expires_at: float | None
+
+
+def insert_deliveries(insert: Callable[[sa.Table], Any], rows: Any) -> Any:
+    """The one delivery insert: `rows` (one mapping, or a list for several rows) ON CONFLICT
+    (event_id) DO NOTHING, returning the event ids inserted (RETURNING, not rowcount: drivers
+    disagree on rowcount for ON CONFLICT). `insert` is the dialect's (sqlite or postgresql) insert.
+    The ledger, and both group commits, record deliveries with it."""
+    return insert(deliveries).values(rows).on_conflict_do_nothing(index_elements=["event_id"]).returning(deliveries.c.event_id)

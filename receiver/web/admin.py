@@ -185,15 +185,17 @@ def retry(batch_id: str) -> Response:
 
 @bp.post("/watch")
 def watch() -> Response:
-    """Make a batch id known so the polling fallback stores it even if no delivery ever names it
-    (as `receiver watch` does, without its up-front check: the web side makes no API calls, and a
-    poll that gets 404 stops and shows the batch as not found)."""
+    """Make a batch id known so the polling fallback stores it even if no delivery ever names it,
+    through the ledger's `watch` as `receiver watch` does. The web side makes no API calls, so
+    where the command checks the batch first, this asks the worker's poller to check it at once:
+    an ended batch is queued within a poll tick, and one BatchRouter does not know shows as not
+    found."""
     batch_id = (request.form.get("batch_id") or "").strip()
     try:
         validate_batch_id(batch_id)
     except ReceiverError:
         return redirect(url_for("admin.overview", done="bad-batch-id"), 303)  # type: ignore[return-value]
-    _ledger().watch(batch_id)
+    _ledger().watch(batch_id, poll_now=True)
     log.info(
         "admin: %s watched batch %s from %s",
         _who(),
