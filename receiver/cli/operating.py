@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .. import layout
+from ..config import NOTIFY_TARGETS
 from ..errors import ConfigError, ReceiverError
 from ..manifest import read_manifest, stored_batch_ids
 from ._common import UNENCRYPTED, ConfigurationError, Failure, iso, load_settings, open_ledger, validate_batch_ids
@@ -310,17 +311,26 @@ def status(as_json: bool) -> None:
     for row in stats["dead"]:
         click.echo(f"dead: {row['batch_id']} after {row['attempts']} attempts: {row['last_error']}")
     notes = stats["notifications"]
-    if settings.notify_url or any(notes["states"].values()):
+    if settings.notify_targets or any(notes["states"].values()):
         oldest = notes["oldest_pending_at"]
         click.echo(
             f"notifications: pending {notes['states']['pending']}  sent {notes['states']['sent']}  "
             f"failed {notes['states']['failed']}" + (f"  (oldest pending since {iso(oldest)})" if oldest else "")
         )
+        for target in sorted(set(settings.notify_targets) | set(notes["targets"]), key=_target_order):
+            counts = notes["targets"].get(target, {"pending": 0, "sent": 0, "failed": 0})
+            unset = "" if target in settings.notify_targets else "  (not set any more)"
+            click.echo(f"  {target}: pending {counts['pending']}  sent {counts['sent']}  failed {counts['failed']}{unset}")
     for row in notes["failed"]:
         click.echo(
-            f"notification failed: {row['batch_id']} ({row['webhook_id']}) after {row['attempts']} attempts: {row['last_error']}"
+            f"notification failed: {row['batch_id']} to {row['target']} ({row['webhook_id']}) "
+            f"after {row['attempts']} attempts: {row['last_error']}"
         )
     _echo_polling(stats["polling"])
+
+
+def _target_order(target: str) -> tuple[int, str]:
+    return (NOTIFY_TARGETS.index(target) if target in NOTIFY_TARGETS else len(NOTIFY_TARGETS), target)
 
 
 def _echo_polling(polling: dict[str, Any]) -> None:
