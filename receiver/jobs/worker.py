@@ -130,10 +130,11 @@ class Worker:
         poller = Poller.from_settings(self.settings, self.ledger, self.owner)
         if poller is not None:
             duties.append(poller)
-        if self.settings.notify_url is not None:
+        if self.settings.notify_targets:
             from .notifier import Notifier
 
-            duties.append(Notifier(self.settings, self.ledger, self.owner))
+            # One per target: each retries on its own, so a target that is down holds no other back.
+            duties += [Notifier(self.settings, self.ledger, self.owner, target) for target in self.settings.notify_targets]
         return duties
 
     def run_forever(self) -> None:
@@ -320,7 +321,7 @@ class Worker:
             log.info("job %s: manifest already published by another worker", batch_id)
             self._adopt_existing(job, manifest_key)
             return
-        self.ledger.mark_stored(batch_id, self.owner, manifest, notify=self.settings.notify_url is not None)
+        self.ledger.mark_stored(batch_id, self.owner, manifest, notify=self.settings.notify_targets)
         if manifest.counts_match is False:
             results = manifest.results
             log.warning(
@@ -403,7 +404,7 @@ class Worker:
         manifest = read_manifest(self.storage, job.batch_id)
         if manifest is None:  # removed since we saw it: not ours to recreate under another's feet
             raise ObjectNotFound(f"{manifest_key} vanished while being adopted")
-        self.ledger.mark_stored(job.batch_id, self.owner, manifest, notify=self.settings.notify_url is not None)
+        self.ledger.mark_stored(job.batch_id, self.owner, manifest, notify=self.settings.notify_targets)
 
     def _check(self, running: _Running) -> None:
         if running.cancel.is_set():

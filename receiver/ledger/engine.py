@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 
+from ..config import POSTGRES_DRIVER_MISSING
 from ..errors import UnsupportedDatabase
 
 #: Execution option marking a connection that only reads (Ledger.connect).
@@ -49,9 +50,7 @@ def create_engine(url: str, busy_timeout_seconds: float) -> Engine:
         try:
             import psycopg  # noqa: F401
         except ImportError:
-            raise UnsupportedDatabase(
-                "DATABASE_URL", "PostgreSQL needs psycopg: pip install 'batchrouter-receiver[postgres]'"
-            ) from None
+            raise UnsupportedDatabase("DATABASE_URL", POSTGRES_DRIVER_MISSING) from None
         # A fixed pool: under gevent a web process may have hundreds of requests in flight, and
         # overflow connections (opened and closed per checkout, a PostgreSQL backend forked each
         # time) cost more than waiting for one of 16 (bench_ingest --database-url: 394/s -> 521/s).
