@@ -145,11 +145,17 @@ class Outbox:
             row = conn.execute(sa.select(notifications).where(notifications.c.batch_id == batch_id)).mappings().first()
             return dict(row) if row else None
 
-    def _notification_stats(self, conn: Connection) -> dict[str, Any]:
-        """Events by state, the oldest pending one, and the latest failures (`status`, /metrics)."""
-        by_state: dict[str, int] = dict(
-            conn.execute(sa.select(notifications.c.state, sa.func.count()).group_by(notifications.c.state)).all()
-        )
+    def _notification_stats(self, conn: Connection, values: dict[str, float]) -> dict[str, Any]:
+        """Events by state, the oldest pending one, and the latest failures (`status`, /metrics).
+
+        Pending and failed events are counted through the state index (they are work in flight, or
+        waiting for an operator); sent ones are history, a counter (`values`: counters.read).
+        """
+        by_state = {
+            state: int(conn.execute(sa.select(sa.func.count()).where(notifications.c.state == state)).scalar_one())
+            for state in (PENDING, FAILED)
+        }
+        by_state[SENT] = int(values.get("notifications:sent", 0))
         oldest = conn.execute(sa.select(sa.func.min(notifications.c.created_at)).where(notifications.c.state == PENDING)).scalar()
         failed = [
             dict(r)
@@ -163,7 +169,7 @@ class Outbox:
             ).mappings()
         ]
         return {
-            "states": {state: int(by_state.get(state, 0)) for state in NOTIFICATION_STATES},
+            "states": {state: by_state[state] for state in NOTIFICATION_STATES},
             "oldest_pending_at": oldest,
             "failed": failed,
         }
