@@ -7,8 +7,9 @@ changes the row they count, whichever code path writes it (SQLAlchemy, the SQLit
 own statements, a bulk load). On PostgreSQL the triggers append to `counter_deltas` instead, so
 concurrent writers never queue on one row; reading folds the deltas in (ledger/counters.py).
 
-Pruning deletes history rows without lowering a figure: a delete counts only for the states that
-are work in flight (queued, running, failed). The upgrade fills the counters from the rows already
+Pruning deletes history rows without lowering a figure: deleting a stored job leaves `jobs:stored`
+as it was; deleting a job in any other state (work in flight, or dead and waiting for an operator)
+takes it out of its state's count. The upgrade fills the counters from the rows already
 there, so an upgraded ledger keeps its figures.
 
 The histogram buckets are written into the triggers: changing them needs a new revision.
@@ -31,7 +32,9 @@ depends_on = None
 #: The job histograms' upper bounds, as ledger/reports.py reads them (seconds; bytes).
 DURATION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
 BYTES_BUCKETS = tuple(float(1024**2 * n) for n in (1, 10, 100, 1024, 10 * 1024, 100 * 1024))
-LIVE_JOB_STATES = ("queued", "running", "failed")
+#: States a deleted job leaves: all but `stored`, which counts the batches stored, pruned or not. A
+#: dead job waits for an operator (an alert fires while any does), so deleting one lowers the count.
+LEFT_ON_DELETE = ("queued", "running", "failed", "dead")
 
 #: One count: (name expression, value expression, condition), over the trigger's NEW/OLD rows.
 Count = tuple[str, str, str]
@@ -74,7 +77,7 @@ COUNTS: dict[str, dict[str, list[Count]]] = {
             ("'jobs:' || NEW.state", "1", "OLD.state <> NEW.state"),
             *[(n, v, f"NEW.state = 'stored' AND OLD.state <> 'stored' AND {c}") for n, v, c in _stored("NEW")],
         ],
-        "DELETE": [("'jobs:' || OLD.state", "-1", f"OLD.state IN ({', '.join(repr(s) for s in LIVE_JOB_STATES)})")],
+        "DELETE": [("'jobs:' || OLD.state", "-1", f"OLD.state IN ({', '.join(repr(s) for s in LEFT_ON_DELETE)})")],
     },
     "job_attempts": {
         "INSERT": [
