@@ -70,7 +70,7 @@ def build(url: str, size: int, storage: Path | None, end: float) -> float:
         rows: dict[str, list[dict[str, Any]]] = {"deliveries": [], "known": [], "jobs": [], "attempts": [], "notes": []}
         for i in range(chunk, min(size, chunk + CHUNK)):
             _batch(rows, rng, f"bat_h{i:08d}", first + i * 86400 / PER_DAY, storage)
-        with ledger._begin() as conn:
+        with ledger.begin() as conn:
             conn.execute(deliveries.insert(), rows["deliveries"])
             conn.execute(known_batches.insert(), rows["known"])
             conn.execute(jobs.insert(), rows["jobs"])
@@ -185,7 +185,7 @@ def check_figures(url: str, size: int) -> None:
     """The counters the triggers kept equal what the rows say (the build skipped no bookkeeping)."""
     ledger = Ledger(url)
     stats, figures = ledger.stats(), reports.metric_figures(ledger)
-    with ledger._connect() as conn:
+    with ledger.connect() as conn:
         stored = conn.exec_driver_sql("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM jobs WHERE state = 'stored'").one()
         retries = conn.exec_driver_sql("SELECT COUNT(*) FROM job_attempts WHERE outcome = 'failed'").scalar_one()
     ledger.close()
@@ -245,7 +245,7 @@ def ingest(url: str, pid: int, *, requests: int, scrape_every: float | None) -> 
 
 def disk_per_table(url: str) -> dict[str, int]:
     ledger = Ledger(url)
-    with ledger._connect() as conn:
+    with ledger.connect() as conn:
         if ledger.dialect == "sqlite":
             rows = conn.exec_driver_sql(
                 "SELECT COALESCE(i.tbl_name, d.name), SUM(d.pgsize) FROM dbstat d LEFT JOIN sqlite_master i ON i.name = d.name GROUP BY 1"
@@ -359,7 +359,7 @@ def _forget_traffic(url: str, end: float) -> None:
     """Delete what the measurement added (deliveries and jobs newer than the history), so that the
     cached ledger holds history only, for the next run."""
     ledger = Ledger(url)
-    with ledger._begin() as conn:
+    with ledger.begin() as conn:
         conn.exec_driver_sql("DELETE FROM deliveries WHERE received_at > ?", (end + 3600,))
         conn.exec_driver_sql("DELETE FROM known_batches WHERE first_seen_at > ?", (end + 3600,))
     ledger.close()

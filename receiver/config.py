@@ -13,7 +13,7 @@ import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .errors import ConfigError, UnsupportedDatabase
 
@@ -110,7 +110,8 @@ class Settings:
         api_key = get("BATCHROUTER_API_KEY")
         if api_key is not None and (not api_key.isprintable() or " " in api_key):
             raise ConfigError("BATCHROUTER_API_KEY", "contains spaces or control characters; paste the key exactly")
-        storage_url = _validate_storage_url(get("RECEIVER_STORAGE_URL") or DEFAULT_STORAGE_URL)
+        storage_url = get("RECEIVER_STORAGE_URL") or DEFAULT_STORAGE_URL
+        parse_storage_url(storage_url)
         database_url = _validate_database_url(get("DATABASE_URL") or DEFAULT_DATABASE_URL)
         public_url = get("RECEIVER_PUBLIC_URL")
         if public_url is not None and urlsplit(public_url).scheme not in ("http", "https"):
@@ -229,20 +230,34 @@ def _validate_api_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def _validate_storage_url(url: str) -> str:
-    scheme = urlsplit(url).scheme
-    if scheme in ("", "file"):
-        return url
-    if scheme == "s3":
-        parts = urlsplit(url)
+#: The storage URL schemes, and the backend each one opens: config checks a URL against this list
+#: and `receiver.storage.storage_from_url` opens what it names, so a new backend is one entry here
+#: and one branch there. No scheme is a local path.
+STORAGE_SCHEMES = {"": "local", "file": "local", "s3": "s3"}
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageLocation:
+    """Where a storage URL points: a `local` folder (`path`) or an `s3` bucket and key prefix."""
+
+    backend: str
+    path: str
+    bucket: str = ""
+
+
+def parse_storage_url(url: str, setting: str = "RECEIVER_STORAGE_URL") -> StorageLocation:
+    """Read a storage root URL (a path, `file://…` or `s3://bucket/prefix`); ConfigError otherwise."""
+    parts = urlsplit(url)
+    backend = STORAGE_SCHEMES.get(parts.scheme)
+    if backend is None and len(parts.scheme) == 1 and os.name == "nt":  # a drive letter
+        backend = "local"
+    if backend is None:
+        raise ConfigError(setting, f"scheme {parts.scheme!r} is not supported; use a local path, file:// or s3://bucket/prefix")
+    if backend == "s3":
         if not parts.netloc:
-            raise ConfigError("RECEIVER_STORAGE_URL", "an s3:// URL needs a bucket: s3://bucket/prefix")
-        return url
-    if len(scheme) == 1 and os.name == "nt":  # a drive letter
-        return url
-    raise ConfigError(
-        "RECEIVER_STORAGE_URL", f"scheme {scheme!r} is not supported; use a local path, file:// or s3://bucket/prefix"
-    )
+            raise ConfigError(setting, "an s3:// URL needs a bucket: s3://bucket/prefix")
+        return StorageLocation("s3", parts.path.strip("/"), bucket=parts.netloc)
+    return StorageLocation("local", unquote(parts.path) if parts.scheme == "file" else url)
 
 
 def _validate_database_url(url: str) -> str:

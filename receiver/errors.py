@@ -166,7 +166,16 @@ class IncompleteDownload(TransferError):
 
 
 class DownloadFailed(TransferError):
-    """The artifact host failed: a 5xx, a 429, a timeout or a dropped connection."""
+    """The artifact host failed: a 5xx, a 429, a timeout or a dropped connection.
+
+    `status` is the HTTP status the host answered, None when no answer came (a timeout, a dropped
+    connection) or the answer was not the failure (a bad redirect, a changed artifact); the retry
+    cause is read from it, never from the message.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
 
 
 class ArtifactMissing(TransferError):
@@ -194,6 +203,12 @@ class StorageUnavailable(StorageError):
 
 class StoragePermissionError(StorageError):
     """The storage refuses us (AccessDenied, NoSuchBucket, EACCES): an operator must fix it."""
+
+
+class StorageEncryptionUnsupported(StoragePermissionError):
+    """The store fails every write encrypted the configured way (RECEIVER_S3_SSE=aws:kms) and
+    accepts the same write unencrypted: an S3-compatible store without KMS answers 500 to each, which
+    retries would only repeat until the job is dead. An operator must change the setting."""
 
 
 class ObjectNotFound(StorageError):

@@ -19,13 +19,19 @@ ERRORS = "errors"
 MANIFESTS = "manifests"
 
 
+def is_batch_id(batch_id: object) -> bool:
+    """Whether `batch_id` is safe as a single storage path segment."""
+    return isinstance(batch_id, str) and _BATCH_ID.fullmatch(batch_id) is not None and ".." not in batch_id
+
+
 def validate_batch_id(batch_id: object) -> str:
     """Return `batch_id` if it is safe as a single storage path segment, else raise."""
-    if not isinstance(batch_id, str) or not _BATCH_ID.fullmatch(batch_id) or ".." in batch_id:
+    if not is_batch_id(batch_id):
         raise UnsafeBatchId(
             "batch id must be 1-200 characters of letters, digits, '_', '-' and '.', with no '..'",
             {"batch_id": ["not a safe batch id"]},
         )
+    assert isinstance(batch_id, str)
     return batch_id
 
 

@@ -3,7 +3,9 @@
 Downstream jobs wait for it and read it (docs/architecture.md, "The public interface"), so its
 fields are part of the public interface. One type builds it (the worker), reads it back (adopting a
 batch another worker published, `cat`, `ls`, the results reader) and turns it into bytes, so the
-fields are named and mapped in one place.
+fields are named and mapped in one place, and :func:`read_manifest` is the one way to read a
+batch's manifest from storage (the worker, `cat`, `wait`, `notify --replay`, the status page and
+the results reader all use it).
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, layout
+from .errors import ObjectNotFound
 from .layout import RESULTS
+
+if TYPE_CHECKING:
+    from .storage import Storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +127,28 @@ class Manifest:
     @classmethod
     def from_bytes(cls, data: bytes) -> Manifest:
         return cls.from_dict(json.loads(data))
+
+
+def read_manifest(storage: Storage, batch_id: str) -> Manifest | None:
+    """The batch's manifest as stored, or None when it has none (not stored, or not yet).
+
+    Only a missing manifest is None: a storage outage or a refused read raises, so a caller never
+    mistakes "cannot tell" for "not stored".
+    """
+    try:
+        data = storage.get_bytes(layout.manifest_key(batch_id))
+    except ObjectNotFound:
+        return None
+    return Manifest.from_bytes(data)
+
+
+def stored_batch_ids(storage: Storage) -> Iterator[str]:
+    """The ids of the batches that have a manifest, in storage's listing order (a stray file whose
+    name is no batch id is left out)."""
+    for key in storage.list_keys(layout.MANIFESTS + "/"):
+        batch_id = key.rpartition("/")[2].removesuffix(".json")
+        if key.endswith(".json") and layout.is_batch_id(batch_id):
+            yield batch_id
 
 
 def rfc3339(moment: dt.datetime) -> str:

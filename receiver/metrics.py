@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -249,16 +248,9 @@ def cause_of(exc: BaseException) -> str:
         return "storage"
     if isinstance(exc, errors.BatchNotTerminal):
         return "not_terminal"
-    if isinstance(exc, errors.APITransientError):
+    if isinstance(exc, errors.APITransientError | errors.DownloadFailed):
         status = exc.status or 0
         return "server_error" if status >= 500 else "rate_limit" if status == 429 else "network"
-    if isinstance(exc, errors.DownloadFailed):
-        text = str(exc)
-        return "rate_limit" if "429" in text else "server_error" if _mentions_5xx(text) else "network"
     if isinstance(exc, errors.TransferError | OSError):
         return "network"
     return "other"
-
-
-def _mentions_5xx(text: str) -> bool:
-    return re.search(r"\b5\d\d\b", text) is not None

@@ -19,9 +19,8 @@ import json
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-from . import layout
-from .errors import ChecksumMismatch, NotStored, ObjectNotFound
-from .manifest import Manifest, StoredFile, parse_rfc3339
+from .errors import ChecksumMismatch, NotStored
+from .manifest import Manifest, StoredFile, read_manifest, stored_batch_ids
 from .storage import Storage, storage_from_url
 
 __all__ = ["ResultStore"]
@@ -43,22 +42,23 @@ class ResultStore:
         """Every manifest, oldest `stored_at` first (ties by batch id). Reads them all before the
         first is yielded: the order needs every date."""
         found = []
-        for key in self.storage.list_keys(layout.MANIFESTS + "/"):
-            if not key.endswith(".json"):
-                continue
-            try:
-                found.append(json.loads(self.storage.get_bytes(key)))
-            except ObjectNotFound:  # deleted since the listing
-                continue
-        found.sort(key=lambda m: (parse_rfc3339(m["stored_at"]), m["batch_id"]))
-        yield from found
+        for batch_id in stored_batch_ids(self.storage):
+            manifest = read_manifest(self.storage, batch_id)
+            if manifest is not None:  # None: deleted since the listing
+                found.append(manifest)
+        found.sort(key=lambda m: (m.stored_at, m.batch_id))
+        for manifest in found:
+            yield manifest.to_dict()
 
     def manifest(self, batch_id: str) -> dict[str, Any]:
         """The batch's manifest; LookupError (NotStored) when it has none."""
-        try:
-            return json.loads(self.storage.get_bytes(layout.manifest_key(batch_id)))
-        except ObjectNotFound:
-            raise NotStored(f"batch {batch_id} is not stored in {self.url}") from None
+        return self._stored(batch_id).to_dict()
+
+    def _stored(self, batch_id: str) -> Manifest:
+        manifest = read_manifest(self.storage, batch_id)
+        if manifest is None:
+            raise NotStored(f"batch {batch_id} is not stored in {self.url}")
+        return manifest
 
     def open(self, batch_id: str) -> BinaryIO:
         """The stored results bytes (gzip stays gzip) as a binary file object; close it when done."""
@@ -88,7 +88,7 @@ class ResultStore:
                     )
 
     def _results(self, batch_id: str) -> StoredFile:
-        manifest = Manifest.from_dict(self.manifest(batch_id))
+        manifest = self._stored(batch_id)
         if manifest.results is None:
             raise NotStored(f"batch {batch_id} ended {manifest.status!r} without results")
         return manifest.results

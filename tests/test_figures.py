@@ -22,7 +22,7 @@ from receiver.ledger import Ledger, migrate, reports
 from receiver.ledger.schema import job_attempts, jobs, known_batches, notifications
 from receiver.manifest import Manifest, StoredFile
 
-from .test_ledger import deliver, ledger, pg_url  # noqa: F401  (fixtures)
+from .test_ledger import deliver, ledger  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -70,13 +70,13 @@ def history(led: Ledger) -> None:
     led.record_poll("bat_polled", None, status="processing")
     led.record_poll("bat_polled", None, status="processing")
     led.record_poll("bat_found", None, status="completed", state="ended")
-    with led._begin() as conn:
+    with led.begin() as conn:
         conn.execute(known_batches.update().where(known_batches.c.batch_id == "bat_found").values(found_by_poll=True))
 
 
 def whole_table_figures(led: Ledger) -> dict[str, Any]:
     """What the figures were before counters: aggregates over every row, computed here in Python."""
-    with led._connect() as conn:
+    with led.connect() as conn:
         rows = conn.execute(sa.select(jobs)).mappings().all()
         attempts = conn.execute(sa.select(job_attempts)).mappings().all()
         known = conn.execute(sa.select(known_batches)).mappings().all()
@@ -142,7 +142,7 @@ def test_counters_equal_the_whole_table_figures(ledger):  # noqa: F811
 def test_pruning_history_lowers_no_figure_but_a_deleted_job_in_flight_or_dead_leaves_its_state(ledger):  # noqa: F811
     history(ledger)
     before = counted_figures(ledger)
-    with ledger._begin() as conn:  # what retention does to history: delete old rows
+    with ledger.begin() as conn:  # what retention does to history: delete old rows
         conn.execute(jobs.delete().where(jobs.c.state == "stored"))
         conn.execute(job_attempts.delete())
         conn.execute(known_batches.delete())
@@ -151,7 +151,7 @@ def test_pruning_history_lowers_no_figure_but_a_deleted_job_in_flight_or_dead_le
     queued = ledger.claim("w1", 30)
     assert queued is not None
     ledger.forget_job(queued.batch_id, "w1")
-    with ledger._begin() as conn:  # a dead job deleted no longer waits for an operator (the alert)
+    with ledger.begin() as conn:  # a dead job deleted no longer waits for an operator (the alert)
         conn.execute(jobs.delete().where(jobs.c.state == "dead"))
     assert ledger.stats()["jobs"] == {**before["jobs"], "queued": before["jobs"]["queued"] - 1, "dead": 0}
 
@@ -238,7 +238,7 @@ def test_job_lists_page_through_the_index_and_search_finds_an_old_batch_by_its_i
     now = time.time()
     for i in range(25):
         deliver(ledger, f"evt_{i}", f"bat_{i:02d}")
-    with ledger._begin() as conn:  # distinct ages, and two jobs changed at the same moment
+    with ledger.begin() as conn:  # distinct ages, and two jobs changed at the same moment
         for i in range(25):
             conn.execute(jobs.update().where(jobs.c.batch_id == f"bat_{i:02d}").values(updated_at=now - 100 + min(i, 20)))
     seen: list[str] = []

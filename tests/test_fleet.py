@@ -120,17 +120,19 @@ class Announcements:
                 self.events[batch_id] = event
 
 
-def run_fleet(tmp_path: Path, n_batches: int) -> dict[str, Any]:
+def run_fleet(tmp_path: Path, n_batches: int, cluster: str | None) -> dict[str, Any]:
+    """The fleet against a new database in `cluster` (the session's PostgreSQL, which the run
+    restarts once) and a moto_server of its own."""
     from ._moto import AWS_TEST_ENV, aws_test_env, moto_server
 
     rng = random.Random(f"fleet-{n_batches}")
     api_key, secret = new_api_key(), new_secret()
     counts: dict[str, int] = {"answers_not_2xx": 0}
     with contextlib.ExitStack() as stack:
-        cluster = stack.enter_context(_postgres.postgres_cluster())
         if cluster is None:
             pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
         database_url = _postgres.fresh_database(cluster)
+        stack.callback(_postgres.drop_database, database_url)
         stack.enter_context(aws_test_env())
         endpoint = stack.enter_context(moto_server())
         import boto3
@@ -332,10 +334,10 @@ def run_fleet(tmp_path: Path, n_batches: int) -> dict[str, Any]:
     }
 
 
-def test_fleet_ci_size(tmp_path: Path) -> None:
-    record_figures("fleet", {**run_fleet(tmp_path, 60), "scale": "ci"})
+def test_fleet_ci_size(tmp_path: Path, pg_cluster: str | None) -> None:
+    record_figures("fleet", {**run_fleet(tmp_path, 60, pg_cluster), "scale": "ci"})
 
 
 @pytest.mark.slow
-def test_fleet_full_size(tmp_path: Path) -> None:
-    record_figures("fleet", {**run_fleet(tmp_path, 1000), "scale": "full"})
+def test_fleet_full_size(tmp_path: Path, pg_cluster: str | None) -> None:
+    record_figures("fleet", {**run_fleet(tmp_path, 1000, pg_cluster), "scale": "full"})

@@ -19,7 +19,8 @@ import pytest
 from receiver.errors import StoragePermissionError
 from receiver.storage.s3 import S3Storage
 
-from ._moto import aws_test_env, moto_server, set_moto_auth
+from ._moto import set_moto_auth
+from ._s3servers import S3Endpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "infra" / "cloudformation" / "bucket.yaml"
@@ -42,10 +43,15 @@ def _load_deploy_check() -> Any:
 deploy_check = _load_deploy_check()
 
 
-@pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    with aws_test_env(), moto_server() as url:
-        yield url
+#: The tests that deploy into moto: its CloudFormation, IAM and KMS are what no real S3 server has.
+deployed = pytest.mark.moto_only(reason="CloudFormation, IAM enforcement and KMS")
+
+
+@pytest.fixture
+def endpoint(moto_s3: S3Endpoint) -> Iterator[str]:
+    """The session's moto_server, its credentials in the environment for the test."""
+    with moto_s3.environment():
+        yield moto_s3.url
 
 
 def _deploy(endpoint: str, **parameters: str) -> dict[str, str]:
@@ -124,6 +130,7 @@ def test_eventbridge_is_off_by_default_and_on_with_its_parameter() -> None:
     assert switch[2] == {"Ref": "AWS::NoValue"}
 
 
+@deployed
 def test_eventbridge_variant_deploys(endpoint: str) -> None:
     outputs = _deploy(endpoint, Prefix="br", PublishToEventBridge="true")
     s3 = boto3.client("s3", endpoint_url=endpoint)
@@ -136,6 +143,7 @@ def test_eventbridge_variant_deploys(endpoint: str) -> None:
 # --- deployed into moto ---------------------------------------------------------------------------
 
 
+@deployed
 def test_deploy_outputs_encryption_and_policy(endpoint: str) -> None:
     outputs = _deploy(endpoint, Prefix="br/prod", ResultsExpirationDays="30")
     bucket = outputs["BucketName"]
@@ -163,6 +171,7 @@ def test_deploy_outputs_encryption_and_policy(endpoint: str) -> None:
     assert all(statement["Effect"] == "Allow" for statement in statements.values())
 
 
+@deployed
 def test_deployed_bucket_settings_read_back(endpoint: str) -> None:
     outputs = _deploy(endpoint, Prefix="br")
     s3 = boto3.client("s3", endpoint_url=endpoint)
@@ -173,6 +182,7 @@ def test_deployed_bucket_settings_read_back(endpoint: str) -> None:
     assert all(f.ok for f in findings.values()), findings  # on a store that applies the whole template
 
 
+@deployed
 def test_kms_variant(endpoint: str) -> None:
     outputs = _deploy(endpoint, Prefix="br", KmsKeyArn=KMS_KEY)
     s3 = boto3.client("s3", endpoint_url=endpoint)
@@ -184,6 +194,7 @@ def test_kms_variant(endpoint: str) -> None:
     assert statement["Condition"] == {"StringEquals": {"kms:ViaService": "s3.us-east-1.amazonaws.com"}}
 
 
+@deployed
 def test_receiver_writes_through_the_stack_policy_only_under_its_prefix(endpoint: str) -> None:
     """moto enforcing IAM with the stack's managed policy attached to the receiver's user.
 
@@ -303,6 +314,7 @@ def _configure_like_the_template(s3: Any, bucket: str) -> None:
     s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
 
 
+@deployed
 def test_deploy_check_passes_a_configured_bucket(endpoint: str, capsys: pytest.CaptureFixture[str]) -> None:
     s3 = boto3.client("s3", endpoint_url=endpoint)
     bucket = f"configured-{uuid.uuid4().hex[:8]}"
@@ -314,6 +326,7 @@ def test_deploy_check_passes_a_configured_bucket(endpoint: str, capsys: pytest.C
     assert "FAIL" not in out and out.count("ok   ") == 5
 
 
+@deployed
 def test_deploy_check_flags_a_bare_bucket(endpoint: str, capsys: pytest.CaptureFixture[str]) -> None:
     s3 = boto3.client("s3", endpoint_url=endpoint)
     bucket = f"bare-{uuid.uuid4().hex[:8]}"
@@ -324,6 +337,7 @@ def test_deploy_check_flags_a_bare_bucket(endpoint: str, capsys: pytest.CaptureF
         assert f"FAIL {name}" in out
 
 
+@deployed
 def test_deploy_check_runs_as_a_script(endpoint: str) -> None:
     result = subprocess.run(
         [

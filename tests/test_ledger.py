@@ -11,24 +11,11 @@ import pytest
 from receiver.ledger import DEAD, FAILED, QUEUED, RUNNING, STORED, Delivery, Ledger
 from receiver.manifest import Manifest, StoredFile
 
-from ._postgres import fresh_database, postgres_cluster
 
-
-@pytest.fixture(scope="module")
-def pg_url():
-    with postgres_cluster() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger(request, tmp_path, pg_url):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/ledger.db"
-    else:
-        if pg_url is None:
-            pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
-        url = fresh_database(pg_url)
-    led = Ledger(url)
+@pytest.fixture
+def ledger(db_url):
+    """A ledger with its schema, on SQLite and on PostgreSQL (conftest's `db_url`)."""
+    led = Ledger(db_url)
     led.create_schema()
     yield led
     led.close()

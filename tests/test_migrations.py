@@ -16,26 +16,15 @@ from receiver.ledger import RUNNING, Delivery, Ledger
 from receiver.ledger.migrate import head
 from receiver.ledger.schema import metadata
 
-from ._postgres import fresh_database, postgres_cluster
 from .conftest import ROOT, make_receiver_env, run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture(scope="module")
-def pg_url():
-    with postgres_cluster() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_db(request, tmp_path, pg_url) -> str:
-    """The URL of an empty database."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/ledger.db"
-    if pg_url is None:
-        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
-    return fresh_database(pg_url)
+@pytest.fixture
+def empty_db(db_url) -> str:
+    """The URL of an empty database, on each backend (conftest's `db_url`)."""
+    return db_url
 
 
 def engine_for(url: str) -> sa.Engine:

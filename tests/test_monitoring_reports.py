@@ -10,7 +10,7 @@ from receiver.errors import ArtifactExpired, DownloadFailed, RateLimited, Storag
 from receiver.ledger import reports
 from receiver.manifest import Manifest, StoredFile
 
-from .test_ledger import deliver, ledger, pg_url  # noqa: F401  (fixtures)
+from .test_ledger import deliver, ledger  # noqa: F401  (fixture)
 
 
 def test_figures_overview_and_search(ledger):  # noqa: F811
@@ -28,7 +28,7 @@ def test_figures_overview_and_search(ledger):  # noqa: F811
     metrics.attempt_finished(ledger, job, "stored", started=time.monotonic() - 2)
     failed = ledger.claim("w1", 30, batch_id="bat_b%2")
     ledger.mark_failed("bat_b%2", "w1", "DownloadFailed: answered 503", retry_at=None)
-    metrics.attempt_finished(ledger, failed, "dead", DownloadFailed("artifact host 'h' answered 503"))
+    metrics.attempt_finished(ledger, failed, "dead", DownloadFailed("artifact host 'h' answered 503", status=503))
 
     figures = reports.metric_figures(ledger)
     assert figures["duration"]["count"] == 1
@@ -55,8 +55,10 @@ def test_figures_overview_and_search(ledger):  # noqa: F811
 
 def test_retry_causes():
     assert metrics.cause_of(RateLimited("slow down", status=429)) == "rate_limit"
-    assert metrics.cause_of(DownloadFailed("artifact host 'h' answered 429")) == "rate_limit"
-    assert metrics.cause_of(DownloadFailed("artifact host 'h' answered 502")) == "server_error"
+    assert metrics.cause_of(DownloadFailed("artifact host 'h' answered 429", status=429)) == "rate_limit"
+    assert metrics.cause_of(DownloadFailed("artifact host 'h' answered 502", status=502)) == "server_error"
+    # The status decides, not the words: a host name with 502 in it is no server error.
+    assert metrics.cause_of(DownloadFailed("cannot reach artifact host 'h502.example': TimeoutError")) == "network"
     assert metrics.cause_of(DownloadFailed("the artifact changed while it was being downloaded")) == "network"
     assert metrics.cause_of(ArtifactExpired("expired")) == "expired_url"
     assert metrics.cause_of(StorageUnavailable("disk full")) == "storage"

@@ -24,7 +24,6 @@ from receiver.ledger import Ledger
 from receiver.manifest import Manifest, StoredFile
 from receiver.metrics import render
 
-from ._postgres import postgres_cluster
 from ._sink import SECRET, Received, Sink, verify
 from .conftest import Service, make_receiver_env, read_manifest, run_cli, wait_for
 
@@ -153,28 +152,24 @@ def test_replay_of_a_batch_stored_before_notifications_builds_its_event(tmp_path
     assert verify(sink.delivered()[0])["data"]["batch_id"] == "b_old"
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_racing_senders_claim_each_event_once(tmp_path: Path, backend: str) -> None:
-    with postgres_cluster() as pg_url:
-        if backend == "postgresql" and pg_url is None:
-            pytest.skip("PostgreSQL is not installed")
-        ids = [f"b_{i}" for i in range(40)]
-        ledger = _stored_ledger(tmp_path, *ids, url=pg_url if backend == "postgresql" else None)
-        claimed: list[str] = []
+def test_racing_senders_claim_each_event_once(tmp_path: Path, db_url: str) -> None:
+    ids = [f"b_{i}" for i in range(40)]
+    ledger = _stored_ledger(tmp_path, *ids, url=db_url)
+    claimed: list[str] = []
 
-        def sender(owner: str) -> None:
-            other = Ledger(ledger.url)
-            while (event := other.claim_notification(owner, 60)) is not None:
-                claimed.append(event.batch_id)
-            other.close()
+    def sender(owner: str) -> None:
+        other = Ledger(ledger.url)
+        while (event := other.claim_notification(owner, 60)) is not None:
+            claimed.append(event.batch_id)
+        other.close()
 
-        threads = [threading.Thread(target=sender, args=(f"s{i}",)) for i in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert sorted(claimed) == sorted(ids)
-        ledger.close()
+    threads = [threading.Thread(target=sender, args=(f"s{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(ids)
+    ledger.close()
 
 
 @pytest.mark.parametrize(

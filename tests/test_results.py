@@ -1,48 +1,42 @@
-"""The results reader (`receiver.results.ResultStore`) over real storage: a folder and moto's S3."""
+"""The results reader (`receiver.results.ResultStore`) over real storage: a folder, moto's S3 and
+SeaweedFS's."""
 
 from __future__ import annotations
 
 import datetime as dt
 import gzip
+import json
 import os
 import subprocess
 import sys
 import tracemalloc
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from receiver.errors import ChecksumMismatch
+from receiver import layout
+from receiver.errors import ChecksumMismatch, ConfigError
 from receiver.results import ResultStore
 from receiver.storage import storage_from_url
-from receiver.storage.s3 import make_client
 
-from ._moto import aws_test_env, moto_server
 from ._stored import store_batch
+from .conftest import S3_SERVERS
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    with aws_test_env(), moto_server() as url:
-        yield url
-
-
-@pytest.fixture(params=["local", "file", "s3"])
+@pytest.fixture(params=["local", "file", *S3_SERVERS])
 def root(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A storage root URL of each kind the contract names."""
+    """A storage root URL of each kind the contract names, S3 on each server."""
     if request.param == "local":
         yield str(tmp_path / "storage")
     elif request.param == "file":
         yield (tmp_path / "storage").as_uri()
     else:
-        endpoint = request.getfixturevalue("s3_endpoint")
-        bucket = f"results-{uuid.uuid4().hex[:10]}"
-        with aws_test_env(AWS_ENDPOINT_URL_S3=endpoint):
-            make_client(endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        endpoint = request.getfixturevalue(f"{request.param}_s3")
+        bucket = endpoint.new_bucket("results")
+        with endpoint.environment(AWS_ENDPOINT_URL_S3=endpoint.url):
             yield f"s3://{bucket}/tenant/prod"
 
 
@@ -65,6 +59,32 @@ def test_manifests_come_oldest_first(root: str) -> None:
     store_batch(storage, "b_old", 1, stored_at=now - dt.timedelta(days=2))
     store_batch(storage, "b_failed", status="failed", stored_at=now - dt.timedelta(days=1))
     assert [m["batch_id"] for m in ResultStore(root).manifests()] == ["b_old", "b_failed", "b_new"]
+
+
+def test_a_manifest_reads_back_as_written_and_stray_files_are_skipped(root: str) -> None:
+    """The reader returns a manifest's fields exactly as the worker wrote them, and a file in
+    manifests/ whose name is no batch id (an operator's note) does not break the listing."""
+    storage = storage_from_url(root)
+    store_batch(storage, "b_1", 3)
+    store_batch(storage, "b_failed", status="failed")
+    storage.put_if_absent(f"{layout.MANIFESTS}/README.txt", b"written by hand")
+    storage.put_if_absent(f"{layout.MANIFESTS}/not a batch.json", b"{}")
+    results = ResultStore(root)
+    for batch_id in ("b_1", "b_failed"):
+        assert results.manifest(batch_id) == json.loads(storage.get_bytes(layout.manifest_key(batch_id)))
+    assert sorted(m["batch_id"] for m in results.manifests()) == ["b_1", "b_failed"]
+
+
+def test_a_storage_url_of_no_known_scheme_is_refused_not_made_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Config and the reader read storage URLs through one list of schemes: `gs://…` is refused
+    (it used to become a local folder named `gs:`), and `file://` URLs are unquoted."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="'gs' is not supported"):
+        ResultStore("gs://bucket/prefix")
+    with pytest.raises(ConfigError, match="needs a bucket"):
+        ResultStore("s3:///prefix")
+    assert not any(tmp_path.iterdir())
+    assert storage_from_url((tmp_path / "a b").as_uri()).root == str(tmp_path / "a b")  # type: ignore[attr-defined]
 
 
 def test_a_batch_not_stored_or_without_results_is_a_lookup_error(root: str) -> None:

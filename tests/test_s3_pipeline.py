@@ -1,13 +1,17 @@
-"""End to end into S3: emulator → gunicorn → ledger → `receiver worker` → moto_server.
+"""End to end into S3: emulator → gunicorn → ledger → `receiver worker` → an S3 server.
 
-moto_server runs as its own process (tests/_moto.py). The receiver reaches it through two proxies
-that stand in for the network and for S3's access control:
+The server is moto_server or SeaweedFS (a real S3-compatible store), each its own process started
+once per session (tests/_s3servers.py). The receiver reaches it through two proxies that stand in
+for the network and for S3's access control:
 
     receiver ──▶ FlakyProxy (TCP: cut and restored on demand) ──▶ S3Gate (HTTP: records every
-    request, answers 403 AccessDenied to the ones a test refuses) ──▶ moto_server
+    request, answers 403 AccessDenied to the ones a test refuses) ──▶ moto_server or SeaweedFS
 
-Tests read the results back with boto3 straight from moto, and check the order of S3 calls on the
-wire from what the gate recorded.
+Tests read the results back with boto3 straight from the server, and check the order of S3 calls on
+the wire from what the gate recorded. What the server's own answers decide (multipart, conditional
+writes, listing, abort, a missing bucket) runs on both servers; what our proxies decide (a refusal
+from the gate, an outage seen by /readyz) and the paged path, whose S3 calls are those of the first
+test, run on moto alone to keep the suite's time.
 """
 
 from __future__ import annotations
@@ -32,15 +36,16 @@ from werkzeug.wrappers import Request, Response
 from receiver.ledger import Ledger
 
 from ._httpservers import LiveServer
-from ._moto import AWS_TEST_ENV, FlakyProxy, aws_test_env, moto_server
-from .conftest import Service, run_cli, wait_for
+from ._moto import FlakyProxy
+from ._s3servers import S3Endpoint
+from .conftest import S3_SERVERS, Service, moto_only, run_cli, seaweedfs_only, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = "tenant/prod"
 MB = 1_000_000
 
 
-# --- an HTTP gate in front of moto ----------------------------------------------------------------
+# --- an HTTP gate in front of the S3 server --------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"
 
 
 class S3Gate:
-    """A recording HTTP proxy in front of moto_server that refuses what `deny` matches with S3's
+    """A recording HTTP proxy in front of the S3 server that refuses what `deny` matches with S3's
     403 AccessDenied, the answer a bucket or IAM policy gives (moto's own IAM enforcement cannot
     sign-check the Hive-style keys, see tests/test_infra.py)."""
 
@@ -135,24 +140,26 @@ class S3Gate:
 # --- fixtures -------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def moto() -> Iterator[str]:
-    with aws_test_env(), moto_server() as url:
-        yield url
+#: Tests that run on both servers; the rest take moto, the default below.
+on_both_servers = pytest.mark.parametrize("s3_endpoint", S3_SERVERS, indirect=True)
 
 
-@pytest.fixture(scope="module")
-def gate(moto: str) -> Iterator[S3Gate]:
-    with S3Gate(moto) as gate:
+@pytest.fixture(params=["moto"])
+def s3_endpoint(request: pytest.FixtureRequest) -> S3Endpoint:
+    """conftest's, on moto unless a test asks for both servers (`on_both_servers`)."""
+    return request.getfixturevalue(f"{request.param}_s3")
+
+
+@pytest.fixture
+def gate(s3_endpoint: S3Endpoint) -> Iterator[S3Gate]:
+    with S3Gate(s3_endpoint.url) as gate:
         yield gate
 
 
 @pytest.fixture
-def s3(moto: str) -> Any:
-    """A boto3 client straight to moto: how the tests look at what the receiver stored."""
-    return boto3.client(
-        "s3", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
-    )
+def s3(s3_endpoint: S3Endpoint) -> Any:
+    """A boto3 client straight to the server: how the tests look at what the receiver stored."""
+    return s3_endpoint.client()
 
 
 @pytest.fixture
@@ -163,21 +170,20 @@ def network(gate: S3Gate) -> Iterator[FlakyProxy]:
 
 
 @pytest.fixture
-def bucket(s3: Any) -> str:
-    name = f"receiver-{uuid.uuid4().hex[:12]}"
-    s3.create_bucket(Bucket=name)
-    return name
+def bucket(s3_endpoint: S3Endpoint) -> str:
+    return s3_endpoint.new_bucket()
 
 
-def s3_env(env: dict[str, str], storage_url: str, endpoint: str, **extra: str) -> dict[str, str]:
-    """The receiver's environment with S3 storage at `storage_url` through `endpoint`."""
+def s3_env(env: dict[str, str], storage_url: str, server: S3Endpoint, via: str | None = None, **extra: str) -> dict[str, str]:
+    """The receiver's environment with S3 storage at `storage_url` on `server`, reached through
+    `via` (a proxy's URL) or directly."""
     out = {k: v for k, v in env.items() if not k.startswith("AWS_")}
-    out.update(AWS_TEST_ENV)
+    out.update(server.credentials)
     out.update(
         {
             "AWS_CONFIG_FILE": os.devnull,
             "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-            "AWS_ENDPOINT_URL_S3": endpoint,
+            "AWS_ENDPOINT_URL_S3": via or server.url,
             "RECEIVER_STORAGE_URL": storage_url,
             # Fail a part after two tries, so an outage of a few seconds reaches the job's own retry.
             "AWS_MAX_ATTEMPTS": "2",
@@ -189,9 +195,9 @@ def s3_env(env: dict[str, str], storage_url: str, endpoint: str, **extra: str) -
 
 
 @pytest.fixture
-def receiver_env(receiver_env: dict[str, str], bucket: str, network: FlakyProxy) -> dict[str, str]:
+def receiver_env(receiver_env: dict[str, str], bucket: str, network: FlakyProxy, s3_endpoint: S3Endpoint) -> dict[str, str]:
     """conftest's environment (emulator, SQLite under tmp_path), storing into s3://bucket/prefix."""
-    return s3_env(receiver_env, f"s3://{bucket}/{PREFIX}", network.url)
+    return s3_env(receiver_env, f"s3://{bucket}/{PREFIX}", s3_endpoint, via=network.url)
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -242,6 +248,7 @@ def assert_results_match(s3: Any, bucket: str, manifest: dict[str, Any], expecte
 # --- the tests ------------------------------------------------------------------------------------
 
 
+@on_both_servers
 def test_completed_batch_is_stored_in_s3_and_published_after_its_object(emulator, web, worker, secret, s3, bucket, gate):
     batch_id = emulator.create_batch(items=20_000, line_bytes=1000)["id"]  # 20 MB: three 8 MiB parts
     sent = emulator.complete(batch_id)
@@ -284,6 +291,7 @@ def test_batch_without_a_signed_download_is_paged_into_s3(emulator, web, worker,
     assert incomplete_uploads(s3, bucket) == []
 
 
+@on_both_servers
 def test_fetch_ls_and_cat_against_s3(emulator, receiver_env, s3, bucket):
     batch_id = emulator.create_batch(items=3000, line_bytes=300, status="completed", error_items=4)["id"]
     out = run_cli(receiver_env, "fetch", batch_id)
@@ -309,6 +317,7 @@ def test_fetch_ls_and_cat_against_s3(emulator, receiver_env, s3, bucket):
     assert table.returncode == 0 and batch_id in table.stdout.decode()
 
 
+@on_both_servers
 def test_s3_outage_mid_upload_ends_in_a_correct_object_and_no_incomplete_uploads(
     emulator, web, worker, secret, s3, bucket, network, receiver_env
 ):
@@ -377,9 +386,10 @@ def test_access_denied_ends_the_job_dead_naming_bucket_and_permission(
     assert status["jobs"]["dead"] == 1
 
 
-def test_missing_bucket_ends_the_job_dead_naming_the_bucket(emulator, web, secret, receiver_env, network, tmp_path):
+@on_both_servers
+def test_missing_bucket_ends_the_job_dead_naming_the_bucket(emulator, web, secret, receiver_env, network, s3_endpoint, tmp_path):
     missing = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
-    env = s3_env(receiver_env, f"s3://{missing}/{PREFIX}", network.url)
+    env = s3_env(receiver_env, f"s3://{missing}/{PREFIX}", s3_endpoint, via=network.url)
     worker = Service("worker-nobucket", [sys.executable, "-m", "receiver", "worker"], env, tmp_path).start()
     try:
         batch_id = emulator.create_batch(items=100)["id"]
@@ -391,10 +401,28 @@ def test_missing_bucket_ends_the_job_dead_naming_the_bucket(emulator, web, secre
     assert f"bucket {missing} does not exist" in dead["last_error"] and "s3:PutObject" in dead["last_error"]
 
 
-def test_bucket_from_the_cloudformation_template_stores_a_batch(emulator, web, secret, receiver_env, moto, s3, tmp_path):
+@seaweedfs_only("moto accepts aws:kms; SeaweedFS without KMS answers every such write with 500")
+def test_kms_on_a_store_without_kms_ends_the_job_dead_at_its_first_attempt(
+    emulator, web, secret, receiver_env, network, s3_endpoint, s3, bucket, tmp_path
+):
+    env = dict(receiver_env, RECEIVER_S3_SSE="aws:kms")
+    worker = Service("worker-kms", [sys.executable, "-m", "receiver", "worker"], env, tmp_path).start()
+    try:
+        batch_id = emulator.create_batch(items=100)["id"]
+        emulator.complete(batch_id)
+        dead = wait_for(lambda: (j := job(env, batch_id)).get("state") == "dead" and j, timeout=60, what="a dead job")
+    finally:
+        worker.stop()
+    assert dead["attempts"] == 1
+    assert "aws:kms" in dead["last_error"] and "RECEIVER_S3_SSE" in dead["last_error"]
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+
+
+@moto_only("CloudFormation stacks")
+def test_bucket_from_the_cloudformation_template_stores_a_batch(emulator, web, secret, receiver_env, s3_endpoint, s3, tmp_path):
     template = open(os.path.join(ROOT, "infra", "cloudformation", "bucket.yaml")).read()
-    with aws_test_env():
-        cloudformation = boto3.client("cloudformation", endpoint_url=moto)
+    with s3_endpoint.environment():
+        cloudformation = boto3.client("cloudformation", endpoint_url=s3_endpoint.url)
         stack = f"receiver-{uuid.uuid4().hex[:8]}"
         cloudformation.create_stack(
             StackName=stack,
@@ -409,7 +437,7 @@ def test_bucket_from_the_cloudformation_template_stores_a_batch(emulator, web, s
     bucket, storage_url = outputs["BucketName"], outputs["StorageUrl"]
     assert storage_url == f"s3://{bucket}/batchrouter/prod"
 
-    env = s3_env(receiver_env, storage_url, moto, RECEIVER_S3_SSE="AES256")
+    env = s3_env(receiver_env, storage_url, s3_endpoint, RECEIVER_S3_SSE="AES256")
     worker = Service("worker-stack", [sys.executable, "-m", "receiver", "worker"], env, tmp_path).start()
     try:
         batch_id = emulator.create_batch(items=12_000, line_bytes=1000)["id"]
@@ -422,6 +450,7 @@ def test_bucket_from_the_cloudformation_template_stores_a_batch(emulator, web, s
     assert incomplete_uploads(s3, bucket) == []
 
 
+@on_both_servers
 def test_sigterm_mid_upload_aborts_the_multipart_upload_and_releases_the_job(
     emulator, web, secret, s3, bucket, receiver_env, tmp_path
 ):

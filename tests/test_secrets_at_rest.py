@@ -14,27 +14,11 @@ from cryptography.fernet import Fernet
 from receiver.errors import SecretUnreadable
 from receiver.ledger import Ledger
 
-from ._postgres import fresh_database, postgres_cluster
 from .conftest import ROOT, make_receiver_env, run_cli
 
 KEY_A, KEY_B = Fernet.generate_key().decode(), Fernet.generate_key().decode()
 #: The longest secret config allows (256 characters) must still fit the column once sealed.
 SECRET = "s3cret-" + "x" * 249
-
-
-@pytest.fixture(scope="module")
-def pg_url():
-    with postgres_cluster() as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path, pg_url) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/ledger.db"
-    if pg_url is None:
-        pytest.skip("PostgreSQL is not installed (.ci/run installs it)")
-    return fresh_database(pg_url)
 
 
 def open_ledger(url: str, *keys: str) -> Ledger:

@@ -1,9 +1,10 @@
-"""S3Storage against moto_server as a separate process over HTTP (tests/_moto.py)."""
+"""What S3Storage does beyond the storage contract (tests/test_storage.py): part sizes, checksums,
+encryption, multipart bookkeeping, outages and refusals. Against moto_server and SeaweedFS, each a
+separate process over HTTP (tests/_s3servers.py); what only moto can mock is marked `moto_only`."""
 
 from __future__ import annotations
 
 import datetime as dt
-import gc
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from receiver.config import Settings
 from receiver.errors import (
     ObjectNotFound,
     ObjectTooLarge,
+    StorageEncryptionUnsupported,
     StorageError,
     StoragePermissionError,
     StorageUnavailable,
@@ -35,7 +37,9 @@ from receiver.storage.s3 import (
     part_size_for,
 )
 
-from ._moto import FlakyProxy, aws_test_env, moto_server, set_moto_auth
+from ._moto import FlakyProxy, aws_test_env, set_moto_auth
+from ._s3servers import S3Endpoint
+from .conftest import moto_only, seaweedfs_only
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -43,10 +47,16 @@ TiB = 1024 * GiB
 KEY = "results/dt=2026-01-02/batch_id=b_1/results.jsonl"
 
 
-@pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    with aws_test_env(), moto_server() as url:
-        yield url
+@pytest.fixture
+def server(s3_endpoint: S3Endpoint) -> Iterator[S3Endpoint]:
+    """Each S3 server in turn, with its credentials in the environment for the test."""
+    with s3_endpoint.environment():
+        yield s3_endpoint
+
+
+@pytest.fixture
+def endpoint(server: S3Endpoint) -> str:
+    return server.url
 
 
 @pytest.fixture
@@ -55,10 +65,8 @@ def client(endpoint: str) -> Any:
 
 
 @pytest.fixture
-def bucket(client: Any) -> str:
-    name = f"receiver-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=name)
-    return name
+def bucket(server: S3Endpoint) -> str:
+    return server.new_bucket()
 
 
 @pytest.fixture
@@ -143,12 +151,6 @@ def test_small_object_is_one_put_with_sha256(storage: S3Storage, client: Any, bu
     assert head["ContentType"] == "application/x-ndjson"
 
 
-def test_empty_object(storage: S3Storage) -> None:
-    writer = storage.open_writer(KEY, token="t", size_hint=0)
-    writer.commit()
-    assert storage.get_bytes(KEY) == b""
-
-
 def test_multipart_round_trip_40_mib(storage: S3Storage, client: Any, bucket: str) -> None:
     seen = _record(client)
     digest = hashlib.sha256()
@@ -177,15 +179,6 @@ def test_multipart_round_trip_40_mib(storage: S3Storage, client: Any, bucket: st
     assert list(storage.list_keys("results/")) == [KEY]
 
 
-def test_odd_write_sizes_and_no_hint(storage: S3Storage) -> None:
-    data = os.urandom(11 * MiB + 12345)
-    writer = storage.open_writer(KEY, token="t")
-    for start in range(0, len(data), 777_777):
-        writer.write(data[start : start + 777_777])
-    writer.commit()
-    assert storage.get_bytes(KEY) == data
-
-
 def test_checksum_off_sends_no_checksums(client: Any, bucket: str, endpoint: str) -> None:
     plain = make_client(endpoint_url=endpoint, checksum=False, max_attempts=2)
     seen = _record(plain)
@@ -199,12 +192,19 @@ def test_checksum_off_sends_no_checksums(client: Any, bucket: str, endpoint: str
     assert len(storage.get_bytes(KEY)) == 6 * MiB
 
 
-def test_sse_headers(client: Any, bucket: str) -> None:
-    storage = S3Storage(bucket, "p", client=client, sse="AES256")
+def test_sse_aes256(client: Any, bucket: str) -> None:
+    storage = S3Storage(bucket, "p", client=client, sse="AES256", part_size=5 * MiB, buffer_bytes=20 * MiB)
     assert storage.put_if_absent("manifests/m.json", b"{}")
-    head = client.head_object(Bucket=bucket, Key="p/manifests/m.json")
-    assert head["ServerSideEncryption"] == "AES256"
+    writer = storage.open_writer(KEY, token="t")
+    for block in _blocks(6):
+        writer.write(block)
+    writer.commit()
+    for key in ("p/manifests/m.json", f"p/{KEY}"):
+        assert client.head_object(Bucket=bucket, Key=key)["ServerSideEncryption"] == "AES256"
 
+
+@moto_only("SeaweedFS has no KMS unless one is configured, and answers aws:kms with 500 (the next test)")
+def test_sse_kms_headers(client: Any, bucket: str) -> None:
     seen = _record(client)
     kms = S3Storage(
         bucket, "k", client=client, sse="aws:kms", kms_key_id="alias/receiver", part_size=5 * MiB, buffer_bytes=20 * MiB
@@ -219,9 +219,29 @@ def test_sse_headers(client: Any, bucket: str) -> None:
     assert not any("x-amz-server-side-encryption" in h for op, h in seen if op == "UploadPart")
 
 
-def test_client_from_the_standard_environment(endpoint: str, bucket: str) -> None:
+@seaweedfs_only("moto accepts aws:kms; SeaweedFS without KMS is the store that answers 500")
+def test_kms_on_a_store_without_kms_is_a_configuration_error_at_once(endpoint: str, client: Any, bucket: str) -> None:
+    """Not a StorageUnavailable the job would retry until it is dead: the first failed write says
+    what to change, and so does the readiness check."""
+    once = make_client(endpoint_url=endpoint, max_attempts=1)
+    storage = S3Storage(bucket, "k", client=once, sse="aws:kms", part_size=5 * MiB, buffer_bytes=20 * MiB)
+    for attempt in (lambda: storage.put_if_absent("manifests/m.json", b"{}"), storage.check):
+        with pytest.raises(StorageEncryptionUnsupported, match="RECEIVER_S3_SSE") as info:
+            attempt()
+        assert not info.value.transient and isinstance(info.value, StoragePermissionError)
+    writer = storage.open_writer(KEY, token="t")
+    with pytest.raises(StorageEncryptionUnsupported):
+        for block in _blocks(6):
+            writer.write(block)
+        writer.commit()
+    writer.abort()
+    assert client.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0  # the probes left nothing
+    assert _uploads(client, bucket) == []
+
+
+def test_client_from_the_standard_environment(server: S3Endpoint, endpoint: str, bucket: str) -> None:
     """No client given: boto3 finds the endpoint in AWS_ENDPOINT_URL_S3 like any AWS tool."""
-    with aws_test_env(AWS_ENDPOINT_URL_S3=endpoint):
+    with server.environment(AWS_ENDPOINT_URL_S3=endpoint):
         storage = open_storage(Settings(storage_url=f"s3://{bucket}/from-env"))
         assert isinstance(storage, S3Storage) and storage.url == f"s3://{bucket}/from-env"
         assert storage.put_if_absent("manifests/m.json", b"{}") is True
@@ -243,27 +263,6 @@ def test_abort_leaves_no_multipart_upload(storage: S3Storage, client: Any, bucke
     assert storage.exists(KEY) is False
     with pytest.raises(ValueError):
         writer.write(b"x")
-
-
-def test_exception_in_with_block_aborts(storage: S3Storage, client: Any, bucket: str) -> None:
-    with pytest.raises(RuntimeError), storage.open_writer(KEY, token="t") as writer:
-        for block in _blocks(11):
-            writer.write(block)
-        raise RuntimeError("download broke")
-    assert _uploads(client, bucket) == []
-
-
-def test_dropped_writer_aborts_its_upload(storage: S3Storage, client: Any, bucket: str) -> None:
-    writer = storage.open_writer(KEY, token="t")
-    for block in _blocks(11):
-        writer.write(block)
-    assert len(_uploads(client, bucket)) == 1
-    deadline = time.monotonic() + 10
-    while writer._in_flight and time.monotonic() < deadline:  # parts still on the wire hold the writer
-        time.sleep(0.05)
-    del writer
-    gc.collect()
-    assert _uploads(client, bucket) == []
 
 
 def test_cleanup_partials_aborts_uploads_under_the_prefix_only(storage: S3Storage, client: Any, bucket: str) -> None:
@@ -298,6 +297,16 @@ def test_cleanup_partials_spares_recent_uploads() -> None:
 
     assert S3Storage("bkt", "p", client=Client()).cleanup_partials(older_than_seconds=3600) == 1
     assert aborted == ["old"]
+
+
+@seaweedfs_only("moto reports every upload as initiated in 2010; SeaweedFS reports when it was")
+def test_cleanup_partials_spares_uploads_younger_than_the_age_given(storage: S3Storage, client: Any, bucket: str) -> None:
+    client.create_multipart_upload(Bucket=bucket, Key=f"tenant/prod/{KEY}")
+    assert storage.cleanup_partials(older_than_seconds=3600) == 0
+    assert len(_uploads(client, bucket)) == 1
+    time.sleep(1.1)  # S3 reports the initiation time to the second
+    assert storage.cleanup_partials(older_than_seconds=0) == 1
+    assert _uploads(client, bucket) == []
 
 
 # --- outages and refusals -------------------------------------------------------------------------
@@ -342,9 +351,10 @@ def test_outage_leftover_is_removed_by_cleanup_partials(endpoint: str, client: A
         assert _uploads(client, bucket) == []
 
 
-def test_unreachable_endpoint_is_unavailable(bucket: str) -> None:
-    dead = make_client(endpoint_url="http://127.0.0.1:9", max_attempts=1, connect_timeout=1)
-    storage = S3Storage(bucket, "p", client=dead)
+def test_unreachable_endpoint_is_unavailable() -> None:
+    with aws_test_env():
+        dead = make_client(endpoint_url="http://127.0.0.1:9", max_attempts=1, connect_timeout=1)
+    storage = S3Storage("receiver-bucket", "p", client=dead)
     with pytest.raises(StorageUnavailable, match="s3:PutObject"):
         storage.put_if_absent("manifests/m.json", b"{}")
     with pytest.raises(StorageUnavailable):
@@ -364,6 +374,7 @@ def test_missing_bucket_is_a_permission_error_naming_it(client: Any) -> None:
         storage.put_if_absent("manifests/m.json", b"{}")
 
 
+@moto_only("IAM users and policies enforced on S3 requests")
 def test_access_denied_names_bucket_prefix_and_action(endpoint: str, client: Any, bucket: str) -> None:
     """moto enforcing IAM: a user allowed only under allowed/ writes there and is refused elsewhere.
 
@@ -433,12 +444,6 @@ def test_error_translation_table() -> None:
 # --- publishing and reading -----------------------------------------------------------------------
 
 
-def test_put_if_absent_twice(storage: S3Storage) -> None:
-    assert storage.put_if_absent("manifests/b_1.json", b'{"n": 1}') is True
-    assert storage.put_if_absent("manifests/b_1.json", b'{"n": 2}') is False
-    assert storage.get_bytes("manifests/b_1.json") == b'{"n": 1}'
-
-
 def test_put_if_absent_falls_back_when_conditional_writes_are_not_implemented(client: Any, bucket: str, endpoint: str) -> None:
     legacy = make_client(endpoint_url=endpoint, max_attempts=1)
 
@@ -457,22 +462,6 @@ def test_put_if_absent_falls_back_when_conditional_writes_are_not_implemented(cl
     assert storage._conditional_writes is False
     assert storage.put_if_absent("manifests/m.json", b"2") is False
     assert storage.get_bytes("manifests/m.json") == b"1"
-
-
-def test_reads_exists_delete_and_listing(storage: S3Storage, monkeypatch: pytest.MonkeyPatch) -> None:
-    for i in range(5):
-        storage.put_if_absent(f"manifests/b_{i}.json", b"{}")
-    storage.put_if_absent("results/x/results.jsonl", b"line\n")
-    assert storage.exists("manifests/b_0.json") is True
-    assert storage.exists("manifests/missing.json") is False
-    with pytest.raises(ObjectNotFound):
-        storage.open_read("manifests/missing.json")  # raised at once
-    assert sorted(storage.list_keys("manifests/")) == [f"manifests/b_{i}.json" for i in range(5)]
-    assert len(list(storage.list_keys(""))) == 6
-    storage.delete("manifests/b_0.json")
-    storage.delete("manifests/b_0.json")
-    assert storage.exists("manifests/b_0.json") is False
-    assert b"".join(storage.open_read("results/x/results.jsonl")) == b"line\n"
 
 
 def test_listing_is_paginated(storage: S3Storage, client: Any) -> None:
@@ -495,22 +484,10 @@ def test_listing_is_paginated(storage: S3Storage, client: Any) -> None:
     assert sum(1 for op, _ in seen if op == "ListObjectsV2") == 4
 
 
-@pytest.mark.parametrize("key", ["../escape", "/abs", "a//b", "a/../b", "", "a\\b"])
-def test_keys_that_could_escape_are_refused(storage: S3Storage, key: str) -> None:
-    with pytest.raises(ValueError):
-        storage.open_writer(key, token="t")
-    with pytest.raises(ValueError):
-        storage.put_if_absent(key, b"x")
-
-
-def test_check_probe_leaves_nothing(storage: S3Storage, client: Any, bucket: str) -> None:
-    storage.check()
-    assert client.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
-
-
 # --- memory ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("s3_endpoint", ["moto"], indirect=True)  # the budget is the writer's: one server shows it
 def test_memory_stays_within_budget_for_200_mib(client: Any, bucket: str) -> None:
     budget = 32 * MiB
     storage = S3Storage(bucket, "mem", client=client, buffer_bytes=budget)

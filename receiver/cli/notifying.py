@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import click
 
 from .. import layout
-from ..errors import ConfigError, ObjectNotFound, ReceiverError
+from ..errors import ConfigError, ReceiverError
 from ._common import ConfigurationError, Failure, load_settings, open_ledger
 
 if TYPE_CHECKING:
@@ -55,12 +55,11 @@ def notify(batch_ids: tuple[str, ...]) -> None:
 
 def _first_event(settings: Settings, ledger: Ledger, batch_id: str) -> bool:
     """Write the event of a batch stored without one, from its manifest; False if it has none."""
-    from ..manifest import Manifest
+    from ..manifest import read_manifest
     from ..storage import open_storage
 
-    try:
-        manifest = Manifest.from_bytes(open_storage(settings).get_bytes(layout.manifest_key(batch_id)))
-    except ObjectNotFound:
+    manifest = read_manifest(open_storage(settings), batch_id)
+    if manifest is None:
         return False
     ledger.add_notification(batch_id, manifest)
     return True

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .. import layout
-from ..errors import ConfigError, ObjectNotFound, ReceiverError
-from ..manifest import Manifest
+from ..errors import ConfigError, ReceiverError
+from ..manifest import read_manifest, stored_batch_ids
 from ._common import UNENCRYPTED, ConfigurationError, Failure, iso, load_settings, open_ledger, validate_batch_ids
 
 if TYPE_CHECKING:
@@ -96,10 +96,9 @@ def list_batches(as_json: bool) -> None:
 
     storage = open_storage(settings)
     try:
-        for key in storage.list_keys(layout.MANIFESTS + "/"):
-            batch_id = key.rpartition("/")[2].removesuffix(".json")
-            if batch_id not in rows and key.endswith(".json"):
-                rows[batch_id] = {"batch_id": batch_id, "state": "stored", "manifest_key": key}
+        for batch_id in stored_batch_ids(storage):
+            if batch_id not in rows:
+                rows[batch_id] = {"batch_id": batch_id, "state": "stored", "manifest_key": layout.manifest_key(batch_id)}
     except ReceiverError as exc:
         click.echo(f"receiver: storage not listed: {exc}", err=True)
     for known in ledger.known():  # watched, or BatchRouter did not know them (polling stopped)
@@ -168,11 +167,11 @@ def cat(batch_id: str) -> None:
 
     storage = open_storage(settings)
     try:
-        manifest = Manifest.from_bytes(storage.get_bytes(layout.manifest_key(batch_id)))
-    except ObjectNotFound:
-        raise Failure(_not_stored(settings, batch_id)) from None
+        manifest = read_manifest(storage, batch_id)
     except ReceiverError as exc:
         raise Failure(str(exc)) from None
+    if manifest is None:
+        raise Failure(_not_stored(settings, batch_id))
     results = manifest.results
     if results is None:
         raise Failure(f"batch {batch_id} is stored with status {manifest.status!r} and has no results")

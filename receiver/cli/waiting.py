@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .. import layout
-from ..errors import ObjectNotFound, ReceiverError
+from ..errors import ReceiverError
 from ._common import Failure, load_settings
 
 if TYPE_CHECKING:
@@ -76,17 +76,17 @@ def wait(batch_ids: tuple[str, ...], timeout: float | None, interval: float) -> 
 
 def _check(batch_id: str, storage: Storage, ledger: Ledger | None) -> Outcome:
     from ..ledger import DEAD
-    from ..manifest import Manifest
+    from ..manifest import read_manifest
 
     row = _job(ledger, batch_id)
     if row is not None and row["state"] == DEAD:
         return False, f"dead after {row['attempts']} attempts: {row['last_error']}"
     try:
-        manifest = Manifest.from_bytes(storage.get_bytes(layout.manifest_key(batch_id)))
-    except ObjectNotFound:
-        return None, _pending(row, ledger)
+        manifest = read_manifest(storage, batch_id)
     except ReceiverError as exc:
         return None, f"storage not readable: {exc}"
+    if manifest is None:
+        return None, _pending(row, ledger)
     results = manifest.results
     if results is None:
         return False, f"ended {manifest.status} without results"

@@ -1,6 +1,6 @@
 """The notification sender: POST each outbox event, signed the Standard Webhooks way, until a 2xx.
 
-It runs as a thread of every worker process. Events are claimed from the ledger under a lease, so
+It runs as one of every worker process's duties (see duty.py). Events are claimed from the ledger under a lease, so
 many workers send each event one at a time; an attempt that fails (any non-2xx, a refused or dropped
 connection, a timeout) is retried with capped backoff and jitter until the event's retry window (at
 least 24 h) ends, across restarts, and then marked failed (`receiver status`, /metrics).
@@ -15,16 +15,15 @@ import base64
 import hashlib
 import hmac
 import logging
-import threading
 import time
 
 import urllib3
 
 from .. import __version__
 from ..config import Settings
-from ..errors import LedgerUnavailable
 from ..ledger import Ledger, Notification
 from ..retry import backoff, parse_retry_after
+from .duty import Duty
 
 log = logging.getLogger(__name__)
 
@@ -40,45 +39,31 @@ def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
-class Notifier:
-    """Claims due events from the ledger and POSTs them to `settings.notify_url`."""
+class Notifier(Duty):
+    """Claims due events from the ledger and POSTs them to `settings.notify_url`, one per round."""
+
+    name = "notifier"
 
     def __init__(self, settings: Settings, ledger: Ledger, owner: str, *, idle_seconds: float = 1.0) -> None:
         if settings.notify_url is None or settings.notify_secret is None:
             raise ValueError("the notifier needs RECEIVER_NOTIFY_URL and RECEIVER_NOTIFY_SECRET")
+        super().__init__(idle_seconds)
         self.settings = settings
         self.ledger = ledger
         self.owner = owner
-        self.idle_seconds = idle_seconds
-        self.stopping = threading.Event()
         self._timeout = urllib3.Timeout(connect=settings.connect_timeout_seconds, read=min(30.0, settings.read_timeout_seconds))
         # A claim outlives the longest attempt, so no second sender takes an event still in flight.
         self.lease_seconds = settings.connect_timeout_seconds + min(30.0, settings.read_timeout_seconds) + settings.lease_seconds
         self._http = urllib3.PoolManager(retries=False, timeout=self._timeout)
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self.run_forever, name="notifier", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float | None = None) -> None:
-        self.stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def run_forever(self) -> None:
+    def started(self) -> None:
         log.info("notifier %s sending batch.stored events", self.owner)
-        while not self.stopping.is_set():
-            try:
-                sent = self.send_one()
-            except LedgerUnavailable as exc:
-                log.error("cannot claim notifications: %s", exc)
-                sent = False
-            except Exception:  # never let one event stop the sender
-                log.exception("notifier: unexpected error")
-                sent = False
-            if not sent:
-                self.stopping.wait(self.idle_seconds)
+
+    def finished(self) -> None:
+        self._http.clear()
+
+    def tick(self) -> bool:
+        return self.send_one()
 
     def send_one(self, now: float | None = None) -> bool:
         """Claim one due event and make one attempt at it; False when none was due."""

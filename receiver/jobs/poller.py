@@ -2,7 +2,7 @@
 
 BatchRouter stops retrying a delivery after its retry window; a receiver that was down longer, or
 refused deliveries with a wrong secret, would never learn that a batch ended. So each worker runs a
-poller thread: it claims due polls through the ledger (shared work: each batch is polled about once
+poller (one of its duties, see duty.py): it claims due polls through the ledger (shared work: each batch is polled about once
 per `RECEIVER_POLL_SECONDS` however many workers run), asks `GET /v1/batches/{id}`, and when the
 batch has ended queues its one job exactly as a terminal delivery would have.
 
@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import logging
 import random
-import threading
 import time
 
 from ..batchrouter import BatchRouterClient
 from ..config import Settings
 from ..errors import APIError, BatchNotFound, LedgerUnavailable, RateLimited
 from ..ledger import ENDED, NOT_FOUND, Ledger
+from .duty import Duty
 
 log = logging.getLogger(__name__)
 
@@ -32,39 +32,48 @@ CLAIM_LEASE_SECONDS = 180.0
 HOUSEKEEPING_SECONDS = 60.0
 
 
-class Poller:
-    def __init__(
-        self, ledger: Ledger, client: BatchRouterClient, *, interval: float, owner: str, stopping: threading.Event
-    ) -> None:
+class Poller(Duty):
+    """Claims due polls from the ledger and asks BatchRouter about each batch."""
+
+    name = "poller"
+
+    def __init__(self, ledger: Ledger, client: BatchRouterClient, *, poll_seconds: float, owner: str) -> None:
+        # How often the ledger is asked for due polls: often enough that an overdue poll is made
+        # within a second or two, rarely enough to cost nothing (a read that finds none due).
+        super().__init__(min(2.0, max(0.2, poll_seconds / 4)))
         self.ledger = ledger
         self.client = client
-        self.interval = interval
+        self.poll_seconds = poll_seconds
         self.owner = owner
-        self.stopping = stopping
-        #: How often the ledger is asked for due polls: often enough that an overdue poll is made
-        #: within a second or two, rarely enough to cost nothing (a read that finds none due).
-        self.tick = min(2.0, max(0.2, interval / 4))
         self._failures = 0
+        self._housekeeping_due = 0.0
 
-    def run(self) -> None:
-        log.info("polling known batches every %ds (RECEIVER_POLL_SECONDS)", self.interval)
-        housekeeping_due = 0.0
-        while not self.stopping.is_set():
-            try:
-                if time.monotonic() >= housekeeping_due:
-                    self.ledger.end_known_with_jobs()
-                    housekeeping_due = time.monotonic() + HOUSEKEEPING_SECONDS
-                claimed = self.ledger.claim_polls(
-                    self.owner, interval=self.interval, limit=CLAIM_LIMIT, lease_seconds=CLAIM_LEASE_SECONDS
-                )
-            except LedgerUnavailable as exc:
-                log.error("cannot claim polls: %s", exc)
-                claimed = []
-            if not claimed:
-                self.stopping.wait(self.tick)
-                continue
-            self._poll_all(claimed)
+    @classmethod
+    def from_settings(cls, settings: Settings, ledger: Ledger, owner: str) -> Poller | None:
+        """The worker's poller; None when polling is off (`RECEIVER_POLL_SECONDS=0`)."""
+        if not settings.poll_seconds:
+            return None
+        # One attempt per request: the poller paces itself (429, backoff) instead of blocking in retries.
+        client = BatchRouterClient(settings.api_url, settings.require_api_key(), timeout=10, retries=1)
+        return cls(ledger, client, poll_seconds=settings.poll_seconds, owner=owner)
+
+    def started(self) -> None:
+        log.info("polling known batches every %ds (RECEIVER_POLL_SECONDS)", self.poll_seconds)
+
+    def finished(self) -> None:
         self.client.close()
+
+    def tick(self) -> bool:
+        if time.monotonic() >= self._housekeeping_due:
+            self.ledger.end_known_with_jobs()
+            self._housekeeping_due = time.monotonic() + HOUSEKEEPING_SECONDS
+        claimed = self.ledger.claim_polls(
+            self.owner, interval=self.poll_seconds, limit=CLAIM_LIMIT, lease_seconds=CLAIM_LEASE_SECONDS
+        )
+        if not claimed:
+            return False
+        self._poll_all(claimed)
+        return True
 
     def _poll_all(self, claimed: list[str]) -> None:
         for i, batch_id in enumerate(claimed):
@@ -85,10 +94,10 @@ class Poller:
             return self.poll(batch_id)
         except LedgerUnavailable as exc:
             log.error("poll of batch %s not recorded: %s", batch_id, exc)
-            return self.tick
+            return self.interval
         except Exception:  # a bug must not stop polling for good
             log.exception("poll of batch %s failed", batch_id)
-            return self.tick
+            return self.interval
 
     def poll(self, batch_id: str) -> float | None:
         """Poll one batch and record the answer; returns how long to pause all polling, if at all."""
@@ -110,7 +119,7 @@ class Poller:
             return delay
         self._failures = 0
         if not batch.terminal:
-            self._again(batch_id, batch.status, self.interval * random.uniform(0.5, 1.5))
+            self._again(batch_id, batch.status, self.poll_seconds * random.uniform(0.5, 1.5))
             return None
         if self.ledger.record_poll(batch_id, self.owner, status=batch.status, state=ENDED):
             log.warning("batch %s (%s): stored by polling: no terminal delivery arrived", batch_id, batch.status)
@@ -123,16 +132,4 @@ class Poller:
 
     def _backoff(self) -> float:
         self._failures += 1
-        return min(float(self.interval), 2.0 ** min(self._failures - 1, 16)) * random.uniform(0.8, 1.2)
-
-
-def start_poller(settings: Settings, ledger: Ledger, owner: str, stopping: threading.Event) -> threading.Thread | None:
-    """Run a poller on a thread of its own until `stopping` is set; None when polling is off."""
-    if not settings.poll_seconds:
-        return None
-    # One attempt per request: the poller paces itself (429, backoff) instead of blocking in retries.
-    client = BatchRouterClient(settings.api_url, settings.require_api_key(), timeout=10, retries=1)
-    poller = Poller(ledger, client, interval=settings.poll_seconds, owner=owner, stopping=stopping)
-    thread = threading.Thread(target=poller.run, name="poller", daemon=True)
-    thread.start()
-    return thread
+        return min(float(self.poll_seconds), 2.0 ** min(self._failures - 1, 16)) * random.uniform(0.8, 1.2)

@@ -256,11 +256,11 @@ class _Requests:
             if status == 429 or status >= 500:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 _close(response)
-                self.pause(DownloadFailed(f"artifact host {host!r} answered {status}"), retry_after)
+                self.pause(DownloadFailed(f"artifact host {host!r} answered {status}", status=status), retry_after)
                 continue
             if status not in (200, 206):
                 _close(response)
-                raise DownloadFailed(f"artifact host {host!r} answered an unexpected {status}")
+                raise DownloadFailed(f"artifact host {host!r} answered an unexpected {status}", status=status)
             return response
 
 

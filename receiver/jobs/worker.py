@@ -1,8 +1,10 @@
 """The worker: claim a job, confirm the batch, fetch, store, publish; retry or give up.
 
 It knows the ledger, the BatchRouter client, the downloader and storage; nothing of Flask. Each job
-runs under a lease that one heartbeat thread renews while downloads run, so a crashed worker's job is
-taken again once its lease runs out and a healthy slow download is never taken over.
+runs under a lease that one heartbeat renews while downloads run, so a crashed worker's job is
+taken again once its lease runs out and a healthy slow download is never taken over. The heartbeat,
+housekeeping, the poller and the notifier are the worker's duties (duty.py): each on a thread of its
+own, built in one list by :meth:`Worker.duties`, started, stopped and joined the same way.
 """
 
 from __future__ import annotations
@@ -29,19 +31,25 @@ from ..errors import (
     JobCancelled,
     LeaseLost,
     LedgerUnavailable,
+    ObjectNotFound,
     ReceiverError,
 )
 from ..ledger import DEAD, STORED, Job, Ledger
-from ..manifest import Manifest, StoredFile
+from ..manifest import Manifest, StoredFile, read_manifest
 from ..retry import backoff
 from ..storage import Storage, Writer
 from . import pages
-from .poller import start_poller
+from .duty import Duty
+from .housekeeping import Housekeeping
+from .poller import Poller
 from .transfer import Downloader, TransferResult
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int | None], None]
+
+#: How long a stopping worker waits, in all, for its duties to finish the round in hand.
+DUTY_JOIN_SECONDS = 15.0
 
 
 class Stop(enum.Enum):
@@ -91,7 +99,7 @@ class Worker:
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(settings.worker_concurrency)
-        self._notifier: Any = None
+        self._duties: list[Duty] = []
 
     @classmethod
     def from_settings(cls, settings: Settings, ledger: Ledger | None = None) -> Worker:
@@ -113,23 +121,26 @@ class Worker:
 
     # --- the loop ---------------------------------------------------------------------------------
 
-    def run_forever(self) -> None:
-        """Claim and run jobs until :meth:`stop`; then release what is in hand and return."""
-        log.info("worker %s started, %d downloads in flight at most", self.owner, self.settings.worker_concurrency)
-        heartbeat = threading.Thread(target=self._heartbeat, name="lease-heartbeat", daemon=True)
-        heartbeat.start()
-        poller = start_poller(self.settings, self.ledger, self.owner, self.stopping)
+    def duties(self) -> list[Duty]:
+        """The background duties this worker runs beside its claim loop."""
+        duties: list[Duty] = [Heartbeat(self), Housekeeping(self.settings, self.ledger, self.storage)]
+        poller = Poller.from_settings(self.settings, self.ledger, self.owner)
+        if poller is not None:
+            duties.append(poller)
         if self.settings.notify_url is not None:
             from .notifier import Notifier
 
-            self._notifier = Notifier(self.settings, self.ledger, self.owner)
-            self._notifier.start()
-        housekeeping_due = 0.0
+            duties.append(Notifier(self.settings, self.ledger, self.owner))
+        return duties
+
+    def run_forever(self) -> None:
+        """Claim and run jobs until :meth:`stop`; then release what is in hand and return."""
+        log.info("worker %s started, %d downloads in flight at most", self.owner, self.settings.worker_concurrency)
+        self._duties = self.duties()
+        for duty in self._duties:
+            duty.start()
         with ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="job") as pool:
             while not self.stopping.is_set():
-                if time.monotonic() >= housekeeping_due:
-                    self._housekeeping()
-                    housekeeping_due = time.monotonic() + 300
                 if not self._slots.acquire(timeout=self.poll_interval):
                     continue
                 try:
@@ -143,17 +154,22 @@ class Worker:
                     continue
                 pool.submit(self._run_in_slot, job)
             self._cancel_all(Stop.SHUTDOWN)
-        if poller is not None:
-            poller.join(15)
-        if self._notifier is not None:
-            self._notifier.stop(timeout=5)
+            self._stop_duties()
+        # A duty in the middle of a round (a poll, a POST) gets a bounded while to finish it.
+        deadline = time.monotonic() + DUTY_JOIN_SECONDS
+        for duty in self._duties:
+            duty.join(max(0.0, deadline - time.monotonic()))
         log.info("worker %s stopped", self.owner)
 
     def stop(self) -> None:
+        """Stop claiming, cancel the jobs in hand and stop every duty; safe from a signal handler."""
         self.stopping.set()
         self._cancel_all(Stop.SHUTDOWN)
-        if self._notifier is not None:
-            self._notifier.stopping.set()
+        self._stop_duties()
+
+    def _stop_duties(self) -> None:
+        for duty in self._duties:
+            duty.stop()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT: stop claiming, give back leases, abort unfinished uploads."""
@@ -381,7 +397,9 @@ class Worker:
 
     def _adopt_existing(self, job: Job, manifest_key: str) -> None:
         """The batch is already published (an earlier attempt, or another worker): record it."""
-        manifest = Manifest.from_bytes(self.storage.get_bytes(manifest_key))
+        manifest = read_manifest(self.storage, job.batch_id)
+        if manifest is None:  # removed since we saw it: not ours to recreate under another's feet
+            raise ObjectNotFound(f"{manifest_key} vanished while being adopted")
         self.ledger.mark_stored(job.batch_id, self.owner, manifest, notify=self.settings.notify_url is not None)
 
     def _check(self, running: _Running) -> None:
@@ -395,38 +413,32 @@ class Worker:
             for running in self._running.values():
                 running.stop(reason)
 
-    # --- background duties ------------------------------------------------------------------------
+    def _renew_leases(self) -> None:
+        """Renew the lease of every job in hand, noting how far each has come; stop those lost."""
+        with self._lock:
+            progress: dict[str, int | None] = {b: r.stored for b, r in self._running.items()}
+        if not progress:
+            return
+        lost = self.ledger.renew(progress, self.owner, self.settings.lease_seconds)
+        with self._lock:
+            for batch_id in lost:
+                running = self._running.get(batch_id)
+                if running is not None:
+                    running.stop(Stop.LEASE_LOST)
 
-    def _heartbeat(self) -> None:
-        interval = max(0.5, self.settings.lease_seconds / 3)
-        while not self.stopping.wait(interval):
-            with self._lock:
-                progress: dict[str, int | None] = {b: r.stored for b, r in self._running.items()}
-            if not progress:
-                continue
-            try:
-                lost = self.ledger.renew(progress, self.owner, self.settings.lease_seconds)
-            except LedgerUnavailable as exc:
-                log.error("cannot renew leases: %s", exc)
-                continue
-            with self._lock:
-                for batch_id in lost:
-                    running = self._running.get(batch_id)
-                    if running is not None:
-                        running.stop(Stop.LEASE_LOST)
 
-    def _housekeeping(self) -> None:
-        try:
-            removed = self.storage.cleanup_partials(
-                older_than_seconds=max(600.0, 4 * self.settings.lease_seconds + 2 * self.settings.read_timeout_seconds)
-            )
-            if removed:
-                log.info("removed %d abandoned partial uploads", removed)
-            pruned = self.ledger.prune_deliveries(self.settings.delivery_retention_days)
-            if pruned:
-                log.info("pruned %d delivery records older than %d days", pruned, self.settings.delivery_retention_days)
-        except ReceiverError as exc:
-            log.warning("housekeeping skipped: %s", exc)
+class Heartbeat(Duty):
+    """Renews the leases of a worker's jobs in hand, a third of a lease apart."""
+
+    name = "lease-heartbeat"
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(max(0.5, worker.settings.lease_seconds / 3))
+        self.worker = worker
+
+    def tick(self) -> bool:
+        self.worker._renew_leases()
+        return False
 
 
 def _file_entry(key: str, result: TransferResult) -> StoredFile:

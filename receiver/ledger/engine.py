@@ -12,7 +12,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ..errors import UnsupportedDatabase
 
-#: Execution option marking a connection that only reads (Ledger._connect).
+#: Execution option marking a connection that only reads (Ledger.connect).
 READ_ONLY = "receiver_read_only"
 
 

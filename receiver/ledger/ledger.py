@@ -31,8 +31,10 @@ from ..manifest import Manifest
 from . import counters, migrate
 from .engine import READ_ONLY, create_engine, describe, sqlite_path
 from .group_commit import GroupCommit, PostgresGroupCommit, SQLiteGroupCommit
+from .leases import claim_due
 from .outbox import Outbox
 from .polling import PollingMixin
+from .refused import RefusedDeliveries
 from .schema import (
     DEAD,
     FAILED,
@@ -56,7 +58,12 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-class Ledger(Outbox, PollingMixin, WebhookSecrets):
+def queue_depth(counts: dict[str, int]) -> int:
+    """Jobs waiting for a worker: queued, and failed ones waiting for their retry."""
+    return counts[QUEUED] + counts[FAILED]
+
+
+class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
     """One per process. Thread-safe (a pooled engine); every method is one short transaction."""
 
     def __init__(
@@ -122,11 +129,11 @@ class Ledger(Outbox, PollingMixin, WebhookSecrets):
 
     def schema_revision(self) -> str | None:
         """The schema's migration revision, without changing anything."""
-        with self._connect() as conn:
+        with self.connect() as conn:
             return migrate.current(conn)
 
     def ping(self) -> None:
-        with self._connect() as conn:
+        with self.connect() as conn:
             conn.execute(sa.select(sa.literal(1)))
 
     def close(self) -> None:
@@ -149,7 +156,7 @@ class Ledger(Outbox, PollingMixin, WebhookSecrets):
         row = DeliveryRow(delivery.event_id, batch_id, delivery.event_type, delivery.status, outcome, now)
         if self._group is not None:
             return self._group.record(row, queue_batch=delivery.terminal and batch_id is not None)
-        with self._begin() as conn:
+        with self.begin() as conn:
             if conn.execute(self._record_stmt, row._asdict()).first() is None:
                 return RecordResult("duplicate", False)
             if batch_id is not None:
@@ -162,7 +169,7 @@ class Ledger(Outbox, PollingMixin, WebhookSecrets):
     def enqueue(self, batch_id: str, *, origin: str = "fetch", now: float | None = None) -> bool:
         """Queue a batch by hand (`receiver fetch`): a dead or failed job starts over at once."""
         now = time.time() if now is None else now
-        with self._begin() as conn:
+        with self.begin() as conn:
             return self._queue(conn, batch_id, origin=origin, now=now, revive=(DEAD, FAILED))
 
     def _queue(self, conn: Connection, batch_id: str, *, origin: str, now: float, revive: tuple[str, ...]) -> bool:
@@ -197,29 +204,28 @@ class Ledger(Outbox, PollingMixin, WebhookSecrets):
             sa.and_(jobs.c.state.in_((QUEUED, FAILED)), jobs.c.next_attempt_at <= now),
             sa.and_(jobs.c.state == RUNNING, jobs.c.lease_expires_at < now),
         )
-        pick = sa.select(jobs.c.batch_id).where(due)
         if batch_id is not None:
-            pick = pick.where(jobs.c.batch_id == batch_id)
-        pick = pick.order_by(jobs.c.next_attempt_at).limit(1)
-        if self.dialect == "postgresql":
-            pick = pick.with_for_update(skip_locked=True)
-        with self._begin() as conn:
-            row = conn.execute(
-                jobs.update()
-                .where(jobs.c.batch_id == pick.scalar_subquery())
-                .values(
-                    state=RUNNING,
-                    lease_owner=owner,
-                    lease_expires_at=now + lease_seconds,
-                    attempts=jobs.c.attempts + 1,
-                    updated_at=now,
-                    planned_at=sa.func.coalesce(jobs.c.planned_at, now),
-                    bytes_so_far=0,
-                )
-                .returning(jobs.c.batch_id, jobs.c.state, jobs.c.attempts, jobs.c.lease_owner, jobs.c.planned_at, jobs.c.origin)
-            ).first()
-        if row is None:
+            due = sa.and_(due, jobs.c.batch_id == batch_id)
+        with self.begin() as conn:
+            taken = claim_due(
+                conn,
+                jobs,
+                due=due,
+                order_by=jobs.c.next_attempt_at,
+                values={
+                    "state": RUNNING,
+                    "lease_owner": owner,
+                    "lease_expires_at": now + lease_seconds,
+                    "attempts": jobs.c.attempts + 1,
+                    "updated_at": now,
+                    "planned_at": sa.func.coalesce(jobs.c.planned_at, now),
+                    "bytes_so_far": 0,
+                },
+                returning=(jobs.c.batch_id, jobs.c.state, jobs.c.attempts, jobs.c.lease_owner, jobs.c.planned_at, jobs.c.origin),
+            )
+        if not taken:
             return None
+        row = taken[0]
         return Job(row.batch_id, row.state, row.attempts, row.lease_owner, row.planned_at, row.origin)
 
     def renew(
@@ -235,7 +241,7 @@ class Ledger(Outbox, PollingMixin, WebhookSecrets):
             return set()
         now = time.time() if now is None else now
         held: set[str] = set()
-        with self._begin() as conn:
+        with self.begin() as conn:
             for batch_id, done in progress.items():
                 renewed = conn.execute(
                     jobs.update()
@@ -256,7 +262,7 @@ class Ledger(Outbox, PollingMixin, WebhookSecrets):
         """
         now = time.time()
         results = manifest.results
-        with self._begin() as conn:
+        with self.begin() as conn:
             stored = bool(
                 conn.execute(
                     jobs.update()
@@ -285,7 +291,7 @@ class Ledger(Outbox, PollingMixin, WebhookSecrets):
         """Record a failed attempt: `failed` until `retry_at`, or `dead` when `retry_at` is None."""
         now = time.time()
         state = DEAD if retry_at is None else FAILED
-        with self._begin() as conn:
+        with self.begin() as conn:
             conn.execute(
                 jobs.update()
                 .where(jobs.c.batch_id == batch_id, jobs.c.lease_owner == owner)
@@ -302,13 +308,13 @@ class Ledger(Outbox, PollingMixin, WebhookSecrets):
 
     def forget_job(self, batch_id: str, owner: str) -> None:
         """Delete a job we hold whose batch BatchRouter does not know (a mistyped `receiver fetch`)."""
-        with self._begin() as conn:
+        with self.begin() as conn:
             conn.execute(jobs.delete().where(jobs.c.batch_id == batch_id, jobs.c.lease_owner == owner))
 
     def release(self, batch_id: str, owner: str) -> None:
         """Give a job back untouched (SIGTERM): the next worker starts it at once, no attempt spent."""
         now = time.time()
-        with self._begin() as conn:
+        with self.begin() as conn:
             conn.execute(
                 jobs.update()
                 .where(jobs.c.batch_id == batch_id, jobs.c.lease_owner == owner, jobs.c.state == RUNNING)
@@ -325,23 +331,23 @@ class Ledger(Outbox, PollingMixin, WebhookSecrets):
     # --- reading ----------------------------------------------------------------------------------
 
     def job(self, batch_id: str) -> dict[str, Any] | None:
-        with self._connect() as conn:
+        with self.connect() as conn:
             row = conn.execute(sa.select(jobs).where(jobs.c.batch_id == batch_id)).mappings().first()
             return dict(row) if row else None
 
     def list_jobs(self, limit: int = 1000) -> list[dict[str, Any]]:
-        with self._connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(sa.select(jobs).order_by(jobs.c.created_at.desc()).limit(limit)).mappings()
             return [dict(r) for r in rows]
 
     def has_delivery(self, event_id: str) -> bool:
         """Whether a delivery with this event id was recorded (register's self-test asks this)."""
-        with self._connect() as conn:
+        with self.connect() as conn:
             found = conn.execute(sa.select(deliveries.c.event_id).where(deliveries.c.event_id == event_id)).first()
         return found is not None
 
     def event_ids(self, batch_id: str) -> list[str]:
-        with self._connect() as conn:
+        with self.connect() as conn:
             return list(
                 conn.execute(
                     sa.select(deliveries.c.event_id).where(deliveries.c.batch_id == batch_id, deliveries.c.outcome == "accepted")
@@ -376,7 +382,7 @@ class Ledger(Outbox, PollingMixin, WebhookSecrets):
         ]
         return {
             "jobs": by_state,
-            "queue_depth": by_state[QUEUED] + by_state[FAILED],
+            "queue_depth": queue_depth(by_state),
             "retrying": by_state[FAILED],
             "counts_mismatch": int(values.get("counts_mismatch", 0)),
             "stored_bytes": int(values.get("stored_bytes", 0)),
@@ -391,16 +397,20 @@ class Ledger(Outbox, PollingMixin, WebhookSecrets):
     def prune_deliveries(self, retention_days: int, now: float | None = None) -> int:
         """Forget delivery records past their retention; jobs (stored batches) are kept for ever."""
         now = time.time() if now is None else now
-        with self._begin() as conn:
+        with self.begin() as conn:
             return conn.execute(deliveries.delete().where(deliveries.c.received_at < now - retention_days * 86400)).rowcount
 
-    # --- plumbing ---------------------------------------------------------------------------------
+    # --- connections ------------------------------------------------------------------------------
+    # Public so that the ledger's read-side modules (reports.py) and its mixins use one way in, and a
+    # database error always surfaces as LedgerUnavailable.
 
     def _insert(self, table: sa.Table):
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
 
     @contextmanager
-    def _begin(self) -> Iterator[Connection]:
+    def begin(self) -> Iterator[Connection]:
+        """A write transaction, committed on leaving the block (on SQLite it takes the write lock up
+        front: see engine.py)."""
         try:
             with self.engine.begin() as conn:
                 yield conn
@@ -414,17 +424,17 @@ class Ledger(Outbox, PollingMixin, WebhookSecrets):
 
         def run() -> T:
             if fold and self.dialect == "postgresql":
-                with self._begin() as conn:
+                with self.begin() as conn:
                     counters.fold(conn)
-            with self._connect(self._reader) as conn:
+            with self.connect(self._reader) as conn:
                 return fn(conn)
 
         return self._run_reads(run)
 
     @contextmanager
-    def _connect(self, engine: sa.Engine | None = None) -> Iterator[Connection]:
+    def connect(self, engine: sa.Engine | None = None) -> Iterator[Connection]:
         """A read-only transaction: on SQLite a deferred one, which in WAL mode never waits for a
-        writer (every other transaction takes the write lock up front; see _create_engine)."""
+        writer (every other transaction takes the write lock up front; see engine.py)."""
         try:
             with (engine or self.engine).connect().execution_options(**{READ_ONLY: True}) as conn:
                 yield conn

@@ -2,7 +2,7 @@
 
 The row is written in the transaction that marks the job stored (`Ledger.mark_stored(notify=True)`),
 so a crash can never leave a stored batch unannounced; the worker's notifier claims due rows under a
-lease (one UPDATE of the oldest due row, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL) so however many
+lease (leases.claim_due: one UPDATE of the oldest due row) so however many
 workers run, each event is sent by one of them at a time.
 """
 
@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from ..manifest import Manifest, rfc3339
+from .leases import claim_due
 from .schema import FAILED, NOTIFICATION_STATES, PENDING, SENT, Notification, notifications
 
 if TYPE_CHECKING:
@@ -46,8 +47,8 @@ class Outbox:
     if TYPE_CHECKING:
         dialect: str
 
-        def _begin(self) -> AbstractContextManager[Connection]: ...
-        def _connect(self) -> AbstractContextManager[Connection]: ...
+        def begin(self) -> AbstractContextManager[Connection]: ...
+        def connect(self) -> AbstractContextManager[Connection]: ...
         def _insert(self, table: sa.Table) -> Any: ...
 
     def _add_notification(self, conn: Connection, batch_id: str, manifest: Manifest, now: float) -> bool:
@@ -72,40 +73,36 @@ class Outbox:
     def add_notification(self, batch_id: str, manifest: Manifest, now: float | None = None) -> bool:
         """Write an event for a batch stored before notifications were on (`notify --replay`)."""
         now = time.time() if now is None else now
-        with self._begin() as conn:
+        with self.begin() as conn:
             return self._add_notification(conn, batch_id, manifest, now)
 
     def claim_notification(self, owner: str, lease_seconds: float, now: float | None = None) -> Notification | None:
         """Take the oldest due event under a lease, or None. Due: pending, its next attempt in the
         past, and no live lease (a sender that died mid-POST loses it when the lease runs out)."""
         now = time.time() if now is None else now
-        pick = (
-            sa.select(notifications.c.batch_id)
-            .where(
-                notifications.c.state == PENDING,
-                notifications.c.next_attempt_at <= now,
-                sa.or_(notifications.c.lease_expires_at.is_(None), notifications.c.lease_expires_at < now),
-            )
-            .order_by(notifications.c.next_attempt_at)
-            .limit(1)
+        due = sa.and_(
+            notifications.c.state == PENDING,
+            notifications.c.next_attempt_at <= now,
+            sa.or_(notifications.c.lease_expires_at.is_(None), notifications.c.lease_expires_at < now),
         )
-        if self.dialect == "postgresql":
-            pick = pick.with_for_update(skip_locked=True)
-        with self._begin() as conn:
-            row = conn.execute(
-                notifications.update()
-                .where(notifications.c.batch_id == pick.scalar_subquery())
-                .values(lease_owner=owner, lease_expires_at=now + lease_seconds, attempts=notifications.c.attempts + 1)
-                .returning(
+        with self.begin() as conn:
+            taken = claim_due(
+                conn,
+                notifications,
+                due=due,
+                order_by=notifications.c.next_attempt_at,
+                values={"lease_owner": owner, "lease_expires_at": now + lease_seconds, "attempts": notifications.c.attempts + 1},
+                returning=(
                     notifications.c.batch_id,
                     notifications.c.webhook_id,
                     notifications.c.body,
                     notifications.c.attempts,
                     notifications.c.retry_from,
-                )
-            ).first()
-        if row is None:
+                ),
+            )
+        if not taken:
             return None
+        row = taken[0]
         return Notification(row.batch_id, row.webhook_id, bytes(row.body), row.attempts, row.retry_from)
 
     def notification_sent(self, batch_id: str, owner: str, now: float | None = None) -> None:
@@ -120,7 +117,7 @@ class Outbox:
             self._settle(batch_id, owner, state=PENDING, next_attempt_at=retry_at, last_error=error[:2000])
 
     def _settle(self, batch_id: str, owner: str, **values: Any) -> None:
-        with self._begin() as conn:
+        with self.begin() as conn:
             conn.execute(
                 notifications.update()
                 .where(notifications.c.batch_id == batch_id, notifications.c.lease_owner == owner)
@@ -131,7 +128,7 @@ class Outbox:
         """Queue a batch's event again, with its webhook-id, and a fresh retry window. False when
         the batch has no event."""
         now = time.time() if now is None else now
-        with self._begin() as conn:
+        with self.begin() as conn:
             return bool(
                 conn.execute(
                     notifications.update()
@@ -141,7 +138,7 @@ class Outbox:
             )
 
     def notification(self, batch_id: str) -> dict[str, Any] | None:
-        with self._connect() as conn:
+        with self.connect() as conn:
             row = conn.execute(sa.select(notifications).where(notifications.c.batch_id == batch_id)).mappings().first()
             return dict(row) if row else None
 

@@ -1,9 +1,9 @@
-"""The ledger's side of the polling fallback: known batches, poll claims, refused deliveries.
+"""The ledger's side of the polling fallback: known batches and poll claims.
 
 BatchRouter gives up on a delivery after its retry window, so a batch whose terminal delivery never
 reached us would be lost for good. Every batch a signed delivery (or `receiver watch`) named is
 *known*; the workers poll each known batch that has no job yet with `GET /v1/batches/{id}`. Polls
-are claimed like jobs (one UPDATE of the due rows, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so
+are claimed like jobs (leases.claim_due: one UPDATE of the due rows), so
 however many workers run, each batch is polled about once per interval in total.
 
 A poll that finds the batch ended queues its job with the same INSERT … ON CONFLICT as a terminal
@@ -12,7 +12,6 @@ delivery: the two paths meet at the one job row, so a delivery and a poll racing
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -21,21 +20,9 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import counters
-from .schema import ENDED, NOT_FOUND, WATCHING, jobs, known_batches, refused_deliveries
-
-#: At most one write a second per process for refused deliveries: a flood of bad signatures must
-#: not become a flood of ledger writes competing with the good deliveries.
-REFUSED_FLUSH_SECONDS = 1.0
-
-
-class _Tally:
-    """Refused deliveries counted in memory between two writes."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.pending = 0
-        self.written_at = 0.0
+from . import counters, refused
+from .leases import claim_due
+from .schema import ENDED, NOT_FOUND, WATCHING, jobs, known_batches
 
 
 class PollingMixin:
@@ -44,8 +31,8 @@ class PollingMixin:
     if TYPE_CHECKING:  # provided by Ledger
         dialect: str
 
-        def _begin(self) -> AbstractContextManager[Connection]: ...
-        def _connect(self) -> AbstractContextManager[Connection]: ...
+        def begin(self) -> AbstractContextManager[Connection]: ...
+        def connect(self) -> AbstractContextManager[Connection]: ...
         def read(self, fn: Callable[[Connection], Any], *, fold: bool = False) -> Any: ...
         def _insert(self, table: sa.Table) -> Any: ...
         def _queue(self, conn: Connection, batch_id: str, *, origin: str, now: float, revive: tuple[str, ...]) -> bool: ...
@@ -64,7 +51,7 @@ class PollingMixin:
         """Make a batch known without any delivery (`receiver watch`); one BatchRouter had not found
         before is watched again (the caller has just seen it exists)."""
         now = time.time() if now is None else now
-        with self._begin() as conn:
+        with self.begin() as conn:
             conn.execute(
                 self._insert(known_batches)
                 .values(batch_id=batch_id, source="watch", state=WATCHING, first_seen_at=now, polls=0, found_by_poll=False)
@@ -97,26 +84,20 @@ class PollingMixin:
             ~sa.exists().where(jobs.c.batch_id == known_batches.c.batch_id),
         )
         # A read first: most ticks find nothing due, and a read takes no write lock on SQLite.
-        with self._connect() as conn:
+        with self.connect() as conn:
             if conn.execute(sa.select(known_batches.c.batch_id).where(due).limit(1)).first() is None:
                 return []
-        pick = (
-            sa.select(known_batches.c.batch_id)
-            .where(due)
-            .order_by(sa.func.coalesce(known_batches.c.next_poll_at, known_batches.c.first_seen_at + interval))
-            .limit(limit)
-        )
-        if self.dialect == "postgresql":
-            pick = pick.with_for_update(skip_locked=True, of=known_batches)
-        with self._begin() as conn:
-            return list(
-                conn.execute(
-                    known_batches.update()
-                    .where(known_batches.c.batch_id.in_(pick.scalar_subquery()))
-                    .values(poll_owner=owner, next_poll_at=now + lease_seconds)
-                    .returning(known_batches.c.batch_id)
-                ).scalars()
+        with self.begin() as conn:
+            taken = claim_due(
+                conn,
+                known_batches,
+                due=due,
+                order_by=sa.func.coalesce(known_batches.c.next_poll_at, known_batches.c.first_seen_at + interval),
+                values={"poll_owner": owner, "next_poll_at": now + lease_seconds},
+                returning=(known_batches.c.batch_id,),
+                limit=limit,
             )
+        return [row.batch_id for row in taken]
 
     def record_poll(
         self,
@@ -135,7 +116,7 @@ class PollingMixin:
         `owner` None (for `receiver watch`) records it whoever holds the poll.
         """
         now = time.time() if now is None else now
-        with self._begin() as conn:
+        with self.begin() as conn:
             queued = state == ENDED and self._queue(conn, batch_id, origin=origin, now=now, revive=())
             where = known_batches.c.batch_id == batch_id
             if owner is not None:
@@ -158,7 +139,7 @@ class PollingMixin:
         if not batch_ids:
             return
         now = time.time() if now is None else now
-        with self._begin() as conn:
+        with self.begin() as conn:
             conn.execute(
                 known_batches.update()
                 .where(known_batches.c.batch_id.in_(batch_ids), known_batches.c.poll_owner == owner)
@@ -169,42 +150,19 @@ class PollingMixin:
         """Stop watching batches that have a job (a delivery queued it), and forget refused-delivery
         counts older than two days; periodic, so that the ingest path stays one INSERT."""
         now = time.time() if now is None else now
-        with self._begin() as conn:
-            conn.execute(refused_deliveries.delete().where(refused_deliveries.c.minute < int((now - 2 * 86400) // 60)))
+        with self.begin() as conn:
+            refused.prune(conn, now)
             return conn.execute(
                 known_batches.update()
                 .where(known_batches.c.state == WATCHING, sa.exists().where(jobs.c.batch_id == known_batches.c.batch_id))
                 .values(state=ENDED, poll_owner=None)
             ).rowcount
 
-    # --- refused deliveries -----------------------------------------------------------------------
-
-    def note_refused_delivery(self, *, now: float | None = None) -> None:
-        """Count one delivery refused for its signature (never its body).
-
-        Written at most once a second per process; counts arriving in between go with the next
-        write (the first refusal after a quiet second is always written at once).
-        """
-        now = time.time() if now is None else now
-        tally: _Tally = self.__dict__.setdefault("_refused_tally", _Tally())
-        with tally.lock:
-            tally.pending += 1
-            if now - tally.written_at < REFUSED_FLUSH_SECONDS:
-                return
-            count, tally.pending, tally.written_at = tally.pending, 0, now
-        minute = int(now // 60)
-        with self._begin() as conn:
-            conn.execute(
-                self._insert(refused_deliveries)
-                .values(minute=minute, count=count)
-                .on_conflict_do_update(index_elements=["minute"], set_={"count": refused_deliveries.c.count + count})
-            )
-
     # --- reading ----------------------------------------------------------------------------------
 
     def known(self, states: tuple[str, ...] = (WATCHING, NOT_FOUND)) -> list[dict[str, Any]]:
         """Known batches in `states` that have no job (for `receiver ls`), oldest first."""
-        with self._connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(
                 sa.select(known_batches)
                 .where(known_batches.c.state.in_(states), ~sa.exists().where(jobs.c.batch_id == known_batches.c.batch_id))
@@ -234,11 +192,7 @@ class PollingMixin:
             .limit(1)
         ).scalar()
         not_found = conn.execute(sa.select(sa.func.count()).where(known_batches.c.state == NOT_FOUND)).scalar_one()
-        refused = conn.execute(
-            sa.select(sa.func.coalesce(sa.func.sum(refused_deliveries.c.count), 0)).where(
-                refused_deliveries.c.minute > int((now - 86400) // 60)
-            )
-        ).scalar_one()
+        refused_24h = refused.refused_last_day(conn, now)
         return {
             "watched": int(watched[0]),
             "oldest_watched": oldest,
@@ -246,5 +200,5 @@ class PollingMixin:
             "not_found": int(not_found),
             "polls": int(values.get("polls", 0)),
             "found_by_poll": int(values.get("found_by_poll", 0)),
-            "refused_signature_24h": int(refused),
+            "refused_signature_24h": refused_24h,
         }

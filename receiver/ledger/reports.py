@@ -36,7 +36,7 @@ def record_attempt(
 ) -> None:
     """Note one finished attempt (stored, failed or dead) and why it failed."""
     now = time.time() if now is None else now
-    with ledger._begin() as conn:
+    with ledger.begin() as conn:
         conn.execute(
             job_attempts.insert().values(
                 batch_id=batch_id, attempt=attempt, outcome=outcome, cause=cause, bytes=bytes_, seconds=seconds, finished_at=now
@@ -124,7 +124,7 @@ def find_jobs(
 
 def job_detail(ledger: Ledger, batch_id: str) -> dict[str, Any] | None:
     """One job with the deliveries that named its batch and its attempt history."""
-    with ledger._connect() as conn:
+    with ledger.connect() as conn:
         row = conn.execute(sa.select(jobs).where(jobs.c.batch_id == batch_id)).mappings().first()
         if row is None:
             return None

@@ -24,8 +24,8 @@ class WebhookSecrets:
         _secret_cache_seconds: float
         _secret_refresh: threading.Lock
 
-        def _begin(self) -> AbstractContextManager[Connection]: ...
-        def _connect(self) -> AbstractContextManager[Connection]: ...
+        def begin(self) -> AbstractContextManager[Connection]: ...
+        def connect(self) -> AbstractContextManager[Connection]: ...
 
     def accepted_secrets(self, now: float | None = None, max_age: float | None = None) -> tuple[str, ...]:
         """Secrets `register` stored that are current or inside their grace period.
@@ -53,7 +53,7 @@ class WebhookSecrets:
             self._secret_refresh.release()
 
     def _read_secrets(self, now: float) -> tuple[str, ...]:
-        with self._connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(
                 sa.select(secrets.c.secret)
                 .where(sa.or_(secrets.c.expires_at.is_(None), secrets.c.expires_at > now))
@@ -66,13 +66,13 @@ class WebhookSecrets:
     def add_secret(self, secret: str, *, grace_seconds: float, now: float | None = None) -> None:
         """Make `secret` current; every other current secret stays accepted for `grace_seconds`."""
         now = time.time() if now is None else now
-        with self._begin() as conn:
+        with self.begin() as conn:
             conn.execute(secrets.update().where(secrets.c.expires_at.is_(None)).values(expires_at=now + grace_seconds))
             conn.execute(secrets.insert().values(secret=self._box.seal(secret), created_at=now, expires_at=None))
         self._secret_cache = None
 
     def current_secret(self) -> str | None:
-        with self._connect() as conn:
+        with self.connect() as conn:
             found = conn.execute(
                 sa.select(secrets.c.secret).where(secrets.c.expires_at.is_(None)).order_by(secrets.c.id.desc()).limit(1)
             ).scalar()
@@ -89,7 +89,7 @@ class WebhookSecrets:
 
     def reseal_secrets(self) -> int:
         """Re-encrypt every stored secret under the first key (`receiver db rotate-key`)."""
-        with self._begin() as conn:
+        with self.begin() as conn:
             rows = conn.execute(sa.select(secrets.c.id, secrets.c.secret)).all()
             for row in rows:
                 conn.execute(secrets.update().where(secrets.c.id == row.id).values(secret=self._box.reseal(row.secret)))
@@ -99,7 +99,7 @@ class WebhookSecrets:
     def secret_info(self, now: float | None = None) -> list[SecretInfo]:
         """Ages of the accepted secrets, never their values (for `receiver status`)."""
         now = time.time() if now is None else now
-        with self._connect() as conn:
+        with self.connect() as conn:
             rows = conn.execute(
                 sa.select(secrets.c.id, secrets.c.created_at, secrets.c.expires_at)
                 .where(sa.or_(secrets.c.expires_at.is_(None), secrets.c.expires_at > now))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
 
+from ..config import parse_storage_url
 from .base import Storage, Writer
 
 if TYPE_CHECKING:
@@ -26,13 +26,12 @@ def open_storage(settings: Settings) -> Storage:
 
 def storage_from_url(url: str, **s3_options: Any) -> Storage:
     """The backend for a storage root URL alone (a reader needs no other setting); `s3_options`
-    are S3Storage's writing options."""
-    parts = urlsplit(url)
-    if parts.scheme == "s3":
+    are S3Storage's writing options. The schemes are config.STORAGE_SCHEMES; ConfigError for others."""
+    location = parse_storage_url(url)
+    if location.backend == "s3":
         from .s3 import S3Storage
 
-        return S3Storage(bucket=parts.netloc, prefix=parts.path.strip("/"), **s3_options)
+        return S3Storage(bucket=location.bucket, prefix=location.path, **s3_options)
     from .local import LocalStorage
 
-    path = unquote(parts.path) if parts.scheme == "file" else url
-    return LocalStorage(path)
+    return LocalStorage(location.path)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import logging
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from ..errors import LedgerUnavailable, ReceiverError
 from ..layout import validate_batch_id
 from ..ledger import DEAD, JOB_STATES, Ledger, reports
 from ..logs import redact
+from ..manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def job(batch_id: str) -> str:
         job=detail["job"],
         events=detail["events"],
         attempts=detail["attempts"],
-        manifest=_manifest(detail["job"].get("manifest_key")),
+        manifest=_manifest(batch_id) if detail["job"].get("manifest_key") else None,
         location=_location(detail["job"].get("manifest_key")),
         notification=_ledger().notification(batch_id),
     )
@@ -264,14 +264,15 @@ def _render(template: str, **context: Any) -> str:
     )
 
 
-def _manifest(key: str | None) -> dict[str, Any] | None:
+def _manifest(batch_id: str) -> dict[str, Any]:
     """The manifest's operator-facing fields (never its raw `batch`, which may hold URLs)."""
-    if not key:
-        return None
     try:
-        manifest = json.loads(current_app.extensions["receiver.storage"].get_bytes(key))
+        found = read_manifest(current_app.extensions["receiver.storage"], batch_id)
     except (ReceiverError, ValueError) as exc:
         return {"error": redact(str(exc))}
+    if found is None:  # the ledger says stored, storage has no manifest: say so
+        return {"error": f"no manifest for batch {batch_id} in storage"}
+    manifest = found.to_dict()
     files = [{k: f.get(k) for k in ("key", "bytes", "lines", "sha256")} for f in manifest.get("files", [])]
     fields = ("status", "stored_at", "source", "expected_items", "counts_match")
     return {"files": files, **{k: manifest.get(k) for k in fields}}

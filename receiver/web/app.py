@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     if settings.admin_token:
         from .admin import bp as admin_bp
 
-        app.register_blueprint(admin_bp)  # without a token /admin stays a 404 (contract.md)
+        app.register_blueprint(admin_bp)  # without a token /admin stays a 404 (README, "The status page")
     _register_health(app, ledger)
     _register_errors(app)
     return app

@@ -16,7 +16,14 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ...errors import ObjectNotFound, ObjectTooLarge, StorageError, StoragePermissionError
+from ...errors import (
+    ObjectNotFound,
+    ObjectTooLarge,
+    StorageEncryptionUnsupported,
+    StorageError,
+    StoragePermissionError,
+    StorageUnavailable,
+)
 from ..base import Storage
 from . import lifecycle
 from .client import PROBE_TIMEOUT, make_client
@@ -40,6 +47,8 @@ log = logging.getLogger(__name__)
 READ_BLOCK_SIZE = 1 * MiB
 
 PROBE_FOLDER = ".receiver-probe"
+#: The operations that carry (or complete) an encrypted write.
+_WRITES = frozenset({"PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"})
 
 
 class S3Storage(Storage):
@@ -314,9 +323,44 @@ class S3Storage(Storage):
         """The named error for a botocore failure of `operation` (an S3 API name) on `key`.
 
         Permission errors name the bucket, the prefix and the IAM action refused, so an operator can
-        fix the policy from the message alone.
+        fix the policy from the message alone. A 500 on a write under `aws:kms` is checked against
+        the same write without encryption (`_encryption_refused`): a store that has no KMS answers
+        500 to every encrypted write, which is a setting to change, not an outage to wait out.
         """
-        return translate(exc, operation, key, bucket=self.bucket, prefix=self.prefix, url=self.url)
+        error = translate(exc, operation, key, bucket=self.bucket, prefix=self.prefix, url=self.url)
+        if (
+            self.sse == "aws:kms"
+            and operation in _WRITES
+            and isinstance(error, StorageUnavailable)
+            and isinstance(exc, ClientError)
+            and error_status(exc) == 500
+            and self._encryption_refused()
+        ):
+            return StorageEncryptionUnsupported(
+                f"{self.url} fails every write with server-side encryption aws:kms (HTTP 500 {error_code(exc)}) "
+                "and accepts the same write without it: the store has no KMS configured. Set RECEIVER_S3_SSE to "
+                "AES256 or leave it unset (the bucket's default encryption applies), or configure KMS on the store"
+            )
+        return error
+
+    def _encryption_refused(self) -> bool:
+        """Whether a small probe PutObject answers 500 with our encryption and succeeds without it
+        (one try each, under `prefix/.receiver-probe/`, deleted after). Anything else, an outage
+        included, is False: the caller's error stands."""
+        client = self._probe()
+        probe = f"{self._root()}{PROBE_FOLDER}/sse-{uuid.uuid4().hex}"
+        statuses: list[int] = []
+        for object_args in (self._object_args(probe), {"ContentType": "text/plain"}):
+            try:
+                put_object(client, self.bucket, probe, b"ok\n", object_args=object_args, checksum=self.checksum)
+                statuses.append(200)
+            except ClientError as exc:
+                statuses.append(error_status(exc) or 0)
+            except BotoCoreError:
+                return False
+        with contextlib.suppress(ClientError, BotoCoreError):
+            client.delete_object(Bucket=self.bucket, Key=probe)
+        return statuses == [500, 200]
 
     def _errors(self, operation: str, key: str | None = None) -> contextlib.AbstractContextManager[None]:
         """Turn botocore's exceptions inside the block into the StorageError family."""
