@@ -9,17 +9,31 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import importlib.util
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from .errors import ConfigError, UnsupportedDatabase
 
+#: Where a `batch.stored` event can go; each set target gets every event, tracked on its own. The
+#: names are the ledger's `target` column, the metrics' `target` label and `notify --target`.
+WEBHOOK, SQS, EVENTBRIDGE = "webhook", "sqs", "eventbridge"
+NOTIFY_TARGETS = (WEBHOOK, SQS, EVENTBRIDGE)
+#: An SQS queue URL's path: /<12-digit account>/<queue name>, a FIFO queue's name ending in .fifo
+#: (https://docs.aws.amazon.com/AWSSimpleQueueService/latest/SQSDeveloperGuide/quotas-queues.html).
+_SQS_PATH = re.compile(r"/\d{12}/([A-Za-z0-9_-]{1,80}|[A-Za-z0-9_-]{1,75}\.fifo)")
+#: A bus name, or its ARN (https://docs.aws.amazon.com/eventbridge/latest/APIReference/API_PutEventsRequestEntry.html).
+_EVENT_BUS = re.compile(r"[A-Za-z0-9._/-]{1,256}|arn:aws[a-z-]*:events:[a-z0-9-]+:\d{12}:event-bus/[A-Za-z0-9._/-]{1,256}")
+
 DEFAULT_API_URL = "https://api.batchrouter.com"
 DEFAULT_STORAGE_URL = "./receiver-data/storage"
 DEFAULT_DATABASE_URL = "sqlite:///./receiver-data/receiver.db"
+#: What a postgresql:// DATABASE_URL without the driver installed says.
+POSTGRES_DRIVER_MISSING = "PostgreSQL needs psycopg: pip install 'batchrouter-receiver[postgres]'"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +87,10 @@ class Settings:
     notify_secret: str | None = dataclasses.field(default=None, repr=False)
     #: Hosts (besides loopback) where the notify URL may be plain http: a private network's consumer.
     notify_hosts: tuple[str, ...] = ()
+    #: An SQS queue URL (standard or `.fifo`) that gets every `batch.stored` event as a message.
+    notify_sqs_url: str | None = None
+    #: An EventBridge bus name or ARN that gets every `batch.stored` event (`PutEvents`).
+    notify_event_bus: str | None = None
     #: How long an event is retried before it is marked failed (the contract: at least 24 hours).
     notify_retry_seconds: float = 25 * 3600.0
     #: Bring the ledger's schema up to date at start; when false an older schema stops the process.
@@ -94,8 +112,15 @@ class Settings:
             from dotenv import dotenv_values
 
             env.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
-        env.update(os.environ if environ is None else environ)
-        return cls.from_mapping(env)
+        from_file = set(env)
+        environment = os.environ if environ is None else environ
+        env.update(environment)
+        try:
+            return cls.from_mapping(env)
+        except ConfigError as exc:
+            if exc.variable in from_file and exc.variable not in environment:  # say where to fix it
+                raise type(exc)(exc.variable, f"{exc.problem} (set in {dotenv_path})") from None
+            raise
 
     @classmethod
     def from_mapping(cls, env: Mapping[str, str]) -> Settings:
@@ -136,6 +161,8 @@ class Settings:
         notify_hosts = tuple(_validate_host(h, "RECEIVER_NOTIFY_HOSTS") for h in _split_list(env.get("RECEIVER_NOTIFY_HOSTS")))
         notify_url = _validate_notify_url(get("RECEIVER_NOTIFY_URL"), notify_hosts)
         notify_secret = _validate_notify_secret(get("RECEIVER_NOTIFY_SECRET"), required=notify_url is not None)
+        notify_sqs_url = _validate_sqs_url(get("RECEIVER_NOTIFY_SQS_URL"))
+        notify_event_bus = _validate_event_bus(get("RECEIVER_NOTIFY_EVENT_BUS"))
         return cls(
             api_key=api_key,
             api_url=api_url,
@@ -167,14 +194,26 @@ class Settings:
             notify_url=notify_url,
             notify_secret=notify_secret,
             notify_hosts=notify_hosts,
+            notify_sqs_url=notify_sqs_url,
+            notify_event_bus=notify_event_bus,
             auto_migrate=_bool(env, "RECEIVER_AUTO_MIGRATE", True),
             encryption_keys=_validate_fernet_keys(_split_list(env.get("RECEIVER_ENCRYPTION_KEY"))),
         )
 
+    @property
+    def notify_targets(self) -> tuple[str, ...]:
+        """The notification targets that are set, in NOTIFY_TARGETS order (empty: notifications off)."""
+        chosen = {WEBHOOK: self.notify_url, SQS: self.notify_sqs_url, EVENTBRIDGE: self.notify_event_bus}
+        return tuple(target for target in NOTIFY_TARGETS if chosen[target] is not None)
+
     def require_api_key(self) -> str:
         """The API key, or a configuration error for the commands that need one."""
         if not self.api_key:
-            raise ConfigError("BATCHROUTER_API_KEY", "is not set; create a key in the BatchRouter console and export it")
+            raise ConfigError(
+                "BATCHROUTER_API_KEY",
+                "is not set; create a key in the BatchRouter console and export it (for the local emulator, "
+                "load the settings `receiver serve --emulator` wrote: set -a; . receiver-data/emulator.env; set +a)",
+            )
         return self.api_key
 
 
@@ -224,7 +263,10 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
 def _validate_api_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError("BATCHROUTER_API_URL", f"must be an https:// URL such as {DEFAULT_API_URL}")
+        raise ConfigError(
+            "BATCHROUTER_API_URL",
+            f"must be an https:// URL such as {DEFAULT_API_URL} (or http:// on loopback for the emulator)",
+        )
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         raise ConfigError("BATCHROUTER_API_URL", "plain http is allowed only on loopback (the emulator); use https://")
     return url.rstrip("/")
@@ -267,6 +309,8 @@ def _validate_database_url(url: str) -> str:
             raise ConfigError("DATABASE_URL", "a SQLite URL is sqlite:///relative/path.db or sqlite:////abs/path.db")
         return url
     if scheme in ("postgresql", "postgres"):
+        if importlib.util.find_spec("psycopg") is None:  # found, not imported: gevent patches first
+            raise UnsupportedDatabase("DATABASE_URL", POSTGRES_DRIVER_MISSING)
         return url
     raise UnsupportedDatabase("DATABASE_URL", f"{scheme or url!r} is not supported; use sqlite:///path.db or postgresql://…")
 
@@ -309,12 +353,44 @@ def _validate_notify_url(url: str | None, hosts: tuple[str, ...]) -> str | None:
     return url
 
 
+def _validate_sqs_url(url: str | None) -> str | None:
+    """A queue URL as SQS prints it (`https://sqs.<region>.amazonaws.com/<account>/<name>`); http
+    only on loopback (a local emulator such as moto)."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username
+        or parts.query
+        or not _SQS_PATH.fullmatch(parts.path)
+    ):
+        raise ConfigError(
+            "RECEIVER_NOTIFY_SQS_URL", "must be a queue URL, e.g. https://sqs.us-east-1.amazonaws.com/123456789012/batches"
+        )
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ConfigError("RECEIVER_NOTIFY_SQS_URL", "plain http only on loopback; use the https:// queue URL")
+    return url
+
+
+def _validate_event_bus(bus: str | None) -> str | None:
+    if bus is None:
+        return None
+    if not _EVENT_BUS.fullmatch(bus):
+        raise ConfigError(
+            "RECEIVER_NOTIFY_EVENT_BUS",
+            "must be a bus name (e.g. default) or its arn:aws:events:<region>:<account>:event-bus/<name>",
+        )
+    return bus
+
+
 def _validate_notify_secret(secret: str | None, *, required: bool) -> str | None:
     """A Standard Webhooks secret: `whsec_` and the base64 of at least 16 random bytes."""
     if secret is None:
         if required:
             raise ConfigError(
-                "RECEIVER_NOTIFY_SECRET", "is required with RECEIVER_NOTIFY_URL: whsec_ and base64 of 24+ random bytes"
+                "RECEIVER_NOTIFY_SECRET", "is required with RECEIVER_NOTIFY_URL: whsec_ and the base64 of 16 or more random bytes"
             )
         return None
     try:

@@ -60,6 +60,11 @@ class LedgerUnavailable(LedgerError):
     transient = True
 
 
+class LedgerConnectionLost(LedgerUnavailable):
+    """The connection to the ledger broke or was refused (a PostgreSQL restart or failover): the
+    pool reconnects on the next checkout, so a worker retries the call while its lease lasts."""
+
+
 class SchemaOutdated(LedgerError):
     """The ledger's schema is older than this release and RECEIVER_AUTO_MIGRATE is false."""
 
@@ -229,6 +234,33 @@ class AlreadyPublished(StorageError):
 
 class ObjectTooLarge(StorageError):
     """An object beyond what the store accepts (S3: 5 TiB, or more than 10,000 parts): never retried."""
+
+
+# --- notifications --------------------------------------------------------------------------------
+
+
+class NotifyError(ReceiverError):
+    """One attempt to hand a `batch.stored` event to a target (webhook, SQS, EventBridge) failed.
+
+    `retry_after` is the target's own hint (a Retry-After header), in seconds, when it gave one.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotifyTransient(NotifyError):
+    """The target may accept the event later: a 5xx or non-2xx answer, throttling, a refused or
+    dropped connection, a timeout; also a missing queue or a denied permission, which an operator
+    fixes without losing the event (it stays pending and is retried)."""
+
+    transient = True
+
+
+class NotifyRejected(NotifyError):
+    """The target will never accept this event as it is (too large, malformed for the target): the
+    delivery is marked failed at once; `receiver notify --replay` sends it again after a fix."""
 
 
 # --- worker ---------------------------------------------------------------------------------------

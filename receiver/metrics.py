@@ -24,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from . import errors
+from .config import NOTIFY_TARGETS
 
 if TYPE_CHECKING:
     from .ledger import Job, Ledger
@@ -62,21 +63,32 @@ class LedgerCollector(Collector):
             value=stats["counts_mismatch"],
         )
         yield GaugeMetricFamily("receiver_stored_bytes", "Bytes of results stored.", value=stats["stored_bytes"])
-        notifications = stats.get("notifications")
-        if notifications:
-            states = notifications["states"]
-            yield GaugeMetricFamily(
-                "receiver_notifications_pending", "batch.stored events not yet acknowledged by a 2xx.", value=states["pending"]
-            )
-            yield GaugeMetricFamily(
-                "receiver_notifications_failed", "batch.stored events given up after their retry window.", value=states["failed"]
-            )
+        yield from _notification_metrics(stats.get("notifications"))
         yield from _polling_metrics(stats.get("polling"))
         last = stats["last_delivery"]
         if last:
             yield GaugeMetricFamily(
                 "receiver_last_delivery_timestamp_seconds", "When the last delivery was recorded.", value=last["received_at"]
             )
+
+
+def _notification_metrics(notifications: dict[str, Any] | None) -> Iterator[GaugeMetricFamily]:
+    """Deliveries of batch.stored events per target (`webhook`, `sqs`, `eventbridge`); every target
+    has its series, 0 when it has no delivery, so alert rules never meet an absent one."""
+    if not notifications:
+        return
+    pending = GaugeMetricFamily(
+        "receiver_notifications_pending", "batch.stored events a target has not yet accepted.", labels=["target"]
+    )
+    failed = GaugeMetricFamily(
+        "receiver_notifications_failed", "batch.stored events given up after their retry window, or rejected.", labels=["target"]
+    )
+    for target in dict.fromkeys([*NOTIFY_TARGETS, *notifications["targets"]]):
+        counts = notifications["targets"].get(target, {})
+        pending.add_metric([target], counts.get("pending", 0))
+        failed.add_metric([target], counts.get("failed", 0))
+    yield pending
+    yield failed
 
 
 def _polling_metrics(polling: dict[str, Any] | None) -> Iterator[GaugeMetricFamily]:

@@ -51,10 +51,6 @@ class S3Endpoint:
     url: str
     credentials: Mapping[str, str] = field(repr=False)
 
-    def env(self) -> dict[str, str]:
-        """The variables a child process needs to reach this server the standard way."""
-        return {**self.credentials, "AWS_ENDPOINT_URL_S3": self.url}
-
     def environment(self, **extra: str) -> contextlib.AbstractContextManager[None]:
         """This server's credentials (and `extra`) in os.environ for a block, as aws_test_env."""
         return aws_test_env(credentials=self.credentials, **extra)

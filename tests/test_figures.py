@@ -19,7 +19,7 @@ from alembic import command
 from receiver import metrics
 from receiver.errors import RateLimited, StorageUnavailable
 from receiver.ledger import Ledger, migrate, reports
-from receiver.ledger.schema import job_attempts, jobs, known_batches, notifications
+from receiver.ledger.schema import job_attempts, jobs, known_batches, notification_deliveries, notifications
 from receiver.manifest import Manifest, StoredFile
 
 from .test_ledger import deliver, ledger  # noqa: F401  (fixture)
@@ -80,7 +80,7 @@ def whole_table_figures(led: Ledger) -> dict[str, Any]:
         rows = conn.execute(sa.select(jobs)).mappings().all()
         attempts = conn.execute(sa.select(job_attempts)).mappings().all()
         known = conn.execute(sa.select(known_batches)).mappings().all()
-        sent = conn.execute(sa.select(sa.func.count()).where(notifications.c.state == "sent")).scalar_one()
+        sent = conn.execute(sa.select(sa.func.count()).where(notification_deliveries.c.state == "sent")).scalar_one()
     stored = [r for r in rows if r["state"] == "stored"]
     durations = [r["updated_at"] - r["planned_at"] for r in stored if r["planned_at"] is not None]
     sizes = [r["bytes"] for r in stored if r["bytes"] is not None]
@@ -137,6 +137,7 @@ def test_counters_equal_the_whole_table_figures(ledger):  # noqa: F811
     assert expected["retries"] == {"rate_limit": 2, "storage": 1} and expected["polls"] == 3 and expected["sent"] == 1
     assert counted_figures(ledger) == expected
     assert ledger.stats()["notifications"]["states"] == {"pending": 0, "sent": 1, "failed": 0}
+    assert ledger.stats()["notifications"]["targets"] == {"webhook": {"pending": 0, "sent": 1, "failed": 0}}
 
 
 def test_pruning_history_lowers_no_figure_but_a_deleted_job_in_flight_or_dead_leaves_its_state(ledger):  # noqa: F811
@@ -146,6 +147,7 @@ def test_pruning_history_lowers_no_figure_but_a_deleted_job_in_flight_or_dead_le
         conn.execute(jobs.delete().where(jobs.c.state == "stored"))
         conn.execute(job_attempts.delete())
         conn.execute(known_batches.delete())
+        conn.execute(notification_deliveries.delete())
         conn.execute(notifications.delete())
     assert counted_figures(ledger) == before
     queued = ledger.claim("w1", 30)

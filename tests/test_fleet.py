@@ -266,7 +266,7 @@ def run_fleet(tmp_path: Path, n_batches: int, cluster: str | None) -> dict[str, 
         all_sent = [("sent", n_batches)]
 
         def announced() -> bool:  # the sink has them, and the senders have recorded its 2xx
-            notifications = _query(database_url, "SELECT state, count(*) FROM notifications GROUP BY state")
+            notifications = _query(database_url, "SELECT state, count(*) FROM notification_deliveries GROUP BY state")
             return set(announcements.delivered) >= set(batch_ids) and notifications == all_sent
 
         wait_for(

@@ -266,6 +266,70 @@ def test_receiver_writes_through_the_stack_policy_only_under_its_prefix(endpoint
     assert deploy_check.check_receiver(outputs["StorageUrl"], endpoint_url=endpoint).ok
 
 
+@deployed
+def test_notification_target_policies_are_off_by_default(endpoint: str) -> None:
+    outputs = _deploy(endpoint, Prefix="br")
+    assert not {"ReceiverSqsPolicyArn", "ReceiverSqsKmsPolicyArn", "ReceiverEventBusPolicyArn"} & set(outputs)
+
+
+@deployed
+def test_notification_targets_are_allowed_on_that_queue_and_bus_only(endpoint: str) -> None:
+    """The SQS and EventBridge policies, deployed and attached to a user, under moto's IAM
+    enforcement: the receiver's SQS sender reaches the named queue, and another queue refuses it
+    with an error that names the grant (the event stays pending).
+
+    moto authorises EventBridge calls against the resource `*` and has no `events:source` to offer
+    (moto/core/responses.py, call_action), so a bus-scoped, source-conditioned grant cannot admit a
+    PutEvents there: the bus policy is checked in its deployed form, and under enforcement only the
+    refusal and its message are.
+    """
+    from receiver.errors import NotifyTransient
+    from receiver.jobs.senders.eventbridge import EventBridgeSender
+    from receiver.jobs.senders.sqs import SQSSender
+    from receiver.ledger import Notification
+
+    sqs = boto3.client("sqs", endpoint_url=endpoint)
+    events = boto3.client("events", endpoint_url=endpoint)
+    name = uuid.uuid4().hex[:8]
+    queues = [sqs.create_queue(QueueName=f"{name}-{which}")["QueueUrl"] for which in ("ours", "other")]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queues[0], AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    buses = [events.create_event_bus(Name=f"{name}-{which}")["EventBusArn"] for which in ("ours", "other")]
+    outputs = _deploy(endpoint, Prefix="br", NotifyQueueArn=queue_arn, NotifyQueueKmsKeyArn=KMS_KEY, NotifyEventBusArn=buses[0])
+
+    (send,) = _policy_document(endpoint, outputs["ReceiverSqsPolicyArn"])["Statement"]
+    assert (send["Action"], send["Resource"]) == ("sqs:SendMessage", queue_arn)
+    (put,) = _policy_document(endpoint, outputs["ReceiverEventBusPolicyArn"])["Statement"]
+    assert (put["Action"], put["Resource"]) == ("events:PutEvents", buses[0])
+    assert put["Condition"] == {"StringEquals": {"events:source": "batchrouter-receiver"}}
+    (kms,) = _policy_document(endpoint, outputs["ReceiverSqsKmsPolicyArn"])["Statement"]
+    assert sorted(kms["Action"]) == ["kms:Decrypt", "kms:GenerateDataKey"] and kms["Resource"] == KMS_KEY
+    assert kms["Condition"] == {"StringEquals": {"kms:ViaService": "sqs.us-east-1.amazonaws.com"}}
+
+    iam = boto3.client("iam", endpoint_url=endpoint)
+    user = f"receiver-{name}"
+    iam.create_user(UserName=user)
+    for output in ("ReceiverSqsPolicyArn", "ReceiverEventBusPolicyArn"):
+        iam.attach_user_policy(UserName=user, PolicyArn=outputs[output])
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    session = boto3.session.Session(aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
+    as_receiver = {
+        service: session.client(service, endpoint_url=endpoint, region_name="us-east-1") for service in ("sqs", "events")
+    }
+    event = Notification("b_1", "sqs", "msg_1", b'{"type":"batch.stored"}', 1, 0.0)
+
+    set_moto_auth(endpoint, 0)
+    try:
+        SQSSender(queues[0], sqs=as_receiver["sqs"]).send(event)
+        with pytest.raises(NotifyTransient, match="(?s)refused our credentials .*AccessDenied.*allow sqs:SendMessage"):
+            SQSSender(queues[1], sqs=as_receiver["sqs"]).send(event)
+        with pytest.raises(NotifyTransient, match="(?s)refused our credentials .*AccessDenied.*allow events:PutEvents"):
+            EventBridgeSender(buses[1], events=as_receiver["events"]).send(event)
+    finally:
+        set_moto_auth(endpoint, float("inf"))
+    [message] = sqs.receive_message(QueueUrl=queues[0], MessageAttributeNames=["All"])["Messages"]
+    assert message["Body"] == '{"type":"batch.stored"}' and message["MessageAttributes"]["webhook-id"]["StringValue"] == "msg_1"
+
+
 # --- deploy_check.py ------------------------------------------------------------------------------
 
 

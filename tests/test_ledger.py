@@ -185,6 +185,16 @@ def test_a_progress_delivery_makes_its_batch_known_and_due_after_one_interval(le
     assert ledger.claim_polls("w2", interval=60, now=now + 61 + 200) == ["bat_p"]
 
 
+def test_watch_polls_at_once_when_asked_and_queues_an_ended_batch_it_was_told_of(ledger):
+    now = time.time()
+    ledger.watch("bat_checked", status="processing", now=now)  # `receiver watch`: just asked BatchRouter
+    ledger.watch("bat_unchecked", poll_now=True, now=now)  # the status page: nobody asked yet
+    assert ledger.claim_polls("w1", interval=300, now=now + 1) == ["bat_unchecked"]
+    assert ledger.watch("bat_done", status="completed", ended=True, now=now) == "queued to be stored now"
+    assert ledger.watch("bat_done", status="completed", ended=True, now=now) == "already queued"
+    assert [j["batch_id"] for j in ledger.list_jobs()] == ["bat_done"]
+
+
 def test_polls_are_shared_between_workers(ledger):
     now = time.time()
     for i in range(30):

@@ -3,6 +3,7 @@ start together migrate once, and RECEIVER_AUTO_MIGRATE=false refuses an older sc
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -218,6 +219,9 @@ def test_eight_processes_starting_together_migrate_once(empty_db, start, tmp_pat
 def test_auto_migrate_false_refuses_an_older_schema_in_one_line(tmp_path):
     url = f"sqlite:///{tmp_path}/ledger.db"
     env = {**make_receiver_env(tmp_path, api_url="http://127.0.0.1:9", **{"DATABASE_URL": url}), "RECEIVER_AUTO_MIGRATE": "false"}
+    # An existing file with no schema (the oldest schema there is); a missing file is another message,
+    # since commands that only read never create a ledger.
+    sqlite3.connect(tmp_path / "ledger.db").execute("CREATE TABLE unrelated (x)").connection.close()
     for args in (["status"], ["worker"]):
         done = run_cli(env, *args, timeout=60)
         assert done.returncode == 2, done.stderr

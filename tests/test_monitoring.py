@@ -80,7 +80,7 @@ def test_pipeline_metrics_dashboard_and_logs(emulator, web, worker, secret, tmp_
     for query in dashboard_queries() + rule_queries():
         missing = metric_names(query) - names
         assert not missing, f"{query!r} names metrics /metrics does not serve: {missing}"
-    assert len(rule_queries()) == 7
+    assert len(rule_queries()) == 8
 
     def value(name: str, **labels: str) -> float:
         return samples[(name, tuple(sorted(labels.items())))]

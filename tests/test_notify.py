@@ -119,8 +119,8 @@ def test_an_event_fails_for_good_after_its_retry_window_and_status_shows_it(tmp_
     ledger = _stored_ledger(tmp_path, "b_1")
     row = _send_until_settled(Notifier(_settings(sink.url, notify_retry_seconds=0.5), ledger, "n1"), "b_1")
     assert row["state"] == "failed" and row["last_error"] == "HTTP 500"
-    assert b"receiver_notifications_failed 1.0" in render(ledger.stats)
-    assert b"receiver_notifications_pending 0.0" in render(ledger.stats)
+    assert b'receiver_notifications_failed{target="webhook"} 1.0' in render(ledger.stats)
+    assert b'receiver_notifications_pending{target="webhook"} 0.0' in render(ledger.stats)
     env = make_receiver_env(tmp_path, "http://127.0.0.1:9", RECEIVER_NOTIFY_URL=sink.url, RECEIVER_NOTIFY_SECRET=SECRET)
     out = run_cli(env, "status")
     assert out.returncode == 0, out.stderr

@@ -155,7 +155,9 @@ def test_a_404_stops_polling_and_shows_in_ls_and_status(emulator, web, worker, s
     time.sleep(3 * float(POLL_SECONDS))
     assert polls(emulator, "bat_vanished") == 1
     listed = json.loads(run_cli(receiver_env, "ls", "--json").stdout)
-    assert {"batch_id": "bat_vanished", "state": "not_found", "batch_status": "404 not found"} in listed
+    assert [(r["state"], r["batch_status"]) for r in listed if r["batch_id"] == "bat_vanished"] == [
+        ("not_found", "404 not found")
+    ]
     assert status_json(receiver_env)["polling"]["not_found"] == 1
     assert "not found by BatchRouter: 1" in run_cli(receiver_env, "status").stdout.decode()
 

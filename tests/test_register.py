@@ -78,6 +78,8 @@ def emulator(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Emulato
     """conftest's emulator, verifying webhook certificates with Caddy's CA when the test uses Caddy."""
     port = free_port()
     args = emulator_args(port, "--retry-delays", "0.2,0.5,1,2,4")
+    if "batchrouter_refuses_loopback" in request.fixturenames:  # as the real one does
+        args.remove("--allow-private-webhooks")
     if "caddy" in request.fixturenames:
         args += ["--ca-file", str(request.getfixturevalue("caddy").root_ca)]
     svc = Service("emulator", args, dict(os.environ), tmp_path).start()
@@ -85,6 +87,11 @@ def emulator(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Emulato
     wait_http(f"{url}/healthz", svc.proc)
     yield Emulator(url, svc)
     svc.stop()
+
+
+@pytest.fixture
+def batchrouter_refuses_loopback() -> None:
+    """The emulator refuses a loopback webhook with a 400, as BatchRouter itself does."""
 
 
 def registered_url(emulator: Emulator) -> str | None:
@@ -143,18 +150,39 @@ def test_register_with_a_bad_api_key_fails_on_the_key(receiver_env, emulator):
     assert stored_secrets(receiver_env) == (None, [])
 
 
-def test_register_reports_batchrouters_validation_error(receiver_env, emulator):
-    r = run_cli(receiver_env, "register", "--url", "https://169.254.169.254/hooks/batchrouter")
+def test_register_reports_batchrouters_validation_error(batchrouter_refuses_loopback, receiver_env, emulator, web):
+    r = run_cli(receiver_env, "register", "--insecure", "--url", web.hook)
     assert r.returncode == 1, text(r)
-    assert "400" in r.stderr.decode() and "metadata" in r.stderr.decode()
+    stderr = r.stderr.decode()
+    assert "400" in stderr and "loopback" in stderr and "webhook is unchanged" in stderr
+    assert "[  ok] signature accepted" in r.stdout.decode()  # verified first, then refused
     assert registered_url(emulator) is None
+    assert stored_secrets(receiver_env)[0] is None  # the staged secret never became current
 
 
 def test_register_fails_when_the_url_does_not_reach_the_receiver(receiver_env, emulator):
     r = run_cli(receiver_env, "register", "--insecure", "--url", f"http://127.0.0.1:{free_port()}/hooks/batchrouter")
     assert r.returncode == 1, text(r)
     assert "does not answer" in r.stderr.decode()
-    assert "[  ok] webhook set" in r.stdout.decode() and "[FAIL]" not in r.stdout.decode()
+    assert "webhook was not changed" in r.stderr.decode()
+    assert "webhook set" not in r.stdout.decode() and "[FAIL]" not in r.stdout.decode()
+    assert "/v1/auth/account/delivery-webhook" not in emulator.stats()["api_requests"]
+    assert registered_url(emulator) is None
+
+
+def test_a_wrong_url_leaves_the_webhook_and_the_secret_as_they_were(receiver_env, emulator, web):
+    good = run_cli(receiver_env, "register", "--insecure", "--url", web.hook)
+    assert good.returncode == 0, text(good)
+    secret, _ = stored_secrets(receiver_env)
+
+    wrong = run_cli(receiver_env, "register", "--rotate", "--insecure", "--url", f"{web.url}/hooks/wrongpath")
+    assert wrong.returncode == 1, text(wrong)
+    assert "404" in wrong.stderr.decode() and "webhook was not changed" in wrong.stderr.decode()
+    assert registered_url(emulator) == web.hook  # deliveries keep going where they did
+    current, infos = stored_secrets(receiver_env)
+    assert current == secret
+    assert [i.expires_at for i in infos if i.expires_at is None] == [None]  # not put into its grace period
+    assert deliver(web.hook, secret) == 200
 
 
 # --- registering against the emulator --------------------------------------------------------------

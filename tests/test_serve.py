@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -119,7 +120,7 @@ def _listening(port: int) -> bool:
 class _Serve:
     """`receiver serve --emulator` in tmp_path, its stdout and stderr in serve.N.log."""
 
-    def __init__(self, tmp_path: Path, env: dict[str, str], emulator_port: int, n: int = 0) -> None:
+    def __init__(self, tmp_path: Path, env: dict[str, str], emulator_port: int, n: int = 0, *, terminal: bool = False) -> None:
         self.log_path = tmp_path / f"serve.{n}.log"
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
@@ -128,6 +129,8 @@ class _Serve:
             cwd=tmp_path,
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            # `terminal`: a process group of its own, signalled whole as a terminal's Ctrl-C does.
+            start_new_session=terminal,
         )
 
     def output(self) -> str:
@@ -151,6 +154,60 @@ class _Serve:
             code = self.proc.wait()
         self.log.close()
         return code, self.output()
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The IPv4 addresses something listens on at `port`, from the kernel's own table."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, _, hex_port = local.partition(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    return found
+
+
+def test_ctrl_c_on_serve_emulator_is_clean_and_it_listens_on_loopback_only(tmp_path: Path) -> None:
+    env = _serve_env(tmp_path)
+    serve = _Serve(tmp_path, env, free_port(), terminal=True)
+    try:
+        banner = serve.wait_banner()
+        assert _listening_addresses(int(env["PORT"])) == {"127.0.0.1"}, banner  # not 0.0.0.0 on a laptop
+        # One control socket per gunicorn, not the shared ~/.gunicorn/gunicorn.ctl.
+        assert re.search(r"Control socket listening at \S*/receiver-gunicorn-\d+\.ctl", banner), banner
+        os.killpg(serve.proc.pid, signal.SIGINT)  # the whole foreground group, as Ctrl-C sends it
+    finally:
+        code, output = serve.stop()
+    assert code == 0, output
+    assert "Traceback" not in output and "SystemExit" not in output, output
+    assert wait_for(lambda: _marked_processes(env) == [], timeout=10, what="no process left")
+
+
+def test_ctrl_c_on_the_procfiles_gunicorn_is_clean(tmp_path: Path) -> None:
+    env = _serve_env(tmp_path, DATABASE_URL=f"sqlite:///{tmp_path}/receiver.db", RECEIVER_STORAGE_URL=str(tmp_path / "storage"))
+    log = tmp_path / "gunicorn.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "receiver.app:create_app()"],  # the Procfile's web, from the root
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            wait_for(lambda: _listening(int(env["PORT"])), timeout=60, what="gunicorn", interval=0.1)
+            wait_for(lambda: log.read_text().count("Booting worker") == 2, timeout=30, what="both workers")
+            time.sleep(1)  # the workers' app loaded (a signal before that is a different story)
+            os.killpg(proc.pid, signal.SIGINT)  # worker and master both hear it, as from a terminal
+            code = proc.wait(timeout=40)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    output = log.read_text(errors="replace")
+    assert code == 0, output
+    assert "Traceback" not in output and "SystemExit" not in output, output
 
 
 def _second_shell(tmp_path: Path, env: dict[str, str], command: str, **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
@@ -207,10 +264,16 @@ def test_banner_follows_both_servers_and_everything_it_prints_works(tmp_path: Pa
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        time.sleep(3)
-        assert second_worker.poll() is None, second_worker.communicate()[0]
+        # Wait for its first log line (not a fixed sleep: a loaded machine imports slowly), then stop it.
+        assert second_worker.stdout is not None
+        first_lines = []
+        for raw in second_worker.stdout:
+            first_lines.append(raw.decode())
+            if "started" in first_lines[-1]:
+                break
+        assert second_worker.poll() is None, "".join(first_lines)
         second_worker.send_signal(signal.SIGTERM)
-        worker_output = second_worker.communicate(timeout=30)[0].decode()
+        worker_output = "".join(first_lines) + second_worker.communicate(timeout=30)[0].decode()
         assert second_worker.returncode == 0 and "started" in worker_output, worker_output
 
         # A request the emulator logs in colour on a terminal (404): plain text in a file.

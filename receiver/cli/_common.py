@@ -6,7 +6,9 @@ Settings are read before anything is logged, so a bad setting prints exactly one
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
 from typing import IO, TYPE_CHECKING, Any
 
 import click
@@ -45,10 +47,24 @@ def load_settings() -> Settings:
         raise ConfigurationError(str(exc)) from None
 
 
-def open_ledger(settings: Settings) -> Ledger:
+def open_ledger(settings: Settings, *, create: bool = True) -> Ledger:
+    """The ledger `settings` name, its schema brought up to date; closed when the command ends.
+
+    `create=False` is for the commands that only read (`ls`, `cat`, `status`, ...): a SQLite file
+    that does not exist is not made (an empty new ledger would answer "no batches yet" and
+    "every delivery gets 401", both false); the command says where it looked instead.
+    """
     from ..ledger import Ledger
 
-    ledger = Ledger.from_settings(settings)
+    if not create:
+        _require_ledger_file(settings)
+    try:
+        ledger = Ledger.from_settings(settings)
+    except ConfigError as exc:  # a postgresql:// URL without its driver, say
+        raise ConfigurationError(str(exc)) from None
+    context = click.get_current_context(silent=True)
+    if context is not None:  # Click closes it when the command returns or fails
+        context.with_resource(contextlib.closing(ledger))
     try:
         ledger.create_schema()
         ledger.check_secrets()
@@ -57,6 +73,26 @@ def open_ledger(settings: Settings) -> Ledger:
     except ReceiverError as exc:
         raise Failure(str(exc)) from None
     return ledger
+
+
+def ledger_file_missing(settings: Settings) -> str | None:
+    """The SQLite file DATABASE_URL names, when it does not exist (None: it does, or not SQLite)."""
+    from ..ledger.engine import sqlite_path
+
+    path = sqlite_path(settings.database_url)
+    if path is None or path == ":memory:" or os.path.exists(path):
+        return None
+    return os.path.abspath(path)
+
+
+def _require_ledger_file(settings: Settings) -> None:
+    missing = ledger_file_missing(settings)
+    if missing is not None:
+        raise ConfigurationError(
+            f"no ledger at {missing} (DATABASE_URL={settings.database_url}); run this in the folder where "
+            "`receiver serve` runs, or set DATABASE_URL to its ledger (after `receiver serve --emulator`, in its "
+            "folder: set -a; . receiver-data/emulator.env; set +a)"
+        )
 
 
 def validate_batch_ids(batch_ids: tuple[str, ...]) -> None:

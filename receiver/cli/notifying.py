@@ -1,4 +1,4 @@
-"""`receiver notify --replay BATCH_ID…`: send a batch's `batch.stored` event again."""
+"""`receiver notify --replay BATCH_ID… [--target T]`: send a batch's `batch.stored` event again."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .. import layout
+from ..config import NOTIFY_TARGETS
 from ..errors import ConfigError, ReceiverError
-from ._common import ConfigurationError, Failure, load_settings, open_ledger
+from ._common import ConfigurationError, Failure, load_settings, open_ledger, validate_batch_ids
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -24,27 +24,45 @@ if TYPE_CHECKING:
     metavar="BATCH_ID",
     help="Queue this stored batch's event again (repeatable). Same webhook-id, fresh 24 h of retries.",
 )
-def notify(batch_ids: tuple[str, ...]) -> None:
-    """Send stored batches' batch.stored events to RECEIVER_NOTIFY_URL again.
+@click.option(
+    "--target",
+    "chosen",
+    multiple=True,
+    type=click.Choice(NOTIFY_TARGETS),
+    help="Send to this target only (repeatable); default: every target that is set.",
+)
+def notify(batch_ids: tuple[str, ...], chosen: tuple[str, ...]) -> None:
+    """Send stored batches' batch.stored events again, to every notification target that is set
+    (RECEIVER_NOTIFY_URL, RECEIVER_NOTIFY_SQS_URL, RECEIVER_NOTIFY_EVENT_BUS) or those --target names.
 
     A running worker sends them within seconds. A batch stored before notifications were turned on
-    gets its first event, built from its manifest. Exits 1 if a batch is not stored.
+    (or before a target was added) gets its first event, built from its manifest. Exits 1 if a batch
+    is not stored.
     """
     settings = load_settings()
-    if settings.notify_url is None:
-        raise ConfigurationError(str(ConfigError("RECEIVER_NOTIFY_URL", "is not set; there is nowhere to send events")))
-    for batch_id in batch_ids:
-        try:
-            layout.validate_batch_id(batch_id)
-        except ReceiverError as exc:
-            raise click.BadParameter(f"{batch_id!r}: {exc}", param_hint="BATCH_ID") from None
-    ledger = open_ledger(settings)
+    if not settings.notify_targets:
+        raise ConfigurationError(
+            str(
+                ConfigError(
+                    "RECEIVER_NOTIFY_URL",
+                    "nor RECEIVER_NOTIFY_SQS_URL nor RECEIVER_NOTIFY_EVENT_BUS is set; there is nowhere to send events",
+                )
+            )
+        )
+    unset = [t for t in chosen if t not in settings.notify_targets]
+    if unset:
+        raise click.BadParameter(
+            f"{', '.join(unset)} is not set (configured: {', '.join(settings.notify_targets)})", param_hint="--target"
+        )
+    targets = chosen or settings.notify_targets
+    validate_batch_ids(batch_ids)
+    ledger = open_ledger(settings)  # it writes: the event goes into the outbox
     missing = []
     try:
         for batch_id in batch_ids:
-            if ledger.replay_notification(batch_id) or _first_event(settings, ledger, batch_id):
-                row = ledger.notification(batch_id) or {}
-                click.echo(f"{batch_id}: queued ({row.get('webhook_id')})")
+            if ledger.replay_notification(batch_id, targets) or _first_event(settings, ledger, batch_id, targets):
+                row = ledger.notification(batch_id, targets[0]) or {}
+                click.echo(f"{batch_id}: queued for {', '.join(targets)} ({row.get('webhook_id')})")
             else:
                 missing.append(batch_id)
     except ReceiverError as exc:
@@ -53,7 +71,7 @@ def notify(batch_ids: tuple[str, ...]) -> None:
         raise Failure(f"not stored, nothing to announce: {', '.join(missing)}")
 
 
-def _first_event(settings: Settings, ledger: Ledger, batch_id: str) -> bool:
+def _first_event(settings: Settings, ledger: Ledger, batch_id: str, targets: tuple[str, ...]) -> bool:
     """Write the event of a batch stored without one, from its manifest; False if it has none."""
     from ..manifest import read_manifest
     from ..storage import open_storage
@@ -61,5 +79,5 @@ def _first_event(settings: Settings, ledger: Ledger, batch_id: str) -> bool:
     manifest = read_manifest(open_storage(settings), batch_id)
     if manifest is None:
         return False
-    ledger.add_notification(batch_id, manifest)
+    ledger.add_notification(batch_id, manifest, targets)
     return True

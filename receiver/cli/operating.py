@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import shutil
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .. import layout
+from ..config import NOTIFY_TARGETS
 from ..errors import ConfigError, ReceiverError
 from ..manifest import read_manifest, stored_batch_ids
 from ._common import UNENCRYPTED, ConfigurationError, Failure, iso, load_settings, open_ledger, validate_batch_ids
@@ -85,13 +87,71 @@ class _progress:
             self.bar.__exit__(None, None, None)
 
 
+#: How many batches `receiver ls` shows without --limit or --all: the recent ones a person reads.
+LS_DEFAULT_LIMIT = 50
+#: What a batch that ended without results is called in `ls` (its job is `stored`: it has a manifest).
+_ENDED_WITHOUT_RESULTS = {"failed": "failed", "cancelled": "cancelled", "canceled": "cancelled", "expired": "expired"}
+
+
 @click.command(name="ls")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
-def list_batches(as_json: bool) -> None:
-    """Stored batches and jobs, with their status."""
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=LS_DEFAULT_LIMIT,
+    show_default=True,
+    help="Show the N most recently changed batches.",
+)
+@click.option(
+    "--since",
+    type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%SZ"]),
+    help="Only batches changed on or after DATE (UTC), e.g. 2026-12-01.",
+)
+@click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help="Every batch: the whole ledger and every manifest in storage, however long that takes.",
+)
+def list_batches(as_json: bool, limit: int, since: dt.datetime | None, show_all: bool) -> None:
+    """Batches and jobs with their status, the most recently changed first.
+
+    By default the 50 most recent (--limit N for another number); --all lists every one, including
+    batches whose manifest is in storage but whose job this ledger no longer holds.
+    """
     settings = load_settings()
-    ledger = open_ledger(settings)
-    rows = {row["batch_id"]: _public_job(row) for row in ledger.list_jobs(limit=100000)}
+    ledger = open_ledger(settings, create=False)
+    bound = None if show_all else limit
+    after = None if since is None else since.replace(tzinfo=dt.UTC).timestamp()
+    rows = {row["batch_id"]: _public_job(row) for row in ledger.list_jobs(limit=bound, since=after)}
+    # Watched, or BatchRouter did not know them (polling stopped): they have no job yet.
+    for known in ledger.known(limit=bound, since=after):
+        rows.setdefault(
+            known["batch_id"],
+            {
+                "batch_id": known["batch_id"],
+                "state": known["state"],
+                "batch_status": known["last_status"],
+                "updated_at": iso(known["first_seen_at"]),
+            },
+        )
+    if show_all:
+        _add_stored_without_job(settings, rows)
+    listed = sorted(rows.values(), key=lambda r: r.get("updated_at") or "", reverse=True)
+    listed = listed[:bound]
+    if as_json:
+        click.echo(json.dumps(listed, indent=2))
+        return
+    if not listed:
+        click.echo("no batches yet" if since is None else f"no batch changed since {since:%Y-%m-%d %H:%M:%S} UTC")
+        return
+    _echo_table(listed)
+    if len(listed) == bound:
+        click.echo(f"(the {len(listed)} most recent; --limit N shows more, --all every one)", err=True)
+
+
+def _add_stored_without_job(settings: Any, rows: dict[str, dict[str, Any]]) -> None:
+    """Every manifest in storage whose batch has no row yet (`ls --all` only: it lists the whole tree)."""
     from ..storage import open_storage
 
     storage = open_storage(settings)
@@ -101,21 +161,14 @@ def list_batches(as_json: bool) -> None:
                 rows[batch_id] = {"batch_id": batch_id, "state": "stored", "manifest_key": layout.manifest_key(batch_id)}
     except ReceiverError as exc:
         click.echo(f"receiver: storage not listed: {exc}", err=True)
-    for known in ledger.known():  # watched, or BatchRouter did not know them (polling stopped)
-        rows.setdefault(
-            known["batch_id"], {"batch_id": known["batch_id"], "state": known["state"], "batch_status": known["last_status"]}
-        )
-    if as_json:
-        click.echo(json.dumps(list(rows.values()), indent=2))
-        return
-    if not rows:
-        click.echo("no batches yet")
-        return
-    click.echo(f"{'BATCH':<32} {'STATE':<8} {'STATUS':<10} {'BYTES':>12} {'LINES':>9} STORED AT")
+
+
+def _echo_table(rows: list[dict[str, Any]]) -> None:
+    click.echo(f"{'BATCH':<32} {'STATE':<9} {'STATUS':<10} {'BYTES':>12} {'LINES':>9} STORED AT")
     width = max(60, shutil.get_terminal_size().columns)
-    for row in rows.values():
+    for row in rows:
         click.echo(
-            f"{row['batch_id']:<32} {row['state']:<8} {row.get('batch_status') or '-':<10} "
+            f"{row['batch_id']:<32} {row['state']:<9} {row.get('batch_status') or '-':<10} "
             f"{row.get('bytes') if row.get('bytes') is not None else '-':>12} {row.get('lines') if row.get('lines') is not None else '-':>9} "
             f"{row.get('stored_at') or '-':<20}".rstrip()
         )
@@ -151,6 +204,11 @@ def _public_job(row: dict[str, Any]) -> dict[str, Any]:
     }
     out["stored_at"] = iso(row["stored_at"])
     out["updated_at"] = iso(row["updated_at"])
+    # A batch that ended without results has a manifest (its job is `stored`) and no bytes: call
+    # it what it is. `job_state` keeps the job's own word for scripts.
+    out["job_state"] = row["state"]
+    if row["state"] == "stored":
+        out["state"] = _ENDED_WITHOUT_RESULTS.get(str(row["batch_status"]).lower(), "stored")
     return out
 
 
@@ -159,10 +217,7 @@ def _public_job(row: dict[str, Any]) -> dict[str, Any]:
 def cat(batch_id: str) -> None:
     """Stream a stored batch's results to stdout (exit 1 if it is not stored)."""
     settings = load_settings()
-    try:
-        layout.validate_batch_id(batch_id)
-    except ReceiverError as exc:
-        raise click.BadParameter(str(exc), param_hint="BATCH_ID") from None
+    validate_batch_ids((batch_id,))
     from ..storage import open_storage
 
     storage = open_storage(settings)
@@ -190,13 +245,12 @@ def _not_stored(settings: Any, batch_id: str) -> str:
     """Why a batch has no manifest, from its job in the ledger: dead (and why), under way, or unknown."""
     from ..ledger import DEAD
 
-    ledger = open_ledger(settings)
-    try:
-        row = ledger.job(batch_id)
-    finally:
-        ledger.close()
+    row = open_ledger(settings, create=False).job(batch_id)
     if row is None:
-        return f"batch {batch_id} is not stored: this receiver has not heard of it (`receiver fetch {batch_id}` fetches it)"
+        return (
+            f"batch {batch_id} is not stored: this receiver has not heard of it (no delivery, fetch or watch named it; "
+            "a `receiver fetch` that answered 404 leaves nothing behind: BatchRouter does not know that id under this API key)"
+        )
     if row["state"] == DEAD:
         return (
             f"batch {batch_id} is dead after {row['attempts']} attempts, not stored: {row['last_error']}"
@@ -211,7 +265,7 @@ def _not_stored(settings: Any, batch_id: str) -> str:
 def status(as_json: bool) -> None:
     """Queue depth, retries, failures, count mismatches, the last delivery and the accepted secrets."""
     settings = load_settings()
-    ledger = open_ledger(settings)
+    ledger = open_ledger(settings, create=False)
     now = time.time()
     stats = ledger.stats(now)
     secrets = ledger.secret_info(now)
@@ -257,17 +311,26 @@ def status(as_json: bool) -> None:
     for row in stats["dead"]:
         click.echo(f"dead: {row['batch_id']} after {row['attempts']} attempts: {row['last_error']}")
     notes = stats["notifications"]
-    if settings.notify_url or any(notes["states"].values()):
+    if settings.notify_targets or any(notes["states"].values()):
         oldest = notes["oldest_pending_at"]
         click.echo(
             f"notifications: pending {notes['states']['pending']}  sent {notes['states']['sent']}  "
             f"failed {notes['states']['failed']}" + (f"  (oldest pending since {iso(oldest)})" if oldest else "")
         )
+        for target in sorted(set(settings.notify_targets) | set(notes["targets"]), key=_target_order):
+            counts = notes["targets"].get(target, {"pending": 0, "sent": 0, "failed": 0})
+            unset = "" if target in settings.notify_targets else "  (not set any more)"
+            click.echo(f"  {target}: pending {counts['pending']}  sent {counts['sent']}  failed {counts['failed']}{unset}")
     for row in notes["failed"]:
         click.echo(
-            f"notification failed: {row['batch_id']} ({row['webhook_id']}) after {row['attempts']} attempts: {row['last_error']}"
+            f"notification failed: {row['batch_id']} to {row['target']} ({row['webhook_id']}) "
+            f"after {row['attempts']} attempts: {row['last_error']}"
         )
     _echo_polling(stats["polling"])
+
+
+def _target_order(target: str) -> tuple[int, str]:
+    return (NOTIFY_TARGETS.index(target) if target in NOTIFY_TARGETS else len(NOTIFY_TARGETS), target)
 
 
 def _echo_polling(polling: dict[str, Any]) -> None:

@@ -33,8 +33,9 @@ def register(url: str | None, rotate: bool, insecure: bool, ca_file: str | None)
     """Point BatchRouter's delivery webhook at this receiver and prove a signed delivery gets in.
 
     Checks the API key and the storage, stores the signing secret in the ledger (every instance
-    accepts it at once), sets the webhook with PUT /v1/auth/account/delivery-webhook, then sends a
-    signed self-test delivery to the URL and confirms this receiver recorded it. Prints a checklist;
+    accepts it at once), sends a signed self-test delivery to the URL and confirms this receiver
+    recorded it, and only then sets the webhook with PUT /v1/auth/account/delivery-webhook: a URL
+    that fails the self-test leaves BatchRouter's webhook as it was. Prints a checklist;
     exits 1 with the reason when a step fails, 2 for a bad URL or setting. Running it again is safe:
     the current secret is kept unless --rotate is given. Secrets are never printed.
     """

@@ -5,12 +5,17 @@ The steps, each a line of the checklist the command prints:
 1. the API key is accepted (`GET /v1/auth/account`), the storage is writable, and an S3 bucket aborts
    incomplete multipart uploads (a warning with the fix when it does not);
 2. the signing secret is stored in the ledger *before* BatchRouter learns it, so every instance
-   accepts a delivery signed with it from the moment BatchRouter starts using it;
-3. `PUT /v1/auth/account/delivery-webhook` with the URL and the secret (HTTPS only, secret 8–256
-   characters, private and metadata hosts refused: docs/batchrouter-api.md, "Registering the
-   delivery webhook");
-4. a signed self-test delivery is POSTed to the public URL, through whatever TLS front is there, and
-   the ledger is read back to confirm *this* receiver recorded it.
+   accepts a delivery signed with it from the moment BatchRouter starts using it; a new one is
+   staged (accepted, not yet current) until step 4 succeeds;
+3. a signed self-test delivery is POSTed to the public URL, through whatever TLS front is there, and
+   the ledger is read back to confirm *this* receiver recorded it;
+4. only then `PUT /v1/auth/account/delivery-webhook` with the URL and the secret (HTTPS only, secret
+   8–256 characters, private and metadata hosts refused: docs/batchrouter-api.md, "Registering the
+   delivery webhook"), and a new secret becomes current.
+
+Verifying before pointing means a mistyped URL or a receiver on another ledger fails the command
+with BatchRouter's webhook untouched: deliveries keep going where they went. Every failure after
+the PUT says what BatchRouter now does and how to recover.
 
 Running it again is safe: without `--rotate` the current secret is sent again rather than replaced.
 With `--rotate` a new secret becomes current and the previous one stays accepted for
@@ -54,6 +59,9 @@ SECRET_BYTES = 32
 #: the first self-test after a rotation is retried for this long before it counts as a refusal.
 SELF_TEST_SIGNATURE_WAIT_SECONDS = 6.0
 SELF_TEST_TIMEOUT_SECONDS = 10.0
+#: How long a new secret is accepted before it is current: it covers the self-test and the PUT;
+#: if `register` stops in between, it lapses on its own and nothing else changed.
+STAGED_SECRET_SECONDS = 3600.0
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -93,6 +101,11 @@ class Checklist:
         if self.on_step is not None:
             self.on_step(step)
         return step
+
+    def unchanged(self) -> None:
+        """Say, after a failed check, that BatchRouter was not touched."""
+        if self.failure is not None:
+            self.failure += "; BatchRouter's webhook was not changed (it is set only after the self-test passes)"
 
     def fail(self, label: str, detail: str) -> Checklist:
         self.add(FAIL, label, detail)
@@ -184,13 +197,28 @@ def run(
             opened.append(ledger)
         try:
             ledger.create_schema()
-            secret, minted, retired = _choose_secret(ledger, rotate, settings.secret_grace_seconds)
+            secret, staged = _choose_secret(ledger, rotate)
         except ReceiverError as exc:
             return result.fail("ledger", str(exc))
-        result.minted, result.retired = minted, retired
-        if not _put_webhook(client, url, secret, minted, result):
+        result.minted = staged is not None
+        # Verify first: the self-test proves the URL reaches this ledger with this secret. Only then
+        # is BatchRouter pointed at it, so a wrong URL never takes the deliveries away.
+        if not _self_test(url, secret, ledger, ca_file, result):
+            result.unchanged()
             return result
-        _self_test(url, secret, ledger, ca_file, result)
+        if not _put_webhook(client, url, secret, result):
+            return result
+        if staged is not None:
+            try:
+                result.retired = ledger.promote_secret(staged, grace_seconds=settings.secret_grace_seconds)
+            except ReceiverError as exc:
+                until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + STAGED_SECRET_SECONDS))
+                result.fail(
+                    "ledger",
+                    f"BatchRouter now delivers to {url} signed with the new secret, but the ledger could not make it "
+                    f"current ({exc}); this receiver accepts it only until about {until}. Run `receiver register --url {url}` "
+                    "again before then: it sends BatchRouter the secret the ledger holds as current",
+                )
         return result
     finally:
         for thing in reversed(opened):
@@ -234,34 +262,39 @@ def _check_storage(storage: Storage, result: Checklist) -> bool:
     return True
 
 
-def _choose_secret(ledger: Ledger, rotate: bool, grace_seconds: float) -> tuple[str, bool, int]:
-    """(secret, whether it is new, how many current secrets it retired).
+def _choose_secret(ledger: Ledger, rotate: bool) -> tuple[str, int | None]:
+    """(secret, the staged row id when it is new).
 
-    Stored before BatchRouter hears of it; `add_secret` moves the previous current secret into its
-    grace period in the same transaction.
+    A new secret is staged: accepted (so the self-test and BatchRouter's first deliveries get in)
+    but not current, until BatchRouter has taken it; then `promote_secret` makes it current and
+    moves the previous one into its grace period.
     """
     current = ledger.current_secret()
     if current is not None and not rotate:
-        return current, False, 0
+        return current, None
     secret = secrets_module.token_urlsafe(SECRET_BYTES)
-    retired = sum(1 for info in ledger.secret_info() if info.expires_at is None)
-    ledger.add_secret(secret, grace_seconds=grace_seconds)
-    return secret, True, retired
+    return secret, ledger.stage_secret(secret, accepted_for=STAGED_SECRET_SECONDS)
 
 
-def _put_webhook(client: BatchRouterClient, url: str, secret: str, minted: bool, result: Checklist) -> bool:
+def _put_webhook(client: BatchRouterClient, url: str, secret: str, result: Checklist) -> bool:
+    unchanged = "BatchRouter's webhook is unchanged and delivers where it did before"
     try:
         client.set_delivery_webhook(url, secret)
     except AuthenticationFailed:
-        result.fail("webhook", "BatchRouter refused the API key (401) when setting the webhook")
+        result.fail("webhook", f"BatchRouter refused the API key (401) when setting the webhook; {unchanged}")
         return False
     except BadRequest as exc:
-        result.fail("webhook", f"BatchRouter refused it (400): {_details(exc)}")
+        result.fail("webhook", f"BatchRouter refused it (400): {_details(exc)}; {unchanged}")
         return False
     except APIError as exc:
-        result.fail("webhook", f"not set: {exc}")
+        result.fail(
+            "webhook",
+            f"not confirmed: {exc}. BatchRouter may or may not have taken it: if it did, it delivers to {url} "
+            f"(verified just now) with a secret this receiver accepts; run `receiver register --url {url}` again "
+            "to be sure",
+        )
         return False
-    note = "a new signing secret" if minted else "the current signing secret"
+    note = "a new signing secret" if result.minted else "the current signing secret"
     result.add(OK, "webhook set", f"{url}, with {note}")
     return True
 
@@ -285,7 +318,7 @@ def self_test_body(now: float | None = None) -> tuple[str, bytes]:
     return event_id, json.dumps(body, separators=(",", ":")).encode()
 
 
-def _self_test(url: str, secret: str, ledger: Ledger, ca_file: str | None, result: Checklist) -> None:
+def _self_test(url: str, secret: str, ledger: Ledger, ca_file: str | None, result: Checklist) -> bool:
     event_id, body = self_test_body()
     result.event_id = event_id
     headers = {"Content-Type": "application/json", HEADER: sign(secret, body), "User-Agent": "batchrouter-receiver-register"}
@@ -314,7 +347,7 @@ def _self_test(url: str, secret: str, ledger: Ledger, ca_file: str | None, resul
                     result.fail("URL", f"the TLS handshake with {url} failed ({_short(reason)}); is HTTPS served on that port?")
                 else:
                     result.fail("URL", f"{url} does not answer ({_short(reason)}); check DNS, the firewall and the TLS front")
-                return
+                return False
             if response.status == 401 and time.monotonic() < deadline:
                 time.sleep(0.5)  # another instance may still cache the previous secrets
                 continue
@@ -324,7 +357,7 @@ def _self_test(url: str, secret: str, ledger: Ledger, ca_file: str | None, resul
     status = response.status
     if 300 <= status < 400:
         result.fail("URL", f"{url} redirects ({status}) to {response.headers.get('Location')!r}; register the final URL")
-        return
+        return False
     if status == 401:
         result.add(OK, reach, f"{url} answered")
         result.fail(
@@ -332,7 +365,7 @@ def _self_test(url: str, secret: str, ledger: Ledger, ca_file: str | None, resul
             f"{url} answered 401 to a delivery signed with the registered secret: it reaches a receiver that does "
             "not share this ledger (DATABASE_URL), or not a receiver at all",
         )
-        return
+        return False
     if status != 200:
         said = _short(response.data.decode("utf-8", "replace"))
         if status >= 500:
@@ -340,7 +373,7 @@ def _self_test(url: str, secret: str, ledger: Ledger, ca_file: str | None, resul
         else:
             hint = "it is not this receiver's POST /hooks/batchrouter"
         result.fail("URL", f"{url} answered {status} to the self-test delivery ({said}): {hint}")
-        return
+        return False
     result.add(OK, reach, f"{url} answered 200")
     try:
         answer = json.loads(response.data)
@@ -350,20 +383,21 @@ def _self_test(url: str, secret: str, ledger: Ledger, ca_file: str | None, resul
         result.fail(
             "signature", f"{url} answered 200 but not as a receiver does ({_short(response.data.decode('utf-8', 'replace'))})"
         )
-        return
+        return False
     try:
         recorded = delivery_recorded(ledger, event_id)
     except ReceiverError as exc:
         result.fail("signature", f"the self-test could not be confirmed: {exc}")
-        return
+        return False
     if not recorded:
         result.fail(
             "signature",
             f"{url} accepted the self-test, but this receiver's ledger has no record of it: the URL reaches "
             "another receiver (a different DATABASE_URL)",
         )
-        return
+        return False
     result.add(OK, "signature accepted", f"self-test delivery {event_id} recorded in the ledger")
+    return True
 
 
 def delivery_recorded(ledger: Ledger, event_id: str) -> bool:

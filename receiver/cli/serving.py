@@ -20,7 +20,19 @@ from ._common import ConfigurationError, Failure, load_settings, open_ledger
     help="Also run a local BatchRouter emulator and point the receiver at it (no account needed).",
 )
 @click.option("--emulator-port", default=8081, show_default=True, help="Port of the emulator started by --emulator.")
-def serve(with_emulator: bool, emulator_port: int) -> None:
+@click.option(
+    "--emulator-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the emulator binds; 0.0.0.0 in a container, so that a published port reaches it.",
+)
+@click.option(
+    "--host",
+    metavar="ADDRESS",
+    help="Address the web server listens on. Default: 127.0.0.1 with --emulator (a laptop's dev server is "
+    "not for other machines), 0.0.0.0 otherwise (as the Procfile's web).",
+)
+def serve(with_emulator: bool, emulator_port: int, emulator_host: str, host: str | None) -> None:
     """Run the web server (gunicorn) and the worker together, on the embedded defaults.
 
     SQLite and a local folder unless DATABASE_URL / RECEIVER_STORAGE_URL say otherwise. Stops both on
@@ -35,12 +47,13 @@ def serve(with_emulator: bool, emulator_port: int) -> None:
             settings.require_api_key()  # the worker's first need: refuse here, before anything starts
         except ConfigError as exc:
             raise ConfigurationError(f"{exc} (or try `receiver serve --emulator`: no account needed)") from None
-    check_port_free("0.0.0.0", settings.port, "set PORT to a free port (e.g. PORT=8001)")
+    host = host or ("127.0.0.1" if with_emulator else "0.0.0.0")
+    check_port_free(host, settings.port, "set PORT to a free port (e.g. PORT=8001)")
     env = dict(os.environ)
     if with_emulator:
         if emulator_port == settings.port:
             raise ConfigurationError(f"PORT and --emulator-port are both {emulator_port}; give them different ports")
-        check_port_free("127.0.0.1", emulator_port, "choose another with --emulator-port")
+        check_port_free(emulator_host, emulator_port, "choose another with --emulator-port")
         env = emulator_env(env, emulator_port)
         settings = Settings.from_env(env)
     from ..logs import configure_logging
@@ -48,12 +61,21 @@ def serve(with_emulator: bool, emulator_port: int) -> None:
     configure_logging(log_format=settings.log_format)
     open_ledger(settings).close()  # create the schema once, before several processes race for it
     children = Supervisor()
-    web_url = f"http://127.0.0.1:{settings.port}"
+    web_url = f"http://{_local_address(host)}:{settings.port}"
     urls = [f"{web_url}/healthz"]
     if with_emulator:
-        children.start("emulator", emulator_args(emulator_port), env)
+        children.start("emulator", emulator_args(emulator_port, host=emulator_host), env)
         urls.append(f"{settings.api_url}/healthz")
-    gunicorn = [sys.executable, "-m", "gunicorn", "-c", "python:receiver.web.gunicorn_conf", "receiver.app:create_app()"]
+    gunicorn = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-c",
+        "python:receiver.web.gunicorn_conf",
+        "--bind",
+        _bind_address(host, settings.port),
+        "receiver.app:create_app()",
+    ]
     children.start("gunicorn", gunicorn, env)
     children.start("worker", [sys.executable, "-m", "receiver", "worker"], env)
     children.wait_until_up(urls)
@@ -74,6 +96,17 @@ def serve(with_emulator: bool, emulator_port: int) -> None:
         err=True,
     )
     sys.exit(children.run())
+
+
+def _local_address(host: str) -> str:
+    """Where this host reaches a server listening on `host` (a wildcard is reached on loopback)."""
+    if host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _bind_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _connect_emulator(settings: Settings, hook_url: str) -> None:

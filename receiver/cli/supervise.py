@@ -36,7 +36,7 @@ def check_port_free(host: str, port: int, remedy: str) -> None:
     Bound the way the servers bind (SO_REUSEADDR, so a port in TIME_WAIT is not a false alarm);
     on Linux a wildcard bind also fails when another program holds the port on one address.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
@@ -59,7 +59,10 @@ class Supervisor:
         self.stop_signal = signum
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        self.children[name] = subprocess.Popen(args, env=env)
+        # A process group of its own: Ctrl-C on a terminal signals the whole foreground group, and
+        # gunicorn's gevent workers, hit by SIGINT directly, die in a SystemExit traceback. Here
+        # only `serve` hears it, and stops every child with SIGTERM as for any other stop.
+        self.children[name] = subprocess.Popen(args, env=env, process_group=0)
 
     def _exited(self) -> tuple[str, int] | None:
         for name, child in self.children.items():
@@ -117,15 +120,16 @@ class Supervisor:
                 child.wait()
 
 
-def emulator_args(port: int, *extra: str, api_key: str = EMULATOR_KEY) -> list[str]:
-    """`receiver emulator` on loopback, taking the receiver's plain-http loopback webhook (the tests
-    and benchmarks start it the same way, with `extra` options)."""
+def emulator_args(port: int, *extra: str, api_key: str = EMULATOR_KEY, host: str = "127.0.0.1") -> list[str]:
+    """`receiver emulator` on loopback (or `host`: a container's published port arrives on its own
+    interface, not on loopback), taking the receiver's plain-http loopback webhook (the tests and
+    benchmarks start it the same way, with `extra` options)."""
     return [
         sys.executable,
         "-m",
         "receiver.emulator",
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         str(port),
         "--api-key",

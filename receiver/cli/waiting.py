@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .. import layout
 from ..errors import ReceiverError
-from ._common import Failure, load_settings
+from ._common import ConfigurationError, Failure, ledger_file_missing, load_settings, validate_batch_ids
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -38,16 +37,20 @@ def wait(batch_ids: tuple[str, ...], timeout: float | None, interval: float) -> 
     Exits 0 when every batch is stored with results; 1 when one ended without results (failed,
     cancelled, expired), is dead in the ledger, or the timeout passed.
     """
-    for batch_id in batch_ids:
-        try:
-            layout.validate_batch_id(batch_id)
-        except ReceiverError as exc:
-            raise click.BadParameter(f"{batch_id!r}: {exc}", param_hint="BATCH_ID") from None
+    validate_batch_ids(batch_ids)
     settings = load_settings()
     from ..storage import open_storage
 
     storage = open_storage(settings)
     ledger = _ledger_if_readable(settings)
+    root = getattr(storage, "root", None)  # a local folder (S3 has no such thing to be missing)
+    if ledger is None and root is not None and not os.path.isdir(root):
+        # Nothing to wait on here: it would wait for ever. Most likely the wrong folder.
+        raise ConfigurationError(
+            f"no storage at {root} and no ledger at {ledger_file_missing(settings) or settings.database_url}: "
+            "run this where `receiver serve` runs, or set RECEIVER_STORAGE_URL (after `receiver serve --emulator`, "
+            "in its folder: set -a; . receiver-data/emulator.env; set +a)"
+        )
     deadline = None if timeout is None else time.monotonic() + timeout
     waiting = list(dict.fromkeys(batch_ids))
     bad: list[str] = []

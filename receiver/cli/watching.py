@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from ..errors import APIError, BatchNotFound, ConfigError, ReceiverError
 from ._common import ConfigurationError, Failure, load_settings, open_ledger, validate_batch_ids
+
+if TYPE_CHECKING:
+    from ..batchrouter import BatchRouterClient
+    from ..ledger import Ledger
 
 
 @click.command()
@@ -20,7 +26,6 @@ def watch(batch_ids: tuple[str, ...]) -> None:
     settings = load_settings()
     validate_batch_ids(batch_ids)
     from ..batchrouter import BatchRouterClient
-    from ..ledger import ENDED
 
     try:
         client = BatchRouterClient.from_settings(settings)
@@ -32,25 +37,23 @@ def watch(batch_ids: tuple[str, ...]) -> None:
     with client:
         for batch_id in batch_ids:
             try:
-                batch = client.get_batch(batch_id)
+                click.echo(f"{batch_id}: {watch_one(client, ledger, batch_id)}")
             except BatchNotFound:
                 click.echo(f"{batch_id}: BatchRouter does not know this batch (404)", err=True)
                 unknown.append(batch_id)
-                continue
             except APIError as exc:
                 click.echo(f"{batch_id}: not checked: {exc}", err=True)
                 failed.append(batch_id)
-                continue
-            try:
-                ledger.watch(batch_id)
-                if batch.terminal:
-                    queued = ledger.record_poll(batch_id, None, status=batch.status, state=ENDED, origin="watch")
-                    click.echo(f"{batch_id}: {batch.status}; " + ("queued to be stored now" if queued else "already queued"))
-                else:
-                    click.echo(f"{batch_id}: {batch.status}; watched (polled until it ends)")
             except ReceiverError as exc:
                 raise Failure(str(exc)) from None
     if unknown:
         raise Failure(f"BatchRouter does not know {len(unknown)} of {len(batch_ids)} batches: {', '.join(unknown)}")
     if failed:
         raise Failure(f"{len(failed)} of {len(batch_ids)} batches not checked: {', '.join(failed)}")
+
+
+def watch_one(client: BatchRouterClient, ledger: Ledger, batch_id: str) -> str:
+    """Check one batch with `GET /v1/batches/{id}` (BatchNotFound, APIError) and hand it to the
+    ledger's `watch`, the entry point the status page's Watch form uses too; what was done."""
+    batch = client.get_batch(batch_id)
+    return f"{batch.status}; {ledger.watch(batch_id, status=batch.status, ended=batch.terminal)}"

@@ -1,29 +1,24 @@
-"""The notification sender: POST each outbox event, signed the Standard Webhooks way, until a 2xx.
+"""The notifier: deliver each outbox event to one target until the target has it.
 
-It runs as one of every worker process's duties (see duty.py). Events are claimed from the ledger under a lease, so
-many workers send each event one at a time; an attempt that fails (any non-2xx, a refused or dropped
-connection, a timeout) is retried with capped backoff and jitter until the event's retry window (at
-least 24 h) ends, across restarts, and then marked failed (`receiver status`, /metrics).
-
-The URL is the operator's own service, so the artifact SSRF rules do not apply (config checks it is
-https unless on loopback or RECEIVER_NOTIFY_HOSTS); the BatchRouter API key never goes there.
+One notifier per configured target (webhook, SQS, EventBridge) runs as one of every worker
+process's duties (see duty.py). Deliveries are claimed from the ledger under a lease, so many workers attempt each one one
+at a time; a transient failure (see :mod:`receiver.jobs.senders`) is retried with capped backoff and
+jitter until the delivery's retry window (at least 24 h) ends, across restarts, and then marked
+failed (`receiver status`, /metrics); a rejected event is marked failed at once. Each target has its
+own rows, so one that is down never holds another back.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import logging
 import time
 
-import urllib3
-
-from .. import __version__
-from ..config import Settings
-from ..ledger import Ledger, Notification
-from ..retry import backoff, parse_retry_after
+from ..config import WEBHOOK, Settings
+from ..errors import NotifyError, NotifyRejected
+from ..ledger import Ledger
+from ..retry import backoff
 from .duty import Duty
+from .senders import Sender, open_sender
 
 log = logging.getLogger(__name__)
 
@@ -31,91 +26,77 @@ log = logging.getLogger(__name__)
 MAX_RETRY_AFTER_SECONDS = 3600.0
 
 
-def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
-    """`v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, keyed with the decoded whsec_ secret
-    (https://github.com/standard-webhooks/standard-webhooks/blob/main/spec/standard-webhooks.md)."""
-    key = base64.b64decode(secret.removeprefix("whsec_"))
-    digest = hmac.new(key, f"{webhook_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-    return "v1," + base64.b64encode(digest).decode()
-
-
 class Notifier(Duty):
-    """Claims due events from the ledger and POSTs them to `settings.notify_url`, one per round."""
+    """Claims a target's due deliveries from the ledger and hands them to its sender, one per round."""
 
-    name = "notifier"
-
-    def __init__(self, settings: Settings, ledger: Ledger, owner: str, *, idle_seconds: float = 1.0) -> None:
-        if settings.notify_url is None or settings.notify_secret is None:
-            raise ValueError("the notifier needs RECEIVER_NOTIFY_URL and RECEIVER_NOTIFY_SECRET")
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        owner: str,
+        target: str = WEBHOOK,
+        *,
+        sender: Sender | None = None,
+        idle_seconds: float = 1.0,
+    ) -> None:
         super().__init__(idle_seconds)
         self.settings = settings
         self.ledger = ledger
         self.owner = owner
-        self._timeout = urllib3.Timeout(connect=settings.connect_timeout_seconds, read=min(30.0, settings.read_timeout_seconds))
+        self.sender = sender if sender is not None else open_sender(target, settings)
+        self.target = self.sender.target
+        self.name = f"notifier-{self.target}"
         # A claim outlives the longest attempt, so no second sender takes an event still in flight.
-        self.lease_seconds = settings.connect_timeout_seconds + min(30.0, settings.read_timeout_seconds) + settings.lease_seconds
-        self._http = urllib3.PoolManager(retries=False, timeout=self._timeout)
+        self.lease_seconds = self.sender.timeout_seconds + settings.lease_seconds
 
     def started(self) -> None:
-        log.info("notifier %s sending batch.stored events", self.owner)
+        log.info("notifier %s sending batch.stored events to %s", self.owner, self.target)
 
     def finished(self) -> None:
-        self._http.clear()
+        self.sender.close()
 
     def tick(self) -> bool:
         return self.send_one()
 
     def send_one(self, now: float | None = None) -> bool:
-        """Claim one due event and make one attempt at it; False when none was due."""
-        event = self.ledger.claim_notification(self.owner, self.lease_seconds, now=now)
+        """Claim one due delivery and make one attempt at it; False when none was due."""
+        event = self.ledger.claim_notification(self.owner, self.lease_seconds, now, target=self.target)
         if event is None:
             return False
-        error, retry_after = self._post(event)
-        if error is None:
-            self.ledger.notification_sent(event.batch_id, self.owner)
-            log.info("batch %s announced (%s, attempt %d)", event.batch_id, event.webhook_id, event.attempts)
+        try:
+            self.sender.send(event)
+        except NotifyError as exc:
+            self._failed(event.batch_id, event.webhook_id, event.attempts, event.retry_from, exc)
             return True
-        delay = retry_after
+        self.ledger.notification_sent(event.batch_id, self.owner, target=self.target)
+        log.info("batch %s announced to %s (%s, attempt %d)", event.batch_id, self.target, event.webhook_id, event.attempts)
+        return True
+
+    def _failed(self, batch_id: str, webhook_id: str, attempts: int, retry_from: float, exc: NotifyError) -> None:
+        """Pending again after a backoff (or the target's retry-after), or failed for good when the
+        event was rejected or the next attempt would fall after the retry window."""
+        error = str(exc)
+        delay = exc.retry_after
         if delay is None:
-            delay = backoff(event.attempts, base=self.settings.retry_base_seconds, cap=self.settings.retry_cap_seconds)
+            delay = backoff(attempts, base=self.settings.retry_base_seconds, cap=self.settings.retry_cap_seconds)
         retry_at = time.time() + min(delay, MAX_RETRY_AFTER_SECONDS)
-        if retry_at >= event.retry_from + self.settings.notify_retry_seconds:
-            self.ledger.notification_failed(event.batch_id, self.owner, error, retry_at=None)
+        if isinstance(exc, NotifyRejected) or retry_at >= retry_from + self.settings.notify_retry_seconds:
+            self.ledger.notification_failed(batch_id, self.owner, error, retry_at=None, target=self.target)
             log.error(
-                "batch %s: notification %s failed for good after %d attempts: %s",
-                event.batch_id,
-                event.webhook_id,
-                event.attempts,
+                "batch %s: %s notification %s failed for good after %d attempts: %s",
+                batch_id,
+                self.target,
+                webhook_id,
+                attempts,
                 error,
             )
         else:
-            self.ledger.notification_failed(event.batch_id, self.owner, error, retry_at=retry_at)
+            self.ledger.notification_failed(batch_id, self.owner, error, retry_at=retry_at, target=self.target)
             log.warning(
-                "batch %s: notification attempt %d failed, retry in %.1fs: %s",
-                event.batch_id,
-                event.attempts,
+                "batch %s: %s notification attempt %d failed, retry in %.1fs: %s",
+                batch_id,
+                self.target,
+                attempts,
                 retry_at - time.time(),
                 error,
             )
-        return True
-
-    def _post(self, event: Notification) -> tuple[str | None, float | None]:
-        """One POST; (None, None) on a 2xx, else (what went wrong, the consumer's Retry-After)."""
-        assert self.settings.notify_url is not None and self.settings.notify_secret is not None
-        timestamp = int(time.time())
-        headers = {
-            "content-type": "application/json",
-            "user-agent": f"batchrouter-receiver/{__version__}",
-            "webhook-id": event.webhook_id,
-            "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(self.settings.notify_secret, event.webhook_id, timestamp, event.body),
-        }
-        try:
-            response = self._http.request(
-                "POST", self.settings.notify_url, body=event.body, headers=headers, redirect=False, preload_content=True
-            )
-        except urllib3.exceptions.HTTPError as exc:
-            return f"{type(exc).__name__}: {exc}"[:500], None
-        if 200 <= response.status < 300:
-            return None, None
-        return f"HTTP {response.status}", parse_retry_after(response.headers.get("retry-after"))

@@ -9,7 +9,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DisconnectionError, OperationalError
 
+from ..config import POSTGRES_DRIVER_MISSING
 from ..errors import UnsupportedDatabase
 
 #: Execution option marking a connection that only reads (Ledger.connect).
@@ -50,14 +52,29 @@ def create_engine(url: str, busy_timeout_seconds: float, *, pooled: bool = True)
         try:
             import psycopg  # noqa: F401
         except ImportError:
-            raise UnsupportedDatabase(
-                "DATABASE_URL", "PostgreSQL needs psycopg: pip install 'batchrouter-receiver[postgres]'"
-            ) from None
+            raise UnsupportedDatabase("DATABASE_URL", POSTGRES_DRIVER_MISSING) from None
         # A fixed pool: under gevent a web process may have hundreds of requests in flight, and
         # overflow connections (opened and closed per checkout, a PostgreSQL backend forked each
         # time) cost more than waiting for one of 16 (bench_ingest --database-url: 394/s -> 521/s).
         return sa.create_engine(url, pool_size=16, max_overflow=0, pool_pre_ping=True)
     raise UnsupportedDatabase("DATABASE_URL", "use sqlite:///path.db or postgresql://…")
+
+
+def connection_lost(exc: BaseException, dialect: str) -> bool:
+    """Whether `exc` means the connection itself is gone (a restart, a failover, a terminated
+    backend) rather than a statement failing: the pool replaces such connections, so the call may
+    simply be made again.
+
+    SQLAlchemy marks a broken connection it saw (`connection_invalidated`) and raises
+    `DisconnectionError` (`InvalidatePoolError`) when pre-ping finds one; on PostgreSQL every
+    OperationalError is one of connection refused, "the database system is shutting down",
+    "terminating connection due to administrator command" or "server closed the connection"
+    (SQLSTATE classes 08 and 57), which a restart produces. SQLite has no connection to lose: its
+    OperationalError (a lock held past the busy timeout, a full disk) stays a plain outage.
+    """
+    if isinstance(exc, DisconnectionError) or getattr(exc, "connection_invalidated", False):
+        return True
+    return dialect == "postgresql" and isinstance(exc, OperationalError)
 
 
 def describe(exc: BaseException) -> str:

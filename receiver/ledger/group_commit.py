@@ -7,20 +7,22 @@ uses the ledger's pooled engine. Both share the leader/follower hand-off in `Gro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-from sqlalchemy.dialects import postgresql
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from ..cooperative import BlockingRunner, ready_first, run_in_place
 from ..errors import LedgerUnavailable
 from .engine import describe, sqlite_pragmas
-from .schema import DEAD, QUEUED, WATCHING, DeliveryRow, RecordResult, deliveries, known_batches
+from .schema import DEAD, QUEUED, WATCHING, DeliveryRow, RecordResult, insert_deliveries, known_batches
 
 try:
     import fcntl
@@ -228,13 +230,12 @@ def _settle(
 class SQLiteGroupCommit(GroupCommit):
     """The group commit on SQLite, through sqlite3 directly (SQLAlchemy's own work was ~0.4 ms a
     commit). Processes take turns on a flock beside the database rather than SQLite's polling. The
-    SQL below is the SQLite form of `Ledger._record_stmt`, `Ledger._know` and `Ledger._queue(revive=(DEAD,))`.
+    deliveries go in with `schema.insert_deliveries` compiled to SQLite's SQL once per number of rows
+    (:func:`_sqlite_insert_deliveries`), so sqlite3 runs the very text SQLAlchemy would; the other two
+    statements are the SQLite form of `Ledger._know` and `Ledger._queue(revive=(DEAD,))`, by hand:
+    they are written with constants inline, one parameter each per row.
     """
 
-    INSERT_DELIVERIES = (
-        "INSERT INTO deliveries (event_id, batch_id, event_type, status, outcome, received_at) VALUES {rows} "
-        "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
-    )
     KNOW_BATCHES = (
         "INSERT INTO known_batches (batch_id, source, state, first_seen_at, polls, found_by_poll) VALUES {rows} "
         "ON CONFLICT (batch_id) DO NOTHING"
@@ -318,11 +319,7 @@ class SQLiteGroupCommit(GroupCommit):
             self._settle(
                 group,
                 lambda chunk: [
-                    row[0]
-                    for row in conn.execute(
-                        self.INSERT_DELIVERIES.format(rows=", ".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk))),
-                        [v for item in chunk for v in item.row],
-                    )
+                    row[0] for row in conn.execute(_sqlite_insert_deliveries(len(chunk)), [v for item in chunk for v in item.row])
                 ],
                 lambda rows: conn.execute(
                     self.KNOW_BATCHES.format(rows=", ".join([f"(?, 'delivery', '{WATCHING}', ?, 0, 0)"] * len(rows))),
@@ -359,10 +356,7 @@ class PostgresGroupCommit(GroupCommit):
             self._settle(
                 group,
                 lambda chunk: conn.execute(
-                    postgresql.insert(deliveries)
-                    .values([item.row._asdict() for item in chunk])
-                    .on_conflict_do_nothing(index_elements=["event_id"])
-                    .returning(deliveries.c.event_id)
+                    insert_deliveries(postgresql.insert, [item.row._asdict() for item in chunk])
                 ).scalars(),
                 lambda rows: conn.execute(
                     postgresql.insert(known_batches)
@@ -383,6 +377,19 @@ class PostgresGroupCommit(GroupCommit):
                 ),
                 lambda batch_id, now: self._queue(conn, batch_id, now),
             )
+
+
+@functools.lru_cache(maxsize=GroupCommit.ROWS_PER_INSERT)
+def _sqlite_insert_deliveries(rows: int) -> str:
+    """`schema.insert_deliveries` for `rows` rows as SQLite SQL with `?` parameters, taking a
+    delivery row's fields in order, row after row. Compiled once per size: compiling costs more than
+    SQLite's insert itself (BENCHMARKS.md, "Ingest")."""
+    names = [[f"{field}_{i}" for field in DeliveryRow._fields] for i in range(rows)]
+    stmt = insert_deliveries(sqlite.insert, [{f: sa.bindparam(n) for f, n in zip(DeliveryRow._fields, row)} for row in names])
+    compiled = stmt.compile(dialect=sqlite.dialect())
+    if list(compiled.positiontup or ()) != [n for row in names for n in row]:  # the flat parameter list relies on it
+        raise AssertionError(f"unexpected parameter order compiling the delivery insert: {compiled.positiontup}")
+    return str(compiled)
 
 
 _DUPLICATE = RecordResult("duplicate", False)

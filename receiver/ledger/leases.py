@@ -28,9 +28,11 @@ def claim_due(
     limit: int = 1,
 ) -> Sequence[Row[Any]]:
     """Set `values` (the lease) on up to `limit` rows of `table` matching `due`, taken in `order_by`
-    order, and return their `returning` columns; an empty list when none is due."""
-    (key,) = table.primary_key.columns
-    pick = sa.select(key).where(due).order_by(order_by).limit(limit)
+    order, and return their `returning` columns; an empty list when none is due. A composite
+    primary key (a notification delivery: batch and target) is matched as a row value."""
+    keys = list(table.primary_key.columns)
+    pick = sa.select(*keys).where(due).order_by(order_by).limit(limit)
     if conn.dialect.name == "postgresql":
         pick = pick.with_for_update(skip_locked=True, of=table)
-    return conn.execute(table.update().where(key.in_(pick.scalar_subquery())).values(**values).returning(*returning)).all()
+    taken = keys[0].in_(pick.scalar_subquery()) if len(keys) == 1 else sa.tuple_(*keys).in_(pick)
+    return conn.execute(table.update().where(taken).values(**values).returning(*returning)).all()

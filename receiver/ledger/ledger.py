@@ -15,21 +15,22 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 
 from .. import layout
+from ..config import WEBHOOK
 from ..cooperative import BlockingRunner, run_in_place
-from ..errors import LedgerUnavailable
+from ..errors import LedgerConnectionLost, LedgerUnavailable
 from ..manifest import Manifest
 from . import counters, migrate
-from .engine import READ_ONLY, create_engine, describe, sqlite_path
+from .engine import READ_ONLY, connection_lost, create_engine, describe, sqlite_path
 from .group_commit import GroupCommit, PostgresGroupCommit, SQLiteGroupCommit
 from .leases import claim_due
 from .outbox import Outbox
@@ -47,6 +48,7 @@ from .schema import (
     Job,
     RecordResult,
     deliveries,
+    insert_deliveries,
     jobs,
 )
 from .secret_box import SecretBox
@@ -95,12 +97,9 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
         self._secret_refresh = threading.Lock()
         # Built once: ingest runs this per delivery, and constructing the statement each time
         # costs more than SQLite's insert itself.
-        self._record_stmt = (
-            self._insert(deliveries)
-            .values({c: sa.bindparam(c) for c in ("event_id", "batch_id", "event_type", "status", "outcome", "received_at")})
-            .on_conflict_do_nothing(index_elements=["event_id"])
-            .returning(deliveries.c.event_id)
-        )
+        # Built once: ingest runs this per delivery, and constructing the statement each time
+        # costs more than SQLite's insert itself.
+        self._record_stmt = insert_deliveries(self._insert, {c: sa.bindparam(c) for c in DeliveryRow._fields})
         # Deliveries are committed in groups (GroupCommit); an in-memory SQLite ledger (tests of
         # one process) commits each on its own.
         path = sqlite_path(url)
@@ -253,9 +252,10 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
                     held.add(batch_id)
         return set(progress) - held
 
-    def mark_stored(self, batch_id: str, owner: str, manifest: Manifest, *, notify: bool = False) -> bool:
-        """Record that `manifest` is published for the batch whose lease `owner` holds, and with
-        `notify` its `batch.stored` event in the same transaction (the outbox).
+    def mark_stored(self, batch_id: str, owner: str, manifest: Manifest, *, notify: bool | Sequence[str] = ()) -> bool:
+        """Record that `manifest` is published for the batch whose lease `owner` holds, and its
+        `batch.stored` event, with a delivery for each target in `notify`, in the same transaction
+        (the outbox). `notify=True` means the webhook alone (callers from before targets).
 
         False when the lease was lost meanwhile: the manifest is out there (it is the commit
         marker), and the worker that holds the job now adopts it.
@@ -283,8 +283,9 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
                     )
                 ).rowcount
             )
-            if stored and notify:
-                self._add_notification(conn, batch_id, manifest, now)
+            targets = (WEBHOOK,) if notify is True else tuple(notify or ())
+            if stored and targets:
+                self._add_notification(conn, batch_id, manifest, targets, now)
         return stored
 
     def mark_failed(self, batch_id: str, owner: str, error: str, *, retry_at: float | None) -> str:
@@ -335,10 +336,17 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
             row = conn.execute(sa.select(jobs).where(jobs.c.batch_id == batch_id)).mappings().first()
             return dict(row) if row else None
 
-    def list_jobs(self, limit: int = 1000) -> list[dict[str, Any]]:
+    def list_jobs(self, limit: int | None = 1000, *, since: float | None = None) -> list[dict[str, Any]]:
+        """Jobs, the most recently changed first: at most `limit` (None: every one), changed at or
+        after `since`. Ordered by `updated_at` with a LIMIT, so that an index on it makes the
+        default `receiver ls` cost the same on a year of history as on a day."""
+        query = sa.select(jobs).order_by(jobs.c.updated_at.desc())
+        if since is not None:
+            query = query.where(jobs.c.updated_at >= since)
+        if limit is not None:
+            query = query.limit(limit)
         with self.connect() as conn:
-            rows = conn.execute(sa.select(jobs).order_by(jobs.c.created_at.desc()).limit(limit)).mappings()
-            return [dict(r) for r in rows]
+            return [dict(r) for r in conn.execute(query).mappings()]
 
     def has_delivery(self, event_id: str) -> bool:
         """Whether a delivery with this event id was recorded (register's self-test asks this)."""
@@ -414,8 +422,8 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
         try:
             with self.engine.begin() as conn:
                 yield conn
-        except (OperationalError, DBAPIError) as exc:
-            raise LedgerUnavailable(f"ledger unavailable: {describe(exc)}") from exc
+        except (OperationalError, DBAPIError, DisconnectionError) as exc:
+            raise self._unavailable(exc) from exc
 
     def read(self, fn: Callable[[Connection], T], *, fold: bool = False) -> T:
         """`fn` over a read-only transaction, run where it stops no other request (on SQLite under
@@ -439,8 +447,14 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
             with (engine or self.engine).connect().execution_options(**{READ_ONLY: True}) as conn:
                 yield conn
                 conn.rollback()
-        except (OperationalError, DBAPIError) as exc:
-            raise LedgerUnavailable(f"ledger unavailable: {describe(exc)}") from exc
+        except (OperationalError, DBAPIError, DisconnectionError) as exc:
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: Exception) -> LedgerUnavailable:
+        """The named error for a database failure: LedgerConnectionLost when the connection itself
+        went (the worker retries those while its lease lasts), LedgerUnavailable otherwise."""
+        kind = LedgerConnectionLost if connection_lost(exc, self.dialect) else LedgerUnavailable
+        return kind(f"ledger unavailable: {describe(exc)}")
 
 
 def delivery_outcomes(conn: Connection, *, since: float) -> dict[str, int]:

@@ -1,9 +1,11 @@
-"""The notification outbox: one `batch.stored` event per stored batch, claimed and sent like a job.
+"""The notification outbox: one `batch.stored` event per stored batch, and each target's delivery
+of it, claimed and sent like a job.
 
-The row is written in the transaction that marks the job stored (`Ledger.mark_stored(notify=True)`),
-so a crash can never leave a stored batch unannounced; the worker's notifier claims due rows under a
-lease (leases.claim_due: one UPDATE of the oldest due row) so however many
-workers run, each event is sent by one of them at a time.
+The event and one delivery row per configured target are written in the transaction that marks the
+job stored (`Ledger.mark_stored(notify=targets)`), so a crash can never leave a stored batch
+unannounced. A target's notifier claims its due deliveries under a lease (leases.claim_due: one
+UPDATE of the oldest due row), so however many workers run, each delivery is attempted by one of
+them at a time, and a failing target never holds another one back.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..config import NOTIFY_TARGETS, WEBHOOK
 from ..manifest import Manifest, rfc3339
 from .leases import claim_due
-from .schema import FAILED, NOTIFICATION_STATES, PENDING, SENT, Notification, notifications
+from .schema import FAILED, NOTIFICATION_STATES, PENDING, SENT, Notification, notification_deliveries, notifications
 
 if TYPE_CHECKING:
     import datetime as dt
@@ -51,122 +55,162 @@ class Outbox:
         def connect(self) -> AbstractContextManager[Connection]: ...
         def _insert(self, table: sa.Table) -> Any: ...
 
-    def _add_notification(self, conn: Connection, batch_id: str, manifest: Manifest, now: float) -> bool:
-        """Write the batch's event unless it has one (a re-adopted manifest keeps its webhook-id)."""
-        stmt = (
-            self._insert(notifications)
-            .values(
-                batch_id=batch_id,
-                webhook_id=new_webhook_id(),
-                body=event_body(manifest),
-                state=PENDING,
-                attempts=0,
-                next_attempt_at=now,
-                retry_from=now,
-                created_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["batch_id"])
-            .returning(notifications.c.batch_id)
+    def _add_notification(self, conn: Connection, batch_id: str, manifest: Manifest, targets: Iterable[str], now: float) -> bool:
+        """Write the batch's event unless it has one (a re-adopted manifest keeps its webhook-id),
+        and a pending delivery for each target that has none. True when the event is new."""
+        added = (
+            conn.execute(
+                self._insert(notifications)
+                .values(batch_id=batch_id, webhook_id=new_webhook_id(), body=event_body(manifest), created_at=now)
+                .on_conflict_do_nothing(index_elements=["batch_id"])
+                .returning(notifications.c.batch_id)
+            ).first()
+            is not None
         )
-        return conn.execute(stmt).first() is not None
+        self._add_deliveries(conn, batch_id, targets, now)
+        return added
 
-    def add_notification(self, batch_id: str, manifest: Manifest, now: float | None = None) -> bool:
+    def _add_deliveries(self, conn: Connection, batch_id: str, targets: Iterable[str], now: float) -> int:
+        added = 0
+        for target in targets:
+            added += conn.execute(
+                self._insert(notification_deliveries)
+                .values(batch_id=batch_id, target=target, state=PENDING, attempts=0, next_attempt_at=now, retry_from=now)
+                .on_conflict_do_nothing(index_elements=["batch_id", "target"])
+            ).rowcount
+        return added
+
+    def add_notification(
+        self, batch_id: str, manifest: Manifest, targets: Sequence[str] = (WEBHOOK,), now: float | None = None
+    ) -> bool:
         """Write an event for a batch stored before notifications were on (`notify --replay`)."""
         now = time.time() if now is None else now
         with self.begin() as conn:
-            return self._add_notification(conn, batch_id, manifest, now)
+            return self._add_notification(conn, batch_id, manifest, targets, now)
 
-    def claim_notification(self, owner: str, lease_seconds: float, now: float | None = None) -> Notification | None:
-        """Take the oldest due event under a lease, or None. Due: pending, its next attempt in the
-        past, and no live lease (a sender that died mid-POST loses it when the lease runs out)."""
+    def claim_notification(
+        self, owner: str, lease_seconds: float, now: float | None = None, *, target: str = WEBHOOK
+    ) -> Notification | None:
+        """Take the target's oldest due delivery under a lease, or None. Due: pending, its next
+        attempt in the past, and no live lease (a sender that died mid-attempt loses it when the
+        lease runs out)."""
         now = time.time() if now is None else now
+        d = notification_deliveries.c
         due = sa.and_(
-            notifications.c.state == PENDING,
-            notifications.c.next_attempt_at <= now,
-            sa.or_(notifications.c.lease_expires_at.is_(None), notifications.c.lease_expires_at < now),
+            d.target == target,
+            d.state == PENDING,
+            d.next_attempt_at <= now,
+            sa.or_(d.lease_expires_at.is_(None), d.lease_expires_at < now),
         )
         with self.begin() as conn:
             taken = claim_due(
                 conn,
-                notifications,
+                notification_deliveries,
                 due=due,
-                order_by=notifications.c.next_attempt_at,
-                values={"lease_owner": owner, "lease_expires_at": now + lease_seconds, "attempts": notifications.c.attempts + 1},
-                returning=(
-                    notifications.c.batch_id,
-                    notifications.c.webhook_id,
-                    notifications.c.body,
-                    notifications.c.attempts,
-                    notifications.c.retry_from,
-                ),
+                order_by=d.next_attempt_at,
+                values={"lease_owner": owner, "lease_expires_at": now + lease_seconds, "attempts": d.attempts + 1},
+                returning=(d.batch_id, d.attempts, d.retry_from),
             )
-        if not taken:
-            return None
-        row = taken[0]
-        return Notification(row.batch_id, row.webhook_id, bytes(row.body), row.attempts, row.retry_from)
+            if not taken:
+                return None
+            row = taken[0]
+            event = conn.execute(
+                sa.select(notifications.c.webhook_id, notifications.c.body).where(notifications.c.batch_id == row.batch_id)
+            ).one()
+        return Notification(row.batch_id, target, event.webhook_id, bytes(event.body), row.attempts, row.retry_from)
 
-    def notification_sent(self, batch_id: str, owner: str, now: float | None = None) -> None:
+    def notification_sent(self, batch_id: str, owner: str, now: float | None = None, *, target: str = WEBHOOK) -> None:
         now = time.time() if now is None else now
-        self._settle(batch_id, owner, state=SENT, sent_at=now, last_error=None)
+        self._settle(batch_id, target, owner, state=SENT, sent_at=now, last_error=None)
 
-    def notification_failed(self, batch_id: str, owner: str, error: str, *, retry_at: float | None) -> None:
+    def notification_failed(
+        self, batch_id: str, owner: str, error: str, *, retry_at: float | None, target: str = WEBHOOK
+    ) -> None:
         """A failed attempt: pending again at `retry_at`, or `failed` for good when it is None."""
         if retry_at is None:
-            self._settle(batch_id, owner, state=FAILED, last_error=error[:2000])
+            self._settle(batch_id, target, owner, state=FAILED, last_error=error[:2000])
         else:
-            self._settle(batch_id, owner, state=PENDING, next_attempt_at=retry_at, last_error=error[:2000])
+            self._settle(batch_id, target, owner, state=PENDING, next_attempt_at=retry_at, last_error=error[:2000])
 
-    def _settle(self, batch_id: str, owner: str, **values: Any) -> None:
+    def _settle(self, batch_id: str, target: str, owner: str, **values: Any) -> None:
+        d = notification_deliveries.c
         with self.begin() as conn:
             conn.execute(
-                notifications.update()
-                .where(notifications.c.batch_id == batch_id, notifications.c.lease_owner == owner)
+                notification_deliveries.update()
+                .where(d.batch_id == batch_id, d.target == target, d.lease_owner == owner)
                 .values(lease_owner=None, lease_expires_at=None, **values)
             )
 
-    def replay_notification(self, batch_id: str, now: float | None = None) -> bool:
-        """Queue a batch's event again, with its webhook-id, and a fresh retry window. False when
-        the batch has no event."""
+    def replay_notification(self, batch_id: str, targets: Sequence[str] | None = None, now: float | None = None) -> bool:
+        """Queue a batch's event again, with its webhook-id and a fresh retry window, for `targets`
+        (a target added since the batch was stored gets its first delivery), or for every target
+        that has a delivery of it when None. False when the batch has no event."""
         now = time.time() if now is None else now
+        d = notification_deliveries.c
         with self.begin() as conn:
-            return bool(
-                conn.execute(
-                    notifications.update()
-                    .where(notifications.c.batch_id == batch_id)
-                    .values(state=PENDING, attempts=0, next_attempt_at=now, retry_from=now, last_error=None)
-                ).rowcount
-            )
+            if conn.execute(sa.select(notifications.c.batch_id).where(notifications.c.batch_id == batch_id)).first() is None:
+                return False
+            again = notification_deliveries.update().where(d.batch_id == batch_id)
+            if targets is not None:
+                again = again.where(d.target.in_(targets))
+            conn.execute(again.values(state=PENDING, attempts=0, next_attempt_at=now, retry_from=now, last_error=None))
+            if targets is not None:
+                self._add_deliveries(conn, batch_id, targets, now)
+        return True
 
-    def notification(self, batch_id: str) -> dict[str, Any] | None:
+    def notification(self, batch_id: str, target: str = WEBHOOK) -> dict[str, Any] | None:
+        """The event and the target's delivery of it, as one dict; None when there is no delivery."""
+        deliveries = self.notification_deliveries(batch_id)
+        return deliveries.get(target)
+
+    def notification_deliveries(self, batch_id: str) -> dict[str, dict[str, Any]]:
+        """Every target's delivery of the batch's event, each with the event's webhook-id and body."""
+        d = notification_deliveries.c
+        query = (
+            sa.select(notifications, d.target, d.state, d.attempts, d.next_attempt_at, d.retry_from)
+            .add_columns(d.lease_owner, d.lease_expires_at, d.last_error, d.sent_at)
+            .join(notification_deliveries, notification_deliveries.c.batch_id == notifications.c.batch_id)
+            .where(notifications.c.batch_id == batch_id)
+        )
         with self.connect() as conn:
-            row = conn.execute(sa.select(notifications).where(notifications.c.batch_id == batch_id)).mappings().first()
-            return dict(row) if row else None
+            return {row["target"]: dict(row) for row in conn.execute(query).mappings()}
 
     def _notification_stats(self, conn: Connection, values: dict[str, float]) -> dict[str, Any]:
-        """Events by state, the oldest pending one, and the latest failures (`status`, /metrics).
+        """Deliveries by target and state, the oldest pending one, and the latest failures
+        (`status`, /metrics, the status page). `states` sums the targets.
 
-        Pending and failed events are counted through the state index (they are work in flight, or
-        waiting for an operator); sent ones are history, a counter (`values`: counters.read).
+        Pending and failed deliveries are counted through the (target, state) index: work in flight,
+        or waiting for an operator. Sent ones are history, a counter per target (`values`:
+        counters.read), so the cost does not grow with the events ever sent.
         """
-        by_state = {
-            state: int(conn.execute(sa.select(sa.func.count()).where(notifications.c.state == state)).scalar_one())
-            for state in (PENDING, FAILED)
-        }
-        by_state[SENT] = int(values.get("notifications:sent", 0))
-        oldest = conn.execute(sa.select(sa.func.min(notifications.c.created_at)).where(notifications.c.state == PENDING)).scalar()
+        d = notification_deliveries.c
+        by_target: dict[str, dict[str, int]] = {}
+        targets_seen = {n.rpartition(":")[2] for n in values if n.startswith("notifications:sent:")}
+        for target in (*NOTIFY_TARGETS, *sorted(targets_seen - set(NOTIFY_TARGETS))):
+            counts = {
+                state: int(conn.execute(sa.select(sa.func.count()).where(d.target == target, d.state == state)).scalar_one())
+                for state in (PENDING, FAILED)
+            }
+            counts[SENT] = int(values.get(f"notifications:sent:{target}", 0))
+            if any(counts.values()):
+                by_target[target] = {state: counts[state] for state in NOTIFICATION_STATES}
+        # Target first, as the index has it, so that both are index seeks.
+        known = d.target.in_((*NOTIFY_TARGETS, *sorted(targets_seen)))
+        oldest = conn.execute(sa.select(sa.func.min(d.retry_from)).where(known, d.state == PENDING)).scalar()
         failed = [
             dict(r)
             for r in conn.execute(
-                sa.select(
-                    notifications.c.batch_id, notifications.c.webhook_id, notifications.c.attempts, notifications.c.last_error
-                )
-                .where(notifications.c.state == FAILED)
-                .order_by(notifications.c.created_at.desc())
+                sa.select(d.batch_id, d.target, notifications.c.webhook_id, d.attempts, d.last_error)
+                .join(notifications, notifications.c.batch_id == d.batch_id)
+                .where(known, d.state == FAILED)
+                .order_by(d.retry_from.desc())
                 .limit(20)
             ).mappings()
         ]
+        targets = {t: by_target[t] for t in (*NOTIFY_TARGETS, *sorted(by_target)) if t in by_target}
         return {
-            "states": {state: by_state[state] for state in NOTIFICATION_STATES},
+            "states": {state: sum(counts[state] for counts in targets.values()) for state in NOTIFICATION_STATES},
+            "targets": targets,
             "oldest_pending_at": oldest,
             "failed": failed,
         }

@@ -24,6 +24,9 @@ from . import counters, refused
 from .leases import claim_due
 from .schema import ENDED, NOT_FOUND, WATCHING, jobs, known_batches
 
+#: What `watch` did with a batch.
+QUEUED_NOW, ALREADY_QUEUED, WATCHED = "queued to be stored now", "already queued", "watched (polled until it ends)"
+
 
 class PollingMixin:
     """Methods of :class:`~receiver.ledger.Ledger` for the polling fallback (see the module)."""
@@ -47,20 +50,47 @@ class PollingMixin:
             .on_conflict_do_nothing(index_elements=["batch_id"])
         )
 
-    def watch(self, batch_id: str, *, now: float | None = None) -> None:
-        """Make a batch known without any delivery (`receiver watch`); one BatchRouter had not found
-        before is watched again (the caller has just seen it exists)."""
+    def watch(
+        self,
+        batch_id: str,
+        *,
+        status: str | None = None,
+        ended: bool = False,
+        poll_now: bool = False,
+        now: float | None = None,
+    ) -> str:
+        """Make a batch known without any delivery: `receiver watch` and the status page's Watch form.
+
+        One BatchRouter had not found before is watched again (the caller has seen it exists, or
+        wants it looked at). `status` is what the caller's own `GET /v1/batches/{id}` answered;
+        `ended` (a terminal status) queues its job at once, as a poll would. A caller that did not
+        ask (the web side makes no API calls) passes `poll_now`, so the worker's next poll tick
+        asks instead of waiting a whole interval. Answers QUEUED_NOW, ALREADY_QUEUED or WATCHED.
+        """
         now = time.time() if now is None else now
+        next_poll_at = now if poll_now else None
         with self.begin() as conn:
             conn.execute(
                 self._insert(known_batches)
-                .values(batch_id=batch_id, source="watch", state=WATCHING, first_seen_at=now, polls=0, found_by_poll=False)
+                .values(
+                    batch_id=batch_id,
+                    source="watch",
+                    state=WATCHING,
+                    first_seen_at=now,
+                    next_poll_at=next_poll_at,
+                    polls=0,
+                    found_by_poll=False,
+                )
                 .on_conflict_do_update(
                     index_elements=["batch_id"],
-                    set_={"state": WATCHING, "next_poll_at": None, "first_seen_at": now},
+                    set_={"state": WATCHING, "next_poll_at": next_poll_at, "first_seen_at": now},
                     where=known_batches.c.state == NOT_FOUND,
                 )
             )
+        if status is not None and ended:
+            queued = self.record_poll(batch_id, None, status=status, state=ENDED, origin="watch", now=now)
+            return QUEUED_NOW if queued else ALREADY_QUEUED
+        return WATCHED
 
     # --- polls: worker side -----------------------------------------------------------------------
 
@@ -160,15 +190,22 @@ class PollingMixin:
 
     # --- reading ----------------------------------------------------------------------------------
 
-    def known(self, states: tuple[str, ...] = (WATCHING, NOT_FOUND)) -> list[dict[str, Any]]:
-        """Known batches in `states` that have no job (for `receiver ls`), oldest first."""
+    def known(
+        self, states: tuple[str, ...] = (WATCHING, NOT_FOUND), *, limit: int | None = None, since: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Known batches in `states` that have no job (for `receiver ls`): every one oldest first,
+        or with `limit` the `limit` most recently seen, first seen at or after `since`."""
+        query = sa.select(known_batches).where(
+            known_batches.c.state.in_(states), ~sa.exists().where(jobs.c.batch_id == known_batches.c.batch_id)
+        )
+        if since is not None:
+            query = query.where(known_batches.c.first_seen_at >= since)
+        if limit is None:
+            query = query.order_by(known_batches.c.first_seen_at)
+        else:
+            query = query.order_by(known_batches.c.first_seen_at.desc()).limit(limit)
         with self.connect() as conn:
-            rows = conn.execute(
-                sa.select(known_batches)
-                .where(known_batches.c.state.in_(states), ~sa.exists().where(jobs.c.batch_id == known_batches.c.batch_id))
-                .order_by(known_batches.c.first_seen_at)
-            ).mappings()
-            return [dict(r) for r in rows]
+            return [dict(r) for r in conn.execute(query).mappings()]
 
     def polling_stats(self, now: float | None = None) -> dict[str, Any]:
         """Watched batches, the oldest one, polls made, batches found by polling, and deliveries

@@ -10,7 +10,8 @@ revision there (tests/test_migrations.py fails until the two agree). README, "Sc
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
@@ -70,31 +71,43 @@ jobs = sa.Table(
     sa.Index("ix_jobs_state_updated", "state", "updated_at", "batch_id"),
 )
 
-#: Notification states: `pending` until a 2xx (or its retry window ends: `failed`), then `sent`.
+#: Delivery states, per target: `pending` until the target accepts the event (or its retry window
+#: ends: `failed`), then `sent`.
 PENDING, SENT = "pending", "sent"
 NOTIFICATION_STATES = (PENDING, SENT, FAILED)
 
 #: The outbox: one `batch.stored` event per batch, written in the transaction that marks the job
-#: stored, so no stored batch goes unannounced (docs/architecture.md, "Invariants").
+#: stored, so no stored batch goes unannounced (docs/architecture.md, "Invariants"). The event is
+#: kept once; where it goes is `notification_deliveries`.
 notifications = sa.Table(
     "notifications",
     metadata,
     sa.Column("batch_id", sa.String(255), primary_key=True),
-    #: Standard Webhooks `webhook-id`: chosen once, the same on every attempt and replay.
+    #: Standard Webhooks `webhook-id`, the SQS deduplication id and attribute, the EventBridge
+    #: entry's resource: chosen once, the same on every attempt, target and replay.
     sa.Column("webhook_id", sa.String(64), nullable=False, unique=True),
-    #: The exact bytes POSTed (and signed) on every attempt.
+    #: The event JSON, the same bytes for every target (and what the webhook signs).
     sa.Column("body", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+#: Each target's delivery of an event (`webhook`, `sqs`, `eventbridge`), claimed under a lease and
+#: retried on its own: a slow or broken target never holds another one back.
+notification_deliveries = sa.Table(
+    "notification_deliveries",
+    metadata,
+    sa.Column("batch_id", sa.String(255), primary_key=True),
+    sa.Column("target", sa.String(16), primary_key=True),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("next_attempt_at", sa.Float, nullable=False),
-    #: When the event was written or last replayed: retries end (`failed`) a window after it.
+    #: When the delivery was queued or last replayed: retries end (`failed`) a window after it.
     sa.Column("retry_from", sa.Float, nullable=False),
     sa.Column("lease_owner", sa.String(255), nullable=True),
     sa.Column("lease_expires_at", sa.Float, nullable=True),
     sa.Column("last_error", sa.Text, nullable=True),
-    sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("sent_at", sa.Float, nullable=True),
-    sa.Index("ix_notifications_due", "state", "next_attempt_at"),
+    sa.Index("ix_notification_deliveries_due", "target", "state", "next_attempt_at"),
 )
 
 secrets = sa.Table(
@@ -216,9 +229,10 @@ class DeliveryRow(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Notification:
-    """An outbox row claimed for sending."""
+    """One target's delivery of an outbox event, claimed for sending."""
 
     batch_id: str
+    target: str
     webhook_id: str
     body: bytes
     attempts: int
@@ -238,3 +252,11 @@ class SecretInfo:
     id: int
     created_at: float
     expires_at: float | None
+
+
+def insert_deliveries(insert: Callable[[sa.Table], Any], rows: Any) -> Any:
+    """The one delivery insert: `rows` (one mapping, or a list for several rows) ON CONFLICT
+    (event_id) DO NOTHING, returning the event ids inserted (RETURNING, not rowcount: drivers
+    disagree on rowcount for ON CONFLICT). `insert` is the dialect's (sqlite or postgresql) insert.
+    The ledger, and both group commits, record deliveries with it."""
+    return insert(deliveries).values(rows).on_conflict_do_nothing(index_elements=["event_id"]).returning(deliveries.c.event_id)

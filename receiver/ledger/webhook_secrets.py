@@ -71,6 +71,36 @@ class WebhookSecrets:
             conn.execute(secrets.insert().values(secret=self._box.seal(secret), created_at=now, expires_at=None))
         self._secret_cache = None
 
+    def stage_secret(self, secret: str, *, accepted_for: float, now: float | None = None) -> int:
+        """Accept `secret` for `accepted_for` seconds without making it current; its row id.
+
+        `register` proves a new secret with its self-test before BatchRouter hears of it: if the
+        test or the PUT fails, the staged secret simply lapses and the current one is untouched.
+        """
+        now = time.time() if now is None else now
+        with self.begin() as conn:
+            secret_id = conn.execute(
+                secrets.insert()
+                .values(secret=self._box.seal(secret), created_at=now, expires_at=now + accepted_for)
+                .returning(secrets.c.id)
+            ).scalar_one()
+        self._secret_cache = None
+        return int(secret_id)
+
+    def promote_secret(self, secret_id: int, *, grace_seconds: float, now: float | None = None) -> int:
+        """Make the staged secret `secret_id` current; every other current secret stays accepted for
+        `grace_seconds`. Answers how many were moved into their grace period."""
+        now = time.time() if now is None else now
+        with self.begin() as conn:
+            retired = conn.execute(
+                secrets.update()
+                .where(secrets.c.expires_at.is_(None), secrets.c.id != secret_id)
+                .values(expires_at=now + grace_seconds)
+            ).rowcount
+            conn.execute(secrets.update().where(secrets.c.id == secret_id).values(expires_at=None))
+        self._secret_cache = None
+        return int(retired or 0)
+
     def current_secret(self) -> str | None:
         with self.connect() as conn:
             found = conn.execute(

@@ -25,7 +25,7 @@ from flask import Blueprint, Response, current_app, redirect, render_template, r
 from werkzeug.exceptions import NotFound
 
 from .. import metrics
-from ..config import Settings
+from ..config import NOTIFY_TARGETS, Settings
 from ..errors import LedgerUnavailable, ReceiverError
 from ..layout import validate_batch_id
 from ..ledger import DEAD, JOB_STATES, Ledger, reports
@@ -178,7 +178,7 @@ def job(batch_id: str) -> str:
         attempts=detail["attempts"],
         manifest=_manifest(batch_id) if detail["job"].get("manifest_key") else None,
         location=_location(detail["job"].get("manifest_key")),
-        notification=_ledger().notification(batch_id),
+        notifications=_ledger().notification_deliveries(batch_id),
     )
 
 
@@ -204,15 +204,17 @@ def retry(batch_id: str) -> Response:
 
 @bp.post("/watch")
 def watch() -> Response:
-    """Make a batch id known so the polling fallback stores it even if no delivery ever names it
-    (as `receiver watch` does, without its up-front check: the web side makes no API calls, and a
-    poll that gets 404 stops and shows the batch as not found)."""
+    """Make a batch id known so the polling fallback stores it even if no delivery ever names it,
+    through the ledger's `watch` as `receiver watch` does. The web side makes no API calls, so
+    where the command checks the batch first, this asks the worker's poller to check it at once:
+    an ended batch is queued within a poll tick, and one BatchRouter does not know shows as not
+    found."""
     batch_id = (request.form.get("batch_id") or "").strip()
     try:
         validate_batch_id(batch_id)
     except ReceiverError:
         return redirect(url_for("admin.overview", done="bad-batch-id"), 303)  # type: ignore[return-value]
-    _ledger().watch(batch_id)
+    _ledger().watch(batch_id, poll_now=True)
     log.info(
         "admin: %s watched batch %s from %s",
         _who(),
@@ -225,13 +227,18 @@ def watch() -> Response:
 
 @bp.post("/jobs/<path:batch_id>/replay")
 def replay(batch_id: str) -> Response:
-    """Send a batch's `batch.stored` event again, with the same webhook-id (as `receiver notify --replay`)."""
-    if not _ledger().replay_notification(batch_id):
+    """Send a batch's `batch.stored` event again, with the same webhook-id (as `receiver notify --replay`),
+    to the target the form names, or to every target that had it."""
+    target = request.form.get("target") or None
+    if target is not None and target not in NOTIFY_TARGETS:
+        raise NotFound(f"no notification target {target!r}")
+    if not _ledger().replay_notification(batch_id, None if target is None else (target,)):
         raise NotFound(f"no notification for batch {batch_id}")
     log.info(
-        "admin: %s replayed the notification of batch %s from %s",
+        "admin: %s replayed the notification of batch %s%s from %s",
         _who(),
         batch_id,
+        f" to {target}" if target else "",
         request.remote_addr,
         extra={"batch_id": batch_id, "outcome": "replayed"},
     )

@@ -43,6 +43,9 @@ def _prepare_ledger(settings: Settings) -> None:
             ledger.close()
         except SystemExit as exc:
             code = int(exc.code or 0)
+        except ConfigError as exc:  # e.g. postgresql:// with a psycopg that does not import
+            print(f"receiver: configuration error: {exc}", file=sys.stderr)
+            code = 2
         except BaseException:
             code = 1
             logging.getLogger("receiver").exception("preparing the ledger failed")
@@ -56,7 +59,12 @@ def _prepare_ledger(settings: Settings) -> None:
 
 _prepare_ledger(_settings)
 
+# Every interface: on a platform (the Procfile's `web:`, a container) traffic arrives from outside
+# the process's host or network namespace. `receiver serve --emulator` passes --bind 127.0.0.1.
 bind = f"0.0.0.0:{_settings.port}"
+# A control socket per gunicorn (named for its master's pid), not gunicorn's default shared
+# ~/.gunicorn/gunicorn.ctl, which a second gunicorn on the host would take over. `gunicornc -s PATH`.
+control_socket = os.path.join(tempfile.gettempdir(), f"receiver-gunicorn-{os.getpid()}.ctl")
 workers = 2
 # gevent, with a read deadline on every client socket (receiver/web/gunicorn_worker.py).
 worker_class = "receiver.web.gunicorn_worker.ReceiverGeventWorker"

@@ -36,6 +36,16 @@ class ReceiverGeventWorker(GeventWorker):
         self.client_timeout = Settings.from_env().client_timeout_seconds
         super().init_process()
 
+    def handle_quit(self, sig, frame):
+        # Ctrl-C on a terminal signals the whole group: the worker gets SIGINT from the terminal
+        # and then SIGQUIT from its master. gunicorn's gevent worker spawns a greenlet that calls
+        # sys.exit for each; the second one runs during interpreter shutdown and prints a
+        # SystemExit traceback. One quit is enough.
+        if getattr(self, "_quitting", False):
+            return
+        self._quitting = True
+        super().handle_quit(sig, frame)
+
     def handle(self, listener, client, addr):
         # The parent sets blocking mode (no timeout) first; its settimeout(None) would undo ours,
         # so skip it and go straight to the AsyncWorker's loop.

@@ -22,6 +22,7 @@ PROBE_TIMEOUT = 3.0
 
 
 def make_client(
+    service: str = "s3",
     *,
     endpoint_url: str | None = None,
     region_name: str | None = None,
@@ -33,6 +34,8 @@ def make_client(
 ) -> Any:
     """An S3 client configured from the standard environment (credentials chain, AWS_REGION,
     AWS_ENDPOINT_URL_S3, ~/.aws/config), with the retries, timeouts and pool a streaming upload needs.
+    Another `service` (`sqs`, `events`: the notification senders) gets the same session rules and
+    its own AWS_ENDPOINT_URL_<SERVICE>.
 
     Its own Session: boto3's default session is not thread-safe to create clients from. With
     `checksum=False` the client also stops botocore's default CRC32 checksums (botocore >= 1.36 sends
@@ -57,4 +60,4 @@ def make_client(
         options["request_checksum_calculation"] = "when_required"
         options["response_checksum_validation"] = "when_required"
     session = boto3.session.Session(botocore_session=core)
-    return session.client("s3", endpoint_url=endpoint_url, region_name=region_name, config=Config(**options))
+    return session.client(service, endpoint_url=endpoint_url, region_name=region_name, config=Config(**options))
