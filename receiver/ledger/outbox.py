@@ -203,20 +203,34 @@ class Outbox:
         with self.connect() as conn:
             return {row["target"]: dict(row) for row in conn.execute(query).mappings()}
 
-    def _notification_stats(self, conn: Connection) -> dict[str, Any]:
+    def _notification_stats(self, conn: Connection, values: dict[str, float]) -> dict[str, Any]:
         """Deliveries by target and state, the oldest pending one, and the latest failures
-        (`status`, /metrics, the status page). `states` sums the targets."""
+        (`status`, /metrics, the status page). `states` sums the targets.
+
+        Pending and failed deliveries are counted through the (target, state) index: work in flight,
+        or waiting for an operator. Sent ones are history, a counter per target (`values`:
+        counters.read), so the cost does not grow with the events ever sent.
+        """
         d = notification_deliveries.c
         by_target: dict[str, dict[str, int]] = {}
-        for target, state, count in conn.execute(sa.select(d.target, d.state, sa.func.count()).group_by(d.target, d.state)):
-            by_target.setdefault(target, dict.fromkeys(NOTIFICATION_STATES, 0))[state] = int(count)
-        oldest = conn.execute(sa.select(sa.func.min(d.retry_from)).where(d.state == PENDING)).scalar()
+        targets_seen = {n.rpartition(":")[2] for n in values if n.startswith("notifications:sent:")}
+        for target in (*NOTIFY_TARGETS, *sorted(targets_seen - set(NOTIFY_TARGETS))):
+            counts = {
+                state: int(conn.execute(sa.select(sa.func.count()).where(d.target == target, d.state == state)).scalar_one())
+                for state in (PENDING, FAILED)
+            }
+            counts[SENT] = int(values.get(f"notifications:sent:{target}", 0))
+            if any(counts.values()):
+                by_target[target] = {state: counts[state] for state in NOTIFICATION_STATES}
+        # Target first, as the index has it, so that both are index seeks.
+        known = d.target.in_((*NOTIFY_TARGETS, *sorted(targets_seen)))
+        oldest = conn.execute(sa.select(sa.func.min(d.retry_from)).where(known, d.state == PENDING)).scalar()
         failed = [
             dict(r)
             for r in conn.execute(
                 sa.select(d.batch_id, d.target, notifications.c.webhook_id, d.attempts, d.last_error)
                 .join(notifications, notifications.c.batch_id == d.batch_id)
-                .where(d.state == FAILED)
+                .where(known, d.state == FAILED)
                 .order_by(d.retry_from.desc())
                 .limit(20)
             ).mappings()

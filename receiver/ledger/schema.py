@@ -65,8 +65,10 @@ jobs = sa.Table(
     #: Bytes the running attempt has stored so far, renewed with its lease (the status page).
     sa.Column("bytes_so_far", sa.BigInteger, nullable=True),
     sa.Index("ix_jobs_due", "state", "next_attempt_at"),
-    #: Retention finds stored jobs past their time through it (receiver/ledger/retention.py).
-    sa.Index("ix_jobs_state_updated", "state", "updated_at"),
+    #: The status page's job list and `receiver ls`, newest first, page by page.
+    sa.Index("ix_jobs_updated", "updated_at", "batch_id"),
+    #: The same for one state (dead jobs, running jobs) and the last stored batch.
+    sa.Index("ix_jobs_state_updated", "state", "updated_at", "batch_id"),
 )
 
 #: Delivery states, per target: `pending` until the target accepts the event (or its retry window
@@ -183,6 +185,27 @@ refused_deliveries = sa.Table(
     metadata,
     sa.Column("minute", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("count", sa.Integer, nullable=False),
+)
+
+
+#: Figures of history (jobs by state, stored bytes, the job histograms, retries by cause, polls,
+#: notifications sent), kept up to date by triggers on the tables whose rows they count, in the
+#: transaction that changes the row (receiver/ledger/counters.py). A figure is the sum of its rows.
+counters = sa.Table(
+    "counters",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Float, nullable=False),
+)
+
+#: PostgreSQL's triggers append a row here instead of updating `counters`, so that concurrent
+#: writers never wait on (or deadlock over) one hot row; reading folds them into `counters`.
+counter_deltas = sa.Table(
+    "counter_deltas",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("value", sa.Float, nullable=False),
 )
 
 
