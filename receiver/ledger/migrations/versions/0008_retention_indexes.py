@@ -1,13 +1,12 @@
 """Indexes that retention's small deletes walk, so pruning costs what it removes, not the history.
 
 Known batches by state and age (stored jobs by age use 0004's ix_jobs_state_updated), events by
-age (every row, and the rows that
-still hold a body: a partial index, so that dropping bodies never rescans the emptied ones) and
-their deliveries by retry_from. See receiver/ledger/retention.py.
+age (every row, and the rows that still hold a body: a partial index, so that dropping bodies never
+rescans the emptied ones) and their deliveries by retry_from. See receiver/ledger/retention.py.
 
 After 0006 (the notification targets, which rebuild the notifications table) and 0007.
 
-Revision ID: 0005
+Revision ID: 0008
 Revises: 0007
 Create Date: 2026-12-04
 """
@@ -17,7 +16,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005"
+revision = "0008"
 down_revision = "0007"
 branch_labels = None
 depends_on = None
