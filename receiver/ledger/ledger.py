@@ -36,6 +36,7 @@ from .leases import claim_due
 from .outbox import Outbox
 from .polling import PollingMixin
 from .refused import RefusedDeliveries
+from .retention import RetentionMixin, RetentionPolicy, rules
 from .schema import (
     DEAD,
     FAILED,
@@ -65,7 +66,7 @@ def queue_depth(counts: dict[str, int]) -> int:
     return counts[QUEUED] + counts[FAILED]
 
 
-class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
+class Ledger(Outbox, PollingMixin, RefusedDeliveries, RetentionMixin, WebhookSecrets):
     """One per process. Thread-safe (a pooled engine); every method is one short transaction."""
 
     def __init__(
@@ -403,10 +404,13 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
         }
 
     def prune_deliveries(self, retention_days: int, now: float | None = None) -> int:
-        """Forget delivery records past their retention; jobs (stored batches) are kept for ever."""
+        """Forget delivery records past their retention, in small steps (see ledger/retention.py)."""
         now = time.time() if now is None else now
-        with self.begin() as conn:
-            return conn.execute(deliveries.delete().where(deliveries.c.received_at < now - retention_days * 86400)).rowcount
+        rule = rules(RetentionPolicy(delivery_days=retention_days), now)[0]
+        removed = 0
+        while (step := self.prune_step(rule)) > 0:
+            removed += step
+        return removed
 
     # --- connections ------------------------------------------------------------------------------
     # Public so that the ledger's read-side modules (reports.py) and its mixins use one way in, and a

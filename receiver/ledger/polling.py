@@ -177,11 +177,9 @@ class PollingMixin:
             )
 
     def end_known_with_jobs(self, *, now: float | None = None) -> int:
-        """Stop watching batches that have a job (a delivery queued it), and forget refused-delivery
-        counts older than two days; periodic, so that the ingest path stays one INSERT."""
-        now = time.time() if now is None else now
+        """Stop watching batches that have a job (a delivery queued it); periodic, so that the
+        ingest path stays one INSERT. (Refused-delivery counts are pruned by retention.)"""
         with self.begin() as conn:
-            refused.prune(conn, now)
             return conn.execute(
                 known_batches.update()
                 .where(known_batches.c.state == WATCHING, sa.exists().where(jobs.c.batch_id == known_batches.c.batch_id))

@@ -89,6 +89,16 @@ notifications = sa.Table(
     #: The event JSON, the same bytes for every target (and what the webhook signs).
     sa.Column("body", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    #: Retention: events past the job retention (the rows go) ...
+    sa.Index("ix_notifications_created", "created_at"),
+    #: ... and events that still hold a body (an emptied body leaves this index, so dropping
+    #: bodies never rescans the ones already dropped).
+    sa.Index(
+        "ix_notifications_body_kept",
+        "created_at",
+        sqlite_where=sa.text("length(body) > 0"),
+        postgresql_where=sa.text("length(body) > 0"),
+    ),
 )
 
 #: Each target's delivery of an event (`webhook`, `sqs`, `eventbridge`), claimed under a lease and
@@ -108,6 +118,8 @@ notification_deliveries = sa.Table(
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("sent_at", sa.Float, nullable=True),
     sa.Index("ix_notification_deliveries_due", "target", "state", "next_attempt_at"),
+    #: Retention finds settled deliveries past the job retention through it.
+    sa.Index("ix_notification_deliveries_retry_from", "retry_from"),
 )
 
 secrets = sa.Table(
@@ -162,6 +174,8 @@ known_batches = sa.Table(
     #: True when a poll (not a delivery) queued the batch's job: its terminal delivery was lost.
     sa.Column("found_by_poll", sa.Boolean, nullable=False, default=False),
     sa.Index("ix_known_batches_due", "state", "next_poll_at"),
+    #: Retention finds ended and not-found batches past their time through it.
+    sa.Index("ix_known_batches_state_seen", "state", "first_seen_at"),
 )
 
 #: Deliveries refused for a bad signature, counted per minute (never their bodies): a wrong secret

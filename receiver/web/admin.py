@@ -14,6 +14,7 @@ or a presigned URL (errors pass through logs.redact, the manifest's raw batch is
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import logging
@@ -232,7 +233,9 @@ def replay(batch_id: str) -> Response:
     target = request.form.get("target") or None
     if target is not None and target not in NOTIFY_TARGETS:
         raise NotFound(f"no notification target {target!r}")
-    if not _ledger().replay_notification(batch_id, None if target is None else (target,)):
+    # An event past RECEIVER_NOTIFICATION_RETENTION_DAYS has no body left: rebuilt from the manifest.
+    manifest = functools.partial(read_manifest, current_app.extensions["receiver.storage"], batch_id)
+    if not _ledger().replay_notification(batch_id, None if target is None else (target,), manifest=manifest):
         raise NotFound(f"no notification for batch {batch_id}")
     log.info(
         "admin: %s replayed the notification of batch %s%s from %s",
