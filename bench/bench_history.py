@@ -21,6 +21,15 @@ Against gunicorn with the production settings (and RECEIVER_ADMIN_TOKEN) it meas
 time of `GET /metrics`, `GET /admin`, `GET /admin/jobs`; `receiver status --json` and `receiver ls`
 as commands; ingest rate and p99 (bench_ingest's client) without and with a scraper hitting
 `/metrics` every 5 s; and the disk per table. Sizes are a flag: `--sizes 0,2000` is a smoke run.
+
+`--claim-gaps` also measures the longest gap between job claims while housekeeping works over the
+largest cached SQLite ledger and its storage tree (`--backends ""` measures only that): on a copy
+of the ledger (housekeeping prunes it), with 500 abandoned partial files in the tree, the worker
+(the `Worker` class with its own duties, as `receiver worker` runs it) claims a steady stream of
+small batches the emulator serves (one enqueued every 0.1 s) for `--claim-seconds`, first without
+its housekeeping duty, then with it (whose first round starts with the worker, and has the
+history's backlog past retention to prune). The batches it stores are removed from the cached tree
+afterwards.
 """
 
 from __future__ import annotations
@@ -42,11 +51,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import ROOT, machine, receiver_env, start_gunicorn, write_json  # noqa: E402
+from bench._harness import ROOT, http_json, loadavg, machine, receiver_env, start_emulator, start_gunicorn, write_json  # noqa: E402
 from bench.bench_ingest import SECRET, prepare_ledger, run_load  # noqa: E402
 from receiver import layout  # noqa: E402
 from receiver.ledger import Ledger, reports  # noqa: E402
-from receiver.ledger.outbox import event_body, new_webhook_id  # noqa: E402
+from receiver.ledger.outbox import event_body, webhook_id_for  # noqa: E402
 from receiver.ledger.schema import (  # noqa: E402
     deliveries,
     job_attempts,
@@ -160,7 +169,12 @@ def _batch(rows: dict[str, list[dict[str, Any]]], rng: random.Random, batch_id: 
         rows["attempts"].append(_attempt(batch_id, 1, "failed", "rate_limit", None, None, planned + 2))
     rows["attempts"].append(_attempt(batch_id, 2 if retried else 1, "stored", None, len(RESULTS), 1.5, stored))
     rows["notes"].append(
-        {"batch_id": batch_id, "webhook_id": new_webhook_id(), "body": event_body(manifest, stored_at), "created_at": stored}
+        {
+            "batch_id": batch_id,
+            "webhook_id": webhook_id_for(manifest),
+            "body": event_body(manifest, stored_at),
+            "created_at": stored,
+        }
     )
     rows["sent"].append(
         {
@@ -326,6 +340,156 @@ def _ingest_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+# --- claims while housekeeping runs ---------------------------------------------------------------------
+
+PARTIALS = 500
+COUNTED = ("deliveries", "job_attempts", "jobs", "notifications", "known_batches")
+
+
+def claim_gaps(cache: Path, size: int, *, seconds: float) -> dict[str, Any]:
+    """The longest gap between job claims over `seconds`, without and then with housekeeping."""
+    import os
+    import shutil
+
+    from receiver.config import Settings
+
+    folder = cache / f"sqlite-{size}"
+    if not (folder / "built").exists():
+        raise SystemExit(f"--claim-gaps needs a cached ledger of {size:,} batches: run --backends sqlite --sizes {size} first")
+    work = Path(tempfile.mkdtemp(prefix="bench-claims-"))
+    storage = folder / "storage"
+    start = time.perf_counter()
+    shutil.copyfile(folder / "receiver.db", work / "receiver.db")  # housekeeping prunes it
+    copy_seconds = time.perf_counter() - start
+    url = f"sqlite:///{work}/receiver.db"
+    ledger = Ledger(url)
+    start = time.perf_counter()
+    ledger.create_schema()  # a ledger cached by an earlier version of the bench
+    migrate_seconds = time.perf_counter() - start
+    ledger.close()
+    emulator, api = start_emulator(work)
+    env = receiver_env(work, api, DATABASE_URL=url, RECEIVER_STORAGE_URL=str(storage))
+    settings = Settings.from_env(env, dotenv_path=None)
+    out: dict[str, Any] = {"size": size, "copy_seconds": copy_seconds, "migrate_seconds": migrate_seconds, "seconds": seconds}
+    fed: list[str] = []
+    try:
+        for tag, housekeeping in (("without", False), ("with", True)):
+            partials = _plant_partials(storage) if housekeeping else 0
+            before = _row_counts(url)
+            out[tag] = _claim_run(settings, api, url, tag, seconds=seconds, housekeeping=housekeeping, fed=fed)
+            after = _row_counts(url)
+            out[tag]["rows_removed"] = {t: before[t] - after[t] for t in COUNTED}
+            out[tag]["partials_planted"] = partials
+            out[tag]["partials_left"] = len(os.listdir(storage / layout.PARTIAL)) if partials else 0
+    finally:
+        emulator.stop()
+        _remove_stored(storage, fed)
+        shutil.rmtree(storage / layout.PARTIAL, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _claim_run(
+    settings: Any, api: str, url: str, tag: str, *, seconds: float, housekeeping: bool, fed: list[str]
+) -> dict[str, Any]:
+    from receiver.jobs.housekeeping import Housekeeping
+    from receiver.jobs.worker import Worker
+
+    claims: list[float] = []
+
+    class Measured(Worker):
+        """The worker as `receiver worker` runs it; without housekeeping, its other duties only."""
+
+        def duties(self) -> list[Any]:
+            return [d for d in super().duties() if housekeeping or not isinstance(d, Housekeeping)]
+
+    class Recording(Ledger):
+        """The ledger the worker uses, noting when each claim that returned a job came back."""
+
+        def claim(self, *args: Any, **kwargs: Any) -> Any:
+            job = super().claim(*args, **kwargs)
+            if job is not None:
+                claims.append(time.monotonic())
+            return job
+
+    feeder_ledger = Ledger(url)
+    worker = Measured.from_settings(settings, Recording.from_settings(settings))
+    enqueue_ms: list[float] = []
+    stop = threading.Event()
+
+    def feed() -> None:
+        n = 0
+        while not stop.wait(0.1):
+            batch_id = f"bat_claims_{tag}_{n:05d}"
+            n += 1
+            http_json("POST", f"{api}/_emulator/batches", {"id": batch_id, "size_bytes": 2000, "status": "completed"})
+            began = time.perf_counter()
+            feeder_ledger.enqueue(batch_id, origin="fetch")
+            enqueue_ms.append((time.perf_counter() - began) * 1000)
+            fed.append(batch_id)
+
+    load_before = loadavg()
+    runner = threading.Thread(target=worker.run_forever, daemon=True)
+    feeder = threading.Thread(target=feed, daemon=True)
+    began = time.monotonic()
+    runner.start()
+    feeder.start()
+    time.sleep(seconds)
+    stop.set()
+    feeder.join()
+    end = time.monotonic()
+    worker.stop()
+    runner.join()
+    stopped = time.monotonic() - end
+    feeder_ledger.close()
+    worker.ledger.close()
+    window = [t for t in claims if t <= end]
+    gaps = [b - a for a, b in zip([began, *window], window)]
+    return {
+        "claims": len(window),
+        "fed": len(enqueue_ms),
+        "longest_gap_s": max(gaps, default=seconds),
+        "p99_gap_s": sorted(gaps)[int(len(gaps) * 0.99)] if gaps else seconds,
+        "longest_enqueue_ms": max(enqueue_ms, default=0.0),
+        "stop_seconds": stopped,
+        "loadavg": [load_before, loadavg()],
+    }
+
+
+def _plant_partials(storage: Path) -> int:
+    """Abandoned partial uploads, two hours old: what housekeeping's first step removes."""
+    import os
+
+    old = time.time() - 7200
+    for i in range(PARTIALS):
+        path = storage / layout.part_key(layout.results_key(f"bat_partial_{i:04d}", "2026-01-01"), f"tok{i}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * 100)
+        os.utime(path, (old, old))
+    return PARTIALS
+
+
+def _row_counts(url: str) -> dict[str, int]:
+    ledger = Ledger(url)
+    with ledger.connect() as conn:
+        counts = {  # the history's rows, not the run's own
+            t: int(conn.exec_driver_sql(f"SELECT COUNT(*) FROM {t} WHERE batch_id NOT LIKE 'bat_claims_%'").scalar_one())
+            for t in COUNTED
+        }
+    ledger.close()
+    return counts
+
+
+def _remove_stored(storage: Path, batch_ids: list[str]) -> None:
+    """Take the run's own batches out of the cached tree, so that it holds the history only."""
+    for batch_id in batch_ids:
+        manifest = storage / layout.manifest_key(batch_id)
+        if manifest.exists():
+            for entry in json.loads(manifest.read_bytes()).get("files", []):
+                (storage / entry["key"]).unlink(missing_ok=True)
+            manifest.unlink()
+
+
 # --- the run -------------------------------------------------------------------------------------------
 
 
@@ -352,9 +516,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=6000, help="deliveries per ingest run (default 6000)")
     parser.add_argument("--repeats", type=int, default=2, help="ingest runs per mode; the median is reported")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--claim-gaps",
+        action="store_true",
+        help="also the longest gap between claims while housekeeping runs (largest size, SQLite)",
+    )
+    parser.add_argument("--claim-seconds", type=float, default=60.0, help="each claim-gap window (default 60)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    backends = args.backends.split(",")
+    backends = [b for b in args.backends.split(",") if b]
     end = time.time() - 86400  # history ends a day ago: the 24-hour windows hold the run's traffic
     report: dict[str, Any] = {"machine": machine(), "per_day": PER_DAY, "runs": []}
     with ExitStack() as stack:
@@ -384,6 +554,16 @@ def main(argv: list[str] | None = None) -> int:
                 if backend == "sqlite":
                     _forget_traffic(url, end)
     _print_ratios(report["runs"])
+    if args.claim_gaps:
+        report["claim_gaps"] = gaps = claim_gaps(Path(args.cache), max(sizes), seconds=args.claim_seconds)
+        for tag in ("without", "with"):
+            g = gaps[tag]
+            print(
+                f"claims {tag} housekeeping: {g['claims']} claims of {g['fed']} fed in {gaps['seconds']:.0f} s, "
+                f"longest gap {g['longest_gap_s']:.2f} s (p99 {g['p99_gap_s']:.2f} s), longest enqueue "
+                f"{g['longest_enqueue_ms']:.0f} ms, stop {g['stop_seconds']:.2f} s, rows removed {g['rows_removed']}, "
+                f"partials {g['partials_planted']} -> {g['partials_left']}, load {g['loadavg']}"
+            )
     write_json(args.json, report)
     return 0
 
