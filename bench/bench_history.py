@@ -513,7 +513,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="0,100000,1000000", help="batches of history, comma-separated (0: an empty ledger)")
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--cache", default="/tmp/bench-history", help="where built SQLite ledgers are kept between runs")
-    parser.add_argument("--requests", type=int, default=6000, help="deliveries per ingest run (default 6000)")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=20000,
+        help="deliveries per ingest run (default 20000: long enough for the 5 s scraper to hit)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="ingest runs per mode; the median is reported")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument(
