@@ -373,7 +373,8 @@ def test_a_lost_lease_interrupts_a_download_stalled_on_a_silent_host(emulator, w
         assert read_manifest(tmp_path / "storage", batch_id) is None
         assert ledger.job(batch_id)["lease_owner"] == "worker-elsewhere"
     finally:
-        assert worker.stop() == 0
+        code = worker.stop()
+    assert code == 0
 
 
 def test_duckdb_reads_the_layout_with_hive_partitions(emulator, web, worker, secret, tmp_path):
