@@ -60,6 +60,11 @@ class LedgerUnavailable(LedgerError):
     transient = True
 
 
+class LedgerConnectionLost(LedgerUnavailable):
+    """The connection to the ledger broke or was refused (a PostgreSQL restart or failover): the
+    pool reconnects on the next checkout, so a worker retries the call while its lease lasts."""
+
+
 class SchemaOutdated(LedgerError):
     """The ledger's schema is older than this release and RECEIVER_AUTO_MIGRATE is false."""
 

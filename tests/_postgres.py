@@ -26,14 +26,31 @@ def _bindir() -> str | None:
     return os.path.dirname(initdb) if initdb else None
 
 
-#: How to restart each running cluster, by its URL (restart()).
+#: How to restart, stop and start each running cluster, by its URL (restart(), down()).
 _RESTART: dict[str, list[str]] = {}
+_STOP: dict[str, list[str]] = {}
+_START: dict[str, list[str]] = {}
+
+
+def _cluster_key(url: str) -> str:
+    return url.rsplit("/", 1)[0] + "/postgres"
 
 
 def restart(cluster_url: str) -> None:
     """Stop the cluster (fast: every connection is cut) and start it again, as an operator's
     restart or a failover would; pg_ctl reuses the options it was started with."""
-    subprocess.run(_RESTART[cluster_url.rsplit("/", 1)[0] + "/postgres"], check=True, capture_output=True)
+    subprocess.run(_RESTART[_cluster_key(cluster_url)], check=True, capture_output=True)
+
+
+@contextmanager
+def down(cluster_url: str) -> Iterator[None]:
+    """The cluster stopped (fast: every connection cut) for as long as the block runs: an outage
+    longer than a restart, as a failover that takes a while."""
+    subprocess.run(_STOP[_cluster_key(cluster_url)], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run(_START[_cluster_key(cluster_url)], check=True, capture_output=True)
 
 
 @contextmanager
@@ -58,26 +75,24 @@ def postgres_cluster(*, fsync: bool = False) -> Iterator[str | None]:
         check=True,
         capture_output=True,
     )
-    subprocess.run(
-        as_user
-        + [
-            f"{bindir}/pg_ctl",
-            "-D",
-            data,
-            "-l",
-            os.path.join(folder, "log"),
-            "-w",
-            "-o",
-            f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync={'on' if fsync else 'off'}",
-            "start",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    start = as_user + [
+        f"{bindir}/pg_ctl",
+        "-D",
+        data,
+        "-l",
+        os.path.join(folder, "log"),
+        "-w",
+        "-o",
+        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync={'on' if fsync else 'off'}",
+        "start",
+    ]
+    subprocess.run(start, check=True, capture_output=True)
     try:
         url = f"postgresql://receiver@127.0.0.1:{port}/postgres"
         log = os.path.join(folder, "log")
         _RESTART[url] = as_user + [f"{bindir}/pg_ctl", "-D", data, "-l", log, "-m", "fast", "-w", "restart"]
+        _STOP[url] = as_user + [f"{bindir}/pg_ctl", "-D", data, "-m", "fast", "-w", "stop"]
+        _START[url] = start
         deadline = time.monotonic() + 20
         while subprocess.run([f"{bindir}/pg_isready", "-h", "127.0.0.1", "-p", str(port)], capture_output=True).returncode != 0:
             if time.monotonic() > deadline:

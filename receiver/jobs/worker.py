@@ -5,6 +5,10 @@ runs under a lease that one heartbeat renews while downloads run, so a crashed w
 taken again once its lease runs out and a healthy slow download is never taken over. The heartbeat,
 housekeeping, the poller and the notifier are the worker's duties (duty.py): each on a thread of its
 own, built in one list by :meth:`Worker.duties`, started, stopped and joined the same way.
+
+A lost database connection (a PostgreSQL restart or failover) is a retry, not a failed attempt:
+every ledger call a job makes is made again, with backoff, for as long as the lease is surely still
+ours, so a blip costs the job a second, not its download.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import layout, logs, metrics
 from ..batchrouter import ArtifactLinks, Batch, BatchRouterClient
@@ -28,11 +32,14 @@ from ..errors import (
     ArtifactUnavailable,
     BatchNotFound,
     BatchNotTerminal,
+    CorruptArtifact,
     JobCancelled,
     LeaseLost,
+    LedgerConnectionLost,
     LedgerUnavailable,
     ObjectNotFound,
     ReceiverError,
+    StorageError,
 )
 from ..ledger import DEAD, STORED, Job, Ledger
 from ..manifest import Manifest, StoredFile, read_manifest
@@ -42,11 +49,21 @@ from . import pages
 from .duty import Duty
 from .housekeeping import Housekeeping
 from .poller import Poller
+from .tally import tally
 from .transfer import Downloader, TransferResult
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int | None], None]
+T = TypeVar("T")
+
+#: Waits between the tries of a ledger call whose connection was lost (retry.backoff): a PostgreSQL
+#: restart takes about a second, a failover tens of seconds; the lease bounds how long we keep trying.
+LEDGER_RETRY_BASE_SECONDS = 0.1
+LEDGER_RETRY_CAP_SECONDS = 2.0
+#: Share of the lease we count on after a claim or renewal: the rest covers the clocks of other
+#: hosts (they compare the lease's expiry with their own time) and the call in flight.
+LEASE_TRUSTED = 0.8
 
 #: How long a stopping worker waits, in all, for its duties to finish the round in hand.
 DUTY_JOIN_SECONDS = 15.0
@@ -70,6 +87,9 @@ class _Running:
     reason: Stop | None = None
     #: Bytes stored so far by this attempt (every file), for the heartbeat to note in the ledger.
     stored: int = 0
+    #: time.monotonic() until which the lease is surely ours: the claim's or the last renewal's
+    #: time plus the trusted share of the lease. Ledger calls that fail are retried until then.
+    lease_until: float = 0.0
     #: Stops the artifact download in hand at once (Download.cancel): a read blocked on a silent
     #: host would otherwise hold the job until the read timeout, however soon SIGTERM came.
     interrupt: Callable[[], None] | None = None
@@ -146,20 +166,30 @@ class Worker:
         self._duties = self.duties()
         for duty in self._duties:
             duty.start()
+        claim_failures = 0
         with ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="job") as pool:
             while not self.stopping.is_set():
                 if not self._slots.acquire(timeout=self.poll_interval):
                     continue
+                claimed_at = time.monotonic()
                 try:
                     job = self.ledger.claim(self.owner, self.settings.lease_seconds)
                 except LedgerUnavailable as exc:
-                    log.error("cannot claim jobs: %s", exc)
-                    job = None
+                    # Said once per outage, not twice a second; the pool reconnects by itself.
+                    claim_failures += 1
+                    if claim_failures == 1:
+                        log.error("cannot claim jobs: %s; trying again", exc)
+                    self._slots.release()
+                    self.stopping.wait(_ledger_backoff(claim_failures))
+                    continue
+                if claim_failures:
+                    log.info("ledger reachable again; claiming jobs")
+                    claim_failures = 0
                 if job is None:
                     self._slots.release()
                     self.stopping.wait(self.poll_interval)
                     continue
-                pool.submit(self._run_in_slot, job)
+                pool.submit(self._run_in_slot, job, claimed_at)
             self._cancel_all(Stop.SHUTDOWN)
             self._stop_duties()
         # A duty in the middle of a round (a poll, a POST) gets a bounded while to finish it.
@@ -188,9 +218,9 @@ class Worker:
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
 
-    def _run_in_slot(self, job: Job) -> None:
+    def _run_in_slot(self, job: Job, claimed_at: float) -> None:
         try:
-            self.run_job(job)
+            self.run_job(job, claimed_at=claimed_at)
         except Exception:  # never let one job kill the loop
             log.exception("job %s crashed the worker thread", job.batch_id)
         finally:
@@ -209,15 +239,19 @@ class Worker:
             row = self.ledger.job(batch_id)
             if row is None or row["state"] in (STORED, DEAD):
                 return row
+            claimed_at = time.monotonic()
             job = self.ledger.claim(self.owner, self.settings.lease_seconds, batch_id=batch_id)
             if job is None:  # another worker holds it, or its retry is not due yet
                 self.stopping.wait(self.poll_interval)
                 continue
-            self.run_job(job, progress)
+            self.run_job(job, progress, claimed_at=claimed_at)
 
-    def run_job(self, job: Job, progress: Progress | None = None) -> str:
-        """Run a claimed job to `stored`, `failed` (retry later), `dead`, or release it."""
+    def run_job(self, job: Job, progress: Progress | None = None, *, claimed_at: float | None = None) -> str:
+        """Run a claimed job to `stored`, `failed` (retry later), `dead`, or release it.
+
+        `claimed_at` is the time.monotonic() just before the claim, from which the lease counts."""
         running = _Running(job)
+        running.lease_until = (time.monotonic() if claimed_at is None else claimed_at) + self._trusted_lease()
         with self._lock:
             self._running[job.batch_id] = running
         started, bound = time.monotonic(), logs.bind(batch_id=job.batch_id, attempt=job.attempts)
@@ -225,29 +259,32 @@ class Worker:
             self._process(running, progress)
             metrics.attempt_finished(self.ledger, job, STORED, started=started)
             return STORED
-        except LeaseLost:
-            log.warning("job %s: lease lost to another worker; dropped without publishing", job.batch_id)
+        except LeaseLost as exc:
+            log.warning("job %s: %s; stopped, the next worker takes it from here", job.batch_id, exc)
             return "lost"
         except JobCancelled:
-            self.ledger.release(job.batch_id, self.owner)
+            if not self._settle(running, "give the job back", lambda: self.ledger.release(job.batch_id, self.owner)):
+                return "lost"
             log.info("job %s released (%s)", job.batch_id, running.reason and running.reason.value)
             return "released"
         except ReceiverError as exc:
-            return self._failed(job, exc)
+            return self._failed(running, exc)
         except Exception as exc:  # a bug or an unmapped library error: retry, but say what it was
             log.exception("job %s: unexpected error", job.batch_id)
-            return self._failed(job, exc)
+            return self._failed(running, exc)
         finally:
             logs.unbind(bound)
             with self._lock:
                 self._running.pop(job.batch_id, None)
 
-    def _failed(self, job: Job, exc: BaseException) -> str:
+    def _failed(self, running: _Running, exc: BaseException) -> str:
+        job = running.job
         message = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, BatchNotFound) and job.origin == "fetch":
             # Asked for by hand and unknown to BatchRouter (a typo, another account): nothing to
             # keep, and a permanent dead row would only clutter `ls` and `status`.
-            self.ledger.forget_job(job.batch_id, self.owner)
+            if not self._settle(running, "forget the job", lambda: self.ledger.forget_job(job.batch_id, self.owner)):
+                return "lost"
             log.error("job %s: %s; forgotten", job.batch_id, message)
             return "forgotten"
         transient = getattr(exc, "transient", True)
@@ -258,7 +295,13 @@ class Worker:
             retry_at = time.time() + min(delay, 3600.0)
         else:
             retry_at = None
-        state = self.ledger.mark_failed(job.batch_id, self.owner, message, retry_at=retry_at)
+        try:
+            state = self._ledger_call(
+                running, lambda: self.ledger.mark_failed(job.batch_id, self.owner, message, retry_at=retry_at)
+            )
+        except (LedgerUnavailable, LeaseLost) as error:
+            self._unsettled(job, "record the failed attempt", error)
+            return "lost"
         metrics.attempt_finished(self.ledger, job, state, exc)
         if retry_at is None:
             log.error("job %s dead after %d attempts: %s", job.batch_id, job.attempts, message)
@@ -277,7 +320,7 @@ class Worker:
         if not batch.terminal:
             raise BatchNotTerminal(f"BatchRouter says batch {batch_id} is {batch.status!r}, not terminal yet")
         if self.storage.exists(manifest_key):
-            self._adopt_existing(job, manifest_key)
+            self._adopt_existing(running, manifest_key)
             return
 
         stored_at = dt.datetime.fromtimestamp(job.planned_at or time.time(), dt.UTC)
@@ -305,26 +348,29 @@ class Worker:
                 )
             else:
                 source = "artifact"
-                files.append(self._download(running, links, "results", day, token, progress))
+                results = self._stored_already(batch, "results", day)
+                errors = self._stored_already(batch, "errors", day) if results and links.errors_url else None
+                files.append(results or self._download(running, links, "results", day, token, progress))
                 if links.errors_url:
-                    files.append(self._download(running, links, "errors", day, token, progress))
+                    files.append(errors or self._download(running, links, "errors", day, token, progress))
 
         self._check(running)
+        event_ids = self._ledger_call(running, lambda: self.ledger.event_ids(batch_id))
         manifest = Manifest(
             batch_id=batch_id,
             status=batch.status,
             files=tuple(files),
             stored_at=stored_at,
-            event_ids=tuple(self.ledger.event_ids(batch_id)),
+            event_ids=tuple(event_ids),
             source=source,
             expected_items=batch.expected_items,
             batch=batch.raw,
         )
         if not self.storage.put_if_absent(manifest_key, manifest.to_bytes()):
             log.info("job %s: manifest already published by another worker", batch_id)
-            self._adopt_existing(job, manifest_key)
+            self._adopt_existing(running, manifest_key)
             return
-        self.ledger.mark_stored(batch_id, self.owner, manifest, notify=self.settings.notify_targets)
+        self._mark_stored(running, manifest)
         if manifest.counts_match is False:
             results = manifest.results
             log.warning(
@@ -408,12 +454,87 @@ class Worker:
             if removed:
                 log.info("job %s: removed %d leftovers of an earlier attempt", batch_id, removed)
 
-    def _adopt_existing(self, job: Job, manifest_key: str) -> None:
+    def _adopt_existing(self, running: _Running, manifest_key: str) -> None:
         """The batch is already published (an earlier attempt, or another worker): record it."""
-        manifest = read_manifest(self.storage, job.batch_id)
+        manifest = read_manifest(self.storage, running.job.batch_id)
         if manifest is None:  # removed since we saw it: not ours to recreate under another's feet
             raise ObjectNotFound(f"{manifest_key} vanished while being adopted")
-        self.ledger.mark_stored(job.batch_id, self.owner, manifest, notify=self.settings.notify_targets)
+        self._mark_stored(running, manifest)
+
+    def _mark_stored(self, running: _Running, manifest: Manifest) -> None:
+        """Record the published manifest (and its notification, in the same transaction).
+
+        Retried after a lost connection: when the first try committed but its answer was lost,
+        the second finds the lease gone (mark_stored answers False) and writes nothing twice."""
+        notify = self.settings.notify_targets
+        self._ledger_call(running, lambda: self.ledger.mark_stored(running.job.batch_id, self.owner, manifest, notify=notify))
+
+    def _stored_already(self, batch: Batch, kind: str, day: str) -> StoredFile | None:
+        """The `kind` file an earlier attempt committed at its final key, when it is safe to adopt
+        instead of downloading it again (docs/architecture.md, "Invariants"), else None.
+
+        Safe means: the object is at this batch's final key for the day fixed at its first attempt,
+        where only a whole, length-checked transfer is ever committed; it reads back whole (a gzip
+        file decompresses to its end); and, for the results, its lines equal the item count
+        BatchRouter gives for the batch. Without an item count to check against, we download."""
+        key_for = layout.results_key if kind == "results" else layout.errors_key
+        for suffix in (".jsonl", ".jsonl.gz"):
+            key = key_for(batch.id, day, suffix)
+            try:
+                if not self.storage.exists(key):
+                    continue
+                result = tally(self.storage.open_read(key), suffix)
+            except (StorageError, CorruptArtifact) as exc:
+                log.warning("job %s: not adopting %s (%s); downloading again", batch.id, key, exc)
+                return None
+            if kind == "results" and (batch.expected_items is None or result.lines != batch.expected_items):
+                log.info(
+                    "job %s: %s has %d lines, not the %s items expected; downloading again",
+                    batch.id,
+                    key,
+                    result.lines,
+                    batch.expected_items,
+                )
+                return None
+            log.info("job %s: adopting %s, stored whole by an earlier attempt (%d bytes)", batch.id, key, result.bytes)
+            return _file_entry(key, result)
+        return None
+
+    def _ledger_call(self, running: _Running, call: Callable[[], T]) -> T:
+        """Make a ledger call for a job in hand; after a lost connection make it again, with
+        backoff, while the lease is surely still ours. Then LeaseLost: the lease may be another
+        worker's by now, and the next worker adopts what we completed."""
+        failures = 0
+        while True:
+            try:
+                return call()
+            except LedgerConnectionLost as exc:
+                failures += 1
+                delay = _ledger_backoff(failures)
+                if time.monotonic() + delay >= running.lease_until:
+                    raise LeaseLost(f"ledger unreachable until the lease on {running.job.batch_id} ran out ({exc})") from None
+                if failures == 1:
+                    log.warning("job %s: %s; trying again while the lease lasts", running.job.batch_id, exc)
+                time.sleep(delay)
+                if running.reason is Stop.LEASE_LOST:
+                    raise LeaseLost(f"lease on {running.job.batch_id} lost") from None
+
+    def _settle(self, running: _Running, what: str, call: Callable[[], None]) -> bool:
+        """Make a closing ledger call (release, forget); False, said in one line, when it cannot be
+        made while the lease lasts: the lease then runs out and the job is taken again."""
+        try:
+            self._ledger_call(running, call)
+        except (LedgerUnavailable, LeaseLost) as exc:
+            self._unsettled(running.job, what, exc)
+            return False
+        return True
+
+    @staticmethod
+    def _unsettled(job: Job, what: str, exc: BaseException) -> None:
+        log.warning("job %s: could not %s (%s); it is taken again when its lease runs out", job.batch_id, what, exc)
+
+    def _trusted_lease(self) -> float:
+        return self.settings.lease_seconds * LEASE_TRUSTED
 
     def _check(self, running: _Running) -> None:
         if running.cancel.is_set():
@@ -432,12 +553,14 @@ class Worker:
             progress: dict[str, int | None] = {b: r.stored for b, r in self._running.items()}
         if not progress:
             return
+        sent = time.monotonic()
         lost = self.ledger.renew(progress, self.owner, self.settings.lease_seconds)
         with self._lock:
-            for batch_id in lost:
-                running = self._running.get(batch_id)
-                if running is not None:
+            for batch_id, running in self._running.items():
+                if batch_id in lost:
                     running.stop(Stop.LEASE_LOST)
+                elif batch_id in progress:
+                    running.lease_until = sent + self._trusted_lease()
 
 
 class Heartbeat(Duty):
@@ -448,10 +571,26 @@ class Heartbeat(Duty):
     def __init__(self, worker: Worker) -> None:
         super().__init__(max(0.5, worker.settings.lease_seconds / 3))
         self.worker = worker
+        self._failures = 0
 
     def tick(self) -> bool:
-        self.worker._renew_leases()
+        try:
+            self.worker._renew_leases()
+        except LedgerConnectionLost as exc:
+            # Again after a short backoff, not a third of a lease later: the leases run out meanwhile.
+            self._failures += 1
+            if self._failures == 1:
+                log.error("cannot renew leases: %s; trying again", exc)
+            self.stopping.wait(_ledger_backoff(self._failures))
+            return True
+        if self._failures:
+            log.info("leases renewed again after %d failed tries", self._failures)
+            self._failures = 0
         return False
+
+
+def _ledger_backoff(failures: int) -> float:
+    return backoff(failures, base=LEDGER_RETRY_BASE_SECONDS, cap=LEDGER_RETRY_CAP_SECONDS)
 
 
 def _file_entry(key: str, result: TransferResult) -> StoredFile:

@@ -9,6 +9,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DisconnectionError, OperationalError
 
 from ..config import POSTGRES_DRIVER_MISSING
 from ..errors import UnsupportedDatabase
@@ -56,6 +57,23 @@ def create_engine(url: str, busy_timeout_seconds: float) -> Engine:
         # time) cost more than waiting for one of 16 (bench_ingest --database-url: 394/s -> 521/s).
         return sa.create_engine(url, pool_size=16, max_overflow=0, pool_pre_ping=True)
     raise UnsupportedDatabase("DATABASE_URL", "use sqlite:///path.db or postgresql://…")
+
+
+def connection_lost(exc: BaseException, dialect: str) -> bool:
+    """Whether `exc` means the connection itself is gone (a restart, a failover, a terminated
+    backend) rather than a statement failing: the pool replaces such connections, so the call may
+    simply be made again.
+
+    SQLAlchemy marks a broken connection it saw (`connection_invalidated`) and raises
+    `DisconnectionError` (`InvalidatePoolError`) when pre-ping finds one; on PostgreSQL every
+    OperationalError is one of connection refused, "the database system is shutting down",
+    "terminating connection due to administrator command" or "server closed the connection"
+    (SQLSTATE classes 08 and 57), which a restart produces. SQLite has no connection to lose: its
+    OperationalError (a lock held past the busy timeout, a full disk) stays a plain outage.
+    """
+    if isinstance(exc, DisconnectionError) or getattr(exc, "connection_invalidated", False):
+        return True
+    return dialect == "postgresql" and isinstance(exc, OperationalError)
 
 
 def describe(exc: BaseException) -> str:

@@ -22,15 +22,15 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 
 from .. import layout
 from ..config import WEBHOOK
 from ..cooperative import BlockingRunner, run_in_place
-from ..errors import LedgerUnavailable
+from ..errors import LedgerConnectionLost, LedgerUnavailable
 from ..manifest import Manifest
 from . import migrate
-from .engine import READ_ONLY, create_engine, describe, sqlite_path
+from .engine import READ_ONLY, connection_lost, create_engine, describe, sqlite_path
 from .group_commit import GroupCommit, PostgresGroupCommit, SQLiteGroupCommit
 from .leases import claim_due
 from .outbox import Outbox
@@ -419,8 +419,8 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
         try:
             with self.engine.begin() as conn:
                 yield conn
-        except (OperationalError, DBAPIError) as exc:
-            raise LedgerUnavailable(f"ledger unavailable: {describe(exc)}") from exc
+        except (OperationalError, DBAPIError, DisconnectionError) as exc:
+            raise self._unavailable(exc) from exc
 
     @contextmanager
     def connect(self) -> Iterator[Connection]:
@@ -430,5 +430,11 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
             with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
                 yield conn
                 conn.rollback()
-        except (OperationalError, DBAPIError) as exc:
-            raise LedgerUnavailable(f"ledger unavailable: {describe(exc)}") from exc
+        except (OperationalError, DBAPIError, DisconnectionError) as exc:
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: Exception) -> LedgerUnavailable:
+        """The named error for a database failure: LedgerConnectionLost when the connection itself
+        went (the worker retries those while its lease lasts), LedgerUnavailable otherwise."""
+        kind = LedgerConnectionLost if connection_lost(exc, self.dialect) else LedgerUnavailable
+        return kind(f"ledger unavailable: {describe(exc)}")
