@@ -365,9 +365,10 @@ def test_a_lost_lease_interrupts_a_download_stalled_on_a_silent_host(emulator, w
         emulator.complete(batch_id)
         ledger = Ledger(receiver_env["DATABASE_URL"])
         wait_for(lambda: (ledger.job(batch_id) or {}).get("bytes_so_far") == 2 << 20, what="the bytes before the stall")
-        with ledger.engine.begin() as conn:  # as if another worker had taken the job over
-            conn.execute(sa.update(jobs).where(jobs.c.batch_id == batch_id).values(lease_owner="worker-elsewhere"))
-        wait_for(lambda: "lease lost to another worker" in worker.output(), what="the job dropped")
+        with ledger.engine.begin() as conn:  # as if another worker had taken the job over, for an hour
+            taken = {"lease_owner": "worker-elsewhere", "lease_expires_at": time.time() + 3600}
+            conn.execute(sa.update(jobs).where(jobs.c.batch_id == batch_id).values(**taken))
+        wait_for(lambda: f"lease on {batch_id} lost" in worker.output(), what="the job dropped")
         assert emulator.stats()["stalls_in_progress"] == 1  # still stalling: no read timeout fired
         assert not [p for p in all_files(tmp_path / "storage") if p.name.endswith(".part")]
         assert read_manifest(tmp_path / "storage", batch_id) is None
