@@ -62,6 +62,16 @@ class Settings:
     secret_grace_seconds: float = 48 * 3600.0
     #: How long delivery records are kept for deduplication (BatchRouter retries for 24 h).
     delivery_retention_days: int = 14
+    #: How long a sent (or failed) `batch.stored` event keeps its body; `notify --replay` rebuilds
+    #: it from the manifest after that. The row (and its webhook-id) stays as long as the job's.
+    notification_retention_days: int = 7
+    #: How long a finished attempt's row (retries by cause, throughput) is kept.
+    attempt_retention_days: int = 30
+    #: How long a stored batch's job row (and its known-batch and event rows) is kept; a delivery
+    #: for a batch pruned after that adopts the manifest in storage and downloads nothing.
+    job_retention_days: int = 30
+    #: How long the per-minute counts of deliveries refused for their signature are kept.
+    refused_retention_days: int = 7
     #: Artifact read timeout: a stalled host frees the download slot after this many seconds.
     read_timeout_seconds: float = 60.0
     connect_timeout_seconds: float = 10.0
@@ -180,6 +190,12 @@ class Settings:
             retry_cap_seconds=_float(env, "RECEIVER_RETRY_CAP_SECONDS", 60.0, 0.01, 86400),
             secret_grace_seconds=_float(env, "RECEIVER_SECRET_GRACE_HOURS", 48.0, 0.0, 24 * 365) * 3600,
             delivery_retention_days=_int(env, "RECEIVER_DELIVERY_RETENTION_DAYS", 14, 7, 3650),
+            # Minimums keep what correctness needs: a body until its 25 h of retries are over, a
+            # day of attempts and refusals for `status`, a job past BatchRouter's 24 h of retries.
+            notification_retention_days=_int(env, "RECEIVER_NOTIFICATION_RETENTION_DAYS", 7, 2, 3650),
+            attempt_retention_days=_int(env, "RECEIVER_ATTEMPT_RETENTION_DAYS", 30, 2, 3650),
+            job_retention_days=_int(env, "RECEIVER_JOB_RETENTION_DAYS", 30, 7, 36500),
+            refused_retention_days=_int(env, "RECEIVER_REFUSED_RETENTION_DAYS", 7, 2, 3650),
             read_timeout_seconds=_float(env, "RECEIVER_READ_TIMEOUT_SECONDS", 60.0, 0.1, 3600),
             connect_timeout_seconds=_float(env, "RECEIVER_CONNECT_TIMEOUT_SECONDS", 10.0, 0.1, 600),
             client_timeout_seconds=_float(env, "RECEIVER_CLIENT_TIMEOUT_SECONDS", 10.0, 0.1, 600),

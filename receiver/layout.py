@@ -7,6 +7,7 @@ them. Hive-style `dt=`/`batch_id=` folders let DuckDB, Spark and Athena read the
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 
 from .errors import UnsafeBatchId
@@ -52,14 +53,31 @@ def manifest_key(batch_id: str) -> str:
     return f"{MANIFESTS}/{validate_batch_id(batch_id)}.json"
 
 
+#: The folder (under the root, on the same file system) that holds every file being written, so
+#: housekeeping finds them without walking the stored batches.
+PARTIAL = ".partial"
+
+
 def part_key(final_key: str, job_token: str) -> str:
-    """The name a file has while it is written: hidden, and never ending in `.jsonl`/`.jsonl.gz`."""
+    """The name a file has while it is written: in `.partial/`, never ending in `.jsonl`/`.jsonl.gz`.
+
+    Named by a digest of its final folder (batch ids are up to 200 characters: a name spelled from
+    the whole key could pass the file system's 255), then the final name and the writer's token, so
+    the part files of one folder are found by name alone (`part_prefix`)."""
     folder, _, name = final_key.rpartition("/")
-    return f"{folder}/.{name}.{job_token}.part"
+    return f"{part_prefix(folder)}{name}.{job_token}.part"
+
+
+def part_prefix(folder: str) -> str:
+    """The start of the part-file keys of every file being written into `folder`."""
+    digest = hashlib.sha256(folder.strip("/").encode()).hexdigest()[:24]
+    return f"{PARTIAL}/{digest}."
 
 
 def is_part_key(key: str) -> bool:
-    return key.rpartition("/")[2].startswith(".") and key.endswith(".part")
+    """A file being written: in `.partial/`, or hidden and ending in `.part` beside its final key
+    (where earlier versions wrote them)."""
+    return key.startswith(PARTIAL + "/") or (key.rpartition("/")[2].startswith(".") and key.endswith(".part"))
 
 
 def suffix_for(url_path: str, content_type: str | None, content_encoding: str | None = None) -> str:

@@ -155,3 +155,28 @@ def test_a_failed_notification_is_replayed_from_its_job_page(web, receiver_env):
     assert (row["state"], row["attempts"], row["webhook_id"]) == ("pending", 0, claimed.webhook_id)
     assert re.search(r"admin: alice replayed the notification of batch bat_told", web.service.output())
     ledger.close()
+
+
+def test_the_job_list_pages_to_older_jobs_and_finds_one_by_its_id(web, receiver_env):
+    """/admin/jobs shows the newest page and links to the next (each an index walk); a whole batch
+    id is found whatever its age, and the search shows what it looks through."""
+    import html
+
+    from receiver.ledger import Ledger
+    from receiver.web.admin import JOBS_PER_PAGE
+
+    ledger = Ledger(receiver_env["DATABASE_URL"])
+    total = JOBS_PER_PAGE + 5
+    for i in range(total):
+        ledger.enqueue(f"bat_page_{i:04d}", origin="fetch", now=1_700_000_000.0 + i)
+    ledger.close()
+    auth = ("alice", TOKEN)
+    first = requests.get(f"{web.url}/admin/jobs", auth=auth, timeout=10).text
+    shown = re.findall(r"bat_page_\d{4}</a>", first)
+    assert len(shown) == JOBS_PER_PAGE and shown[0] == f"bat_page_{total - 1:04d}</a>"
+    older = html.unescape(re.search(r'href="([^"]+)" id="older"', first).group(1))
+    second = requests.get(f"{web.url}{older}", auth=auth, timeout=10).text
+    assert re.findall(r"bat_page_\d{4}</a>", second) == [f"bat_page_{i:04d}</a>" for i in reversed(range(5))]
+    assert 'id="older"' not in second and 'id="newest"' in second
+    found = requests.get(f"{web.url}/admin/jobs", params={"q": "bat_page_0000"}, auth=auth, timeout=10).text
+    assert re.findall(r"bat_page_\d{4}</a>", found) == ["bat_page_0000</a>"] and "most recently changed jobs" in found

@@ -220,3 +220,50 @@ def test_a_postgresql_commit_waiting_for_a_lock_does_not_stop_the_process(tmp_pa
     finally:
         admin.dispose()
         svc.stop()
+
+
+def test_a_slow_scrape_on_sqlite_does_not_hold_a_delivery(tmp_path: Path, emulator) -> None:  # type: ignore[no-untyped-def]
+    """/metrics reads the ledger on a native thread (Ledger.read), so a scrape holds no request of
+    its gunicorn worker. Made slow on purpose (400,000 deliveries in its 24-hour window), the scrape
+    is still running when a delivery sent after it began has been answered: an ordering, not a time."""
+    import sqlite3
+    import threading
+    import time
+
+    import requests
+
+    from receiver.ledger import Ledger
+
+    ledger = Ledger(f"sqlite:///{tmp_path}/receiver.db")
+    ledger.create_schema()
+    ledger.close()
+    with sqlite3.connect(tmp_path / "receiver.db") as conn:
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 400000) "
+            "INSERT INTO deliveries (event_id, batch_id, event_type, status, outcome, received_at) "
+            "SELECT 'evt_old_' || i, NULL, 'batch.progress', 'processing', 'ignored', ? - i * 0.1 FROM n",
+            (time.time(),),
+        )
+    svc, url = _one_worker_hook(tmp_path, emulator.url)
+    try:
+        thread, answer = _deliver_in_background(url, "evt_warm")  # the delivery path, warmed up
+        thread.join(30)
+        assert answer["status"] == 200
+        finished: list[str] = []
+
+        def scrape() -> None:
+            r = requests.get(f"{url}/metrics", timeout=120)
+            assert r.status_code == 200 and "receiver_jobs" in r.text
+            finished.append("scrape")
+
+        scraper = threading.Thread(target=scrape)
+        scraper.start()
+        time.sleep(0.1)  # the scrape has begun (it takes far longer: see the window above)
+        thread, answer = _deliver_in_background(url, "evt_during")
+        thread.join(60)
+        finished.append("delivery")
+        scraper.join(120)
+        assert answer == {"status": 200, "body": {"status": "accepted", "event_id": "evt_during"}}
+        assert finished == ["delivery", "scrape"]
+    finally:
+        svc.stop()

@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+from receiver import layout
 from receiver.config import Settings
 from receiver.jobs.duty import Duty
 from receiver.jobs.housekeeping import Housekeeping
@@ -63,9 +64,9 @@ def test_housekeeping_removes_abandoned_partials_and_prunes_old_deliveries(tmp_p
     ledger = Ledger(settings.database_url)
     ledger.create_schema()
     storage = storage_from_url(settings.storage_url)
-    folder = tmp_path / "storage" / "results" / "dt=2026-01-01" / "batch_id=b_1"
-    folder.mkdir(parents=True)
-    old, fresh = folder / ".results.jsonl.w1-1.part", folder / ".results.jsonl.w2-1.part"
+    key = layout.results_key("b_1", "2026-01-01")
+    old, fresh = (tmp_path / "storage" / layout.part_key(key, token) for token in ("w1-1", "w2-1"))
+    old.parent.mkdir(parents=True)
     old.write_bytes(b"x")
     fresh.write_bytes(b"y")
     an_hour_ago = time.time() - 3600

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import datetime as dt
 import time
 
@@ -305,3 +306,196 @@ def test_the_heartbeat_notes_how_far_a_running_attempt_has_come(ledger):
     assert reports.overview(ledger)["running"][0]["bytes_so_far"] == 5_000_000
     assert ledger.renew({"bat_1": 6_000_000}, "w2", 30) == {"bat_1"}  # not ours: nothing written
     assert reports.overview(ledger)["running"][0]["bytes_so_far"] == 5_000_000
+
+
+# --- retention ------------------------------------------------------------------------------------
+
+DAY = 86400.0
+
+
+def _age(ledger, table, days, **where):
+    """Move a row's timestamps `days` into the past, as time passing would (test set-up only)."""
+    from receiver.ledger import schema
+
+    tbl = getattr(schema, table)
+    columns = {"jobs": ("created_at", "updated_at"), "notifications": ("created_at",), "known_batches": ("first_seen_at",)}
+    ago = time.time() - days * DAY
+    with ledger.engine.begin() as conn:
+        conn.execute(tbl.update().where(*(tbl.c[k] == v for k, v in where.items())).values({c: ago for c in columns[table]}))
+        if table == "notifications":  # and every target's delivery of the event
+            d = schema.notification_deliveries
+            conn.execute(d.update().where(*(d.c[k] == v for k, v in where.items())).values(retry_from=ago))
+
+
+def _stored(ledger, batch_id, *, notify=False):
+    deliver(ledger, f"evt_{batch_id}", batch_id=batch_id)
+    ledger.claim("w1", 30, batch_id=batch_id)
+    assert ledger.mark_stored(batch_id, "w1", _manifest(batch_id, lines=1, expected_items=1), notify=notify)
+
+
+def test_retention_prunes_each_table_past_its_time_and_keeps_what_is_in_flight(ledger):
+    from receiver.ledger import reports
+    from receiver.ledger.retention import RetentionPolicy
+
+    policy = RetentionPolicy()  # the defaults: 14, 30, 7, 30, 7 days
+    now = time.time()
+    for name in ("old", "new"):
+        _stored(ledger, f"bat_{name}", notify=True)
+    _age(ledger, "jobs", 100, batch_id="bat_old")
+    _age(ledger, "notifications", 100, batch_id="bat_old")
+    _age(ledger, "known_batches", 100, batch_id="bat_old")
+    _stored(ledger, "bat_body", notify=True)
+    _age(ledger, "notifications", 10, batch_id="bat_body")  # past the body's 7 days, not the row's 30
+    # Not stored: dead (an operator's), failed (retrying), pending event, watched batch: all kept.
+    deliver(ledger, "evt_dead", batch_id="bat_dead")
+    ledger.claim("w1", 30, batch_id="bat_dead")
+    ledger.mark_failed("bat_dead", "w1", "gave up", retry_at=None)
+    _age(ledger, "jobs", 400, batch_id="bat_dead")
+    _stored(ledger, "bat_pending", notify=True)
+    _age(ledger, "notifications", 400, batch_id="bat_pending")
+    ledger.watch("bat_watched", now=now - 400 * DAY)
+    deliver(ledger, "evt_very_old", batch_id="bat_gone", terminal=False)
+    with ledger.engine.begin() as conn:
+        from receiver.ledger.schema import deliveries, notification_deliveries
+
+        conn.execute(deliveries.update().where(deliveries.c.event_id == "evt_very_old").values(received_at=now - 15 * DAY))
+        sent = notification_deliveries.c.batch_id != "bat_pending"
+        conn.execute(notification_deliveries.update().where(sent).values(state="sent"))
+    reports.record_attempt(ledger, batch_id="bat_old", attempt=1, outcome=STORED, cause=None, bytes_=1, seconds=1.0)
+    ledger.note_refused_delivery(now=now - 8 * DAY)
+    ledger.note_refused_delivery(now=now)
+
+    from receiver.ledger import counters
+
+    with ledger.begin() as conn:
+        figures = counters.read(conn)
+    before = ledger.prune_backlog(policy)
+    assert before == {
+        "deliveries": 1,
+        "job attempts": 0,
+        "notification bodies": 2,
+        "notification deliveries": 1,
+        "notifications": 1,
+        "known batches": 1,  # bat_old's, still `watching` (no poller ended it) but it has a job
+        "stored jobs": 1,
+        "refused deliveries": 1,
+    }
+    removed = ledger.prune(policy)
+    assert removed == before
+    with ledger.begin() as conn:
+        assert counters.read(conn) == figures  # pruning never lowers a figure (nor raises one)
+    assert ledger.prune_backlog(policy) == dict.fromkeys(before, 0)
+
+    assert ledger.job("bat_old") is None and ledger.notification("bat_old") is None
+    assert ledger.job("bat_new")["state"] == STORED and ledger.notification("bat_new")["body"]
+    assert ledger.notification("bat_body")["body"] == b"" and ledger.notification("bat_body")["webhook_id"]
+    assert ledger.job("bat_dead")["state"] == DEAD
+    assert ledger.notification("bat_pending")["body"]
+    assert sorted(k["batch_id"] for k in ledger.known()) == ["bat_gone", "bat_watched"]  # no job: still polled
+    assert not ledger.has_delivery("evt_very_old") and ledger.has_delivery("evt_bat_new")
+    assert ledger.polling_stats(now)["refused_signature_24h"] == 1
+
+
+def test_a_batch_whose_rows_were_pruned_is_queued_again_by_its_next_delivery(ledger):
+    """The ledger forgets; the worker then finds the manifest in storage and adopts it
+    (tests/test_retention.py runs that whole path and counts the downloads)."""
+    from receiver.ledger.retention import RetentionPolicy
+
+    _stored(ledger, "bat_1")
+    ledger.end_known_with_jobs()
+    for table in ("jobs", "known_batches"):
+        _age(ledger, table, 100, batch_id="bat_1")
+    with ledger.engine.begin() as conn:
+        from receiver.ledger.schema import deliveries
+
+        conn.execute(deliveries.update().values(received_at=time.time() - 100 * DAY))
+    assert ledger.prune(RetentionPolicy()) == {
+        "deliveries": 1,
+        "job attempts": 0,
+        "notification bodies": 0,
+        "notification deliveries": 0,
+        "notifications": 0,
+        "known batches": 1,
+        "stored jobs": 1,
+        "refused deliveries": 0,
+    }
+    late = deliver(ledger, "evt_bat_1", batch_id="bat_1")  # BatchRouter's redelivery, or a replay
+    assert (late.outcome, late.job_queued) == ("accepted", True)
+    assert ledger.claim("w1", 30).batch_id == "bat_1"
+
+
+def test_prune_removes_a_backlog_in_small_steps(ledger):
+    from receiver.ledger.retention import RetentionPolicy, rules
+
+    old = time.time() - 20 * DAY
+    for i in range(25):
+        deliver(ledger, f"evt_{i}", batch_id=None, terminal=False)
+    with ledger.engine.begin() as conn:
+        from receiver.ledger.schema import deliveries
+
+        conn.execute(deliveries.update().values(received_at=old))
+    rule = rules(RetentionPolicy(), time.time())[0]
+    assert rule.name == "deliveries"
+    assert [ledger.prune_step(rule, limit=10) for _ in range(4)] == [10, 10, 5, 0]
+    for i in range(25, 50):
+        deliver(ledger, f"evt_{i}", batch_id=None, terminal=False)
+    with ledger.engine.begin() as conn:
+        conn.execute(deliveries.update().values(received_at=old))
+    steps = [(r.name, n) for r, n in ledger.prune_steps(RetentionPolicy(), limit=10) if r.name == "deliveries"]
+    assert steps == [("deliveries", 10), ("deliveries", 10), ("deliveries", 5)]
+
+
+def test_a_replay_after_the_body_was_dropped_rebuilds_it_from_the_manifest(ledger):
+    import json
+
+    from receiver.ledger.retention import RetentionPolicy
+
+    _stored(ledger, "bat_1", notify=True)
+    first = ledger.notification("bat_1")
+    with ledger.engine.begin() as conn:
+        from receiver.ledger.schema import notification_deliveries, notifications
+
+        conn.execute(notification_deliveries.update().values(state="sent"))
+        conn.execute(notifications.update().values(created_at=time.time() - 8 * DAY))
+    assert ledger.prune(RetentionPolicy())["notification bodies"] == 1
+    assert not ledger.replay_notification("bat_1")  # no manifest to rebuild from: an empty body is never sent
+    manifest = _manifest("bat_1", lines=1, expected_items=1)
+    assert not ledger.replay_notification("bat_1", manifest=lambda: None)  # its manifest is gone too
+    assert ledger.replay_notification("bat_1", manifest=lambda: manifest)
+    event = ledger.claim_notification("w1", 30)
+    assert event.webhook_id == first["webhook_id"]
+    assert json.loads(event.body)["data"]["batch_id"] == "bat_1"
+
+
+def test_table_sizes_name_every_table_with_rows_and_bytes(ledger):
+    _stored(ledger, "bat_1", notify=True)
+    sizes = {s.table: s for s in ledger.table_sizes()}
+    assert {"deliveries", "jobs", "notifications", "known_batches", "job_attempts", "refused_deliveries"} <= set(sizes)
+    assert sizes["jobs"].rows == 1 and sizes["notifications"].rows == 1 and sizes["deliveries"].rows == 1
+    assert all(s.bytes is None or s.bytes > 0 for s in sizes.values())
+    assert sizes["jobs"].bytes  # dbstat is in Python's SQLite; PostgreSQL always knows
+
+
+def test_an_event_written_again_after_pruning_keeps_its_webhook_id(ledger):
+    """A late delivery of a pruned batch makes the worker adopt its manifest, which writes its
+    event again: with the webhook-id the consumer already saw, so it deduplicates it."""
+    from receiver.ledger.retention import RetentionPolicy
+
+    _stored(ledger, "bat_1", notify=True)
+    first = ledger.notification("bat_1")["webhook_id"]
+    with ledger.engine.begin() as conn:
+        from receiver.ledger.schema import notification_deliveries, notifications
+
+        ago = time.time() - 40 * DAY
+        conn.execute(notification_deliveries.update().values(state="sent", retry_from=ago))
+        conn.execute(notifications.update().values(created_at=ago))
+    assert ledger.prune(RetentionPolicy())["notifications"] == 1
+    assert ledger.notification("bat_1") is None
+    assert ledger.add_notification("bat_1", _manifest_at("bat_1", ledger))
+    assert ledger.notification("bat_1")["webhook_id"] == first
+
+
+def _manifest_at(batch_id, ledger):
+    """The manifest `_stored` published, read back as adoption reads it (same stored_at)."""
+    stored_at = dt.datetime.fromtimestamp(ledger.job(batch_id)["stored_at"], dt.UTC)
+    return dataclasses.replace(_manifest(batch_id, lines=1, expected_items=1), stored_at=stored_at)

@@ -107,5 +107,6 @@ def test_the_commands_with_a_wrong_key_and_without_one(tmp_path):
 
 def test_status_says_when_secrets_are_stored_unencrypted(tmp_path):
     env = make_receiver_env(tmp_path, api_url="http://127.0.0.1:9")
+    assert run_cli(env, "db", "upgrade").returncode == 0  # status only reads: it never creates a ledger
     done = run_cli(env, "status")
     assert done.returncode == 0 and done.stdout.decode().count("stored unencrypted") == 1

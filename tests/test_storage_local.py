@@ -39,14 +39,16 @@ def test_the_part_file_is_hidden_beside_the_final_key(storage: LocalStorage) -> 
         block = bytes([i]) * MiB
         digest.update(block)
         writer.write(block)
-    # Mid-write: the part file sits next to the final key, hidden and not matching the layout's globs.
+    # Mid-write: the part file sits in .partial/ under the root, not matching the layout's globs.
     assert not storage.exists(KEY)
     assert _layout_glob(storage.root) == []
     assert list(storage.list_keys("results/")) == []
+    assert list(storage.list_keys()) == []
     folder = os.path.dirname(storage.path_for(KEY))
-    (part,) = os.listdir(folder)
+    assert os.listdir(folder) == []
+    (part,) = os.listdir(os.path.join(storage.root, layout.PARTIAL))
     assert part == os.path.basename(layout.part_key(KEY, "job-1"))
-    assert layout.is_part_key(part) and not part.endswith((".jsonl", ".jsonl.gz"))
+    assert layout.is_part_key(f"{layout.PARTIAL}/{part}") and not part.endswith((".jsonl", ".jsonl.gz"))
 
     writer.commit()
     assert writer.bytes_written == 3 * MiB
@@ -84,7 +86,8 @@ def test_put_if_absent_leaves_no_temporary_file(storage: LocalStorage) -> None:
     assert storage.put_if_absent(key, b'{"second": true}') is False
     assert os.listdir(os.path.dirname(storage.path_for(key))) == ["b_1.json"]
     assert storage.put_if_absent("top.json", b"{}") is True  # at the root too
-    assert sorted(os.listdir(storage.root)) == ["manifests", "top.json"]
+    assert sorted(os.listdir(storage.root)) == [layout.PARTIAL, "manifests", "top.json"]
+    assert os.listdir(os.path.join(storage.root, layout.PARTIAL)) == []  # no temporary file left
 
 
 def test_cleanup_partials_by_age(storage: LocalStorage) -> None:
@@ -104,6 +107,30 @@ def test_cleanup_partials_by_age(storage: LocalStorage) -> None:
     assert storage.cleanup_partials(older_than_seconds=0) == 1
     assert storage.exists(KEY.replace("b_1", "b_3"))
     assert storage.cleanup_partials() == 0
+
+
+def test_cleanup_partials_lists_files_in_flight_and_never_walks_stored_batches(storage: LocalStorage) -> None:
+    """A part file is found in .partial/ by name; stored batches' folders are not visited, so an
+    old-style part file deep in one (a stand-in for a million stored batches) is not even seen,
+    until the worker cleans that one folder before a retry."""
+    stored = storage.open_writer(KEY.replace("b_1", "b_9"), token="t")
+    stored.write(b"done")
+    stored.commit()
+    beside = os.path.join(os.path.dirname(storage.path_for(KEY)), ".results.jsonl.old-1.part")
+    os.makedirs(os.path.dirname(beside))
+    Path(beside).write_bytes(b"left by an earlier version")
+    inflight = storage.open_writer(KEY.replace("b_1", "b_2"), token="w-1")
+    inflight.write(b"x")
+    other = storage.open_writer(KEY.replace("b_1", "b_3"), token="w-1")
+    other.write(b"y")
+
+    assert storage.cleanup_partials(0, prefix=os.path.dirname(KEY.replace("b_1", "b_2")) + "/") == 1
+    assert not os.path.exists(inflight.part_path) and os.path.exists(other.part_path)
+    assert storage.cleanup_partials(0) == 1  # the other one; the file beside KEY is not seen
+    assert os.path.exists(beside)
+    assert storage.cleanup_partials(0, prefix=os.path.dirname(KEY) + "/") == 1
+    assert not os.path.exists(beside)
+    assert storage.exists(KEY.replace("b_1", "b_9"))
 
 
 def test_check_creates_the_root_and_leaves_nothing(tmp_path: Path) -> None:

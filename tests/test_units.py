@@ -100,7 +100,10 @@ def test_layout_keys():
     assert layout.results_key("bat_1", "2026-11-26") == "results/dt=2026-11-26/batch_id=bat_1/results.jsonl"
     assert layout.results_key("bat_1", "2026-11-26", ".jsonl.gz").endswith("/results.jsonl.gz")
     part = layout.part_key(layout.results_key("bat_1", "2026-11-26"), "w1-1")
-    assert part == "results/dt=2026-11-26/batch_id=bat_1/.results.jsonl.w1-1.part"
+    assert part.startswith(".partial/") and part.endswith(".results.jsonl.w1-1.part")
+    assert part.startswith(layout.part_prefix("results/dt=2026-11-26/batch_id=bat_1/"))
+    long_key = layout.results_key("b" * 200, "2026-11-26", ".jsonl.gz")
+    assert len(layout.part_key(long_key, "abcdefghijkl-1000").rpartition("/")[2]) < 100  # NAME_MAX is 255
     assert layout.is_part_key(part) and not part.endswith((".jsonl", ".jsonl.gz"))
 
 

@@ -1,18 +1,24 @@
-"""`receiver db`: the ledger's schema version and the key its webhook secrets are sealed with."""
+"""`receiver db`: the ledger's schema version, the key its webhook secrets are sealed with, its
+size, and pruning what is past its retention."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import time
 
 import click
 
 from ..errors import ReceiverError, SchemaOutdated, SecretUnreadable
-from ._common import ConfigurationError, Failure, load_settings
+from ._common import ConfigurationError, Failure, load_settings, open_ledger
+
+#: Seconds between two prune steps of `db prune`: writers (ingest, the worker) take the lock between.
+PRUNE_PAUSE_SECONDS = 0.02
 
 
 @click.group()
 def db() -> None:
-    """The ledger's schema (migrations) and its encrypted secrets."""
+    """The ledger's schema (migrations), its encrypted secrets, its size and retention."""
 
 
 @db.command()
@@ -78,3 +84,73 @@ def rotate_key() -> None:
     finally:
         ledger.close()
     click.echo(f"receiver: {count} stored webhook secret(s) encrypted under the first key")
+
+
+@db.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON document instead of a table.")
+def stats(as_json: bool) -> None:
+    """Rows and bytes (indexes included) of every ledger table, and what retention would remove now.
+
+    Counts every row: an operator's command, it reads each table once.
+    """
+    from ..ledger.retention import RetentionPolicy, rules
+
+    settings = load_settings()
+    policy = RetentionPolicy.from_settings(settings)
+    ledger = open_ledger(settings, create=False)
+    try:
+        sizes = ledger.table_sizes()
+        backlog = ledger.prune_backlog(policy)
+    except ReceiverError as exc:
+        raise Failure(str(exc)) from None
+    kept = [{"rule": r.name, "setting": r.setting, "days": r.days, "removable": backlog[r.name]} for r in rules(policy, 0)]
+    if as_json:
+        tables = [dataclasses.asdict(s) for s in sizes]
+        click.echo(json.dumps({"database": ledger.dialect, "tables": tables, "retention": kept}, indent=2))
+        return
+    click.echo(f"{'table':<20} {'rows':>12} {'bytes':>14}")
+    for size in sizes:
+        click.echo(f"{size.table:<20} {size.rows:>12,} {_human(size.bytes):>14}")
+    click.echo(f"\n{'retention':<20} {'kept':>12} {'past it now':>14}  setting")
+    for rule in kept:
+        click.echo(f"{rule['rule']:<20} {str(rule['days']) + ' days':>12} {rule['removable']:>14,}  {rule['setting']}")
+
+
+@db.command()
+@click.option("--dry-run", is_flag=True, help="Count what would be removed; change nothing.")
+def prune(dry_run: bool) -> None:
+    """Remove what is past its retention now (the worker does the same on its own, in small steps).
+
+    Runs in steps of a few thousand rows, each its own short transaction, so deliveries and the
+    worker carry on meanwhile. SQLite's file does not shrink: freed pages are reused (README,
+    "Ledger growth and retention").
+    """
+    from ..ledger.retention import RetentionPolicy
+
+    settings = load_settings()
+    policy = RetentionPolicy.from_settings(settings)
+    ledger = open_ledger(settings, create=False)
+    try:
+        if dry_run:
+            counts = ledger.prune_backlog(policy)
+        else:
+            counts = ledger.prune(policy, pause=lambda: time.sleep(PRUNE_PAUSE_SECONDS))
+    except ReceiverError as exc:
+        raise Failure(str(exc)) from None
+    verb = "would remove" if dry_run else "removed"
+    for name, count in counts.items():
+        click.echo(f"{name}: {verb} {count:,}")
+
+
+def _human(size: int | None) -> str:
+    """1,234 B, 12.3 MiB, 4.5 GiB: a table's size at a glance (? when the database cannot say)."""
+    if size is None:
+        return "?"
+    if size < 1024:
+        return f"{size:,} B"
+    value, unit = size / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:,.1f} {unit}"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import click
 
 from ..config import NOTIFY_TARGETS
 from ..errors import ConfigError, ReceiverError
+from ..manifest import read_manifest
+from ..storage import open_storage
 from ._common import ConfigurationError, Failure, load_settings, open_ledger, validate_batch_ids
 
 if TYPE_CHECKING:
@@ -57,10 +60,15 @@ def notify(batch_ids: tuple[str, ...], chosen: tuple[str, ...]) -> None:
     targets = chosen or settings.notify_targets
     validate_batch_ids(batch_ids)
     ledger = open_ledger(settings)  # it writes: the event goes into the outbox
+    storage = open_storage(settings)
     missing = []
     try:
         for batch_id in batch_ids:
-            if ledger.replay_notification(batch_id, targets) or _first_event(settings, ledger, batch_id, targets):
+            # An event past RECEIVER_NOTIFICATION_RETENTION_DAYS has no body left: rebuilt from the manifest.
+            manifest = functools.partial(read_manifest, storage, batch_id)
+            if ledger.replay_notification(batch_id, targets, manifest=manifest) or _first_event(
+                settings, ledger, batch_id, targets
+            ):
                 row = ledger.notification(batch_id, targets[0]) or {}
                 click.echo(f"{batch_id}: queued for {', '.join(targets)} ({row.get('webhook_id')})")
             else:
@@ -73,9 +81,6 @@ def notify(batch_ids: tuple[str, ...], chosen: tuple[str, ...]) -> None:
 
 def _first_event(settings: Settings, ledger: Ledger, batch_id: str, targets: tuple[str, ...]) -> bool:
     """Write the event of a batch stored without one, from its manifest; False if it has none."""
-    from ..manifest import read_manifest
-    from ..storage import open_storage
-
     manifest = read_manifest(open_storage(settings), batch_id)
     if manifest is None:
         return False

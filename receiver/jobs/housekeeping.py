@@ -1,37 +1,55 @@
 """Housekeeping: the worker's periodic clean-up, on a schedule of its own, off the claim thread.
 
 Each round removes partial uploads an interrupted attempt left behind (older than any live attempt
-could be) and prunes delivery records past `RECEIVER_DELIVERY_RETENTION_DAYS`. It is a duty like the
-heartbeat and the poller, so a slow storage listing never delays a claim, and a new clean-up step
-(retention of stored results, say) is one more line in :meth:`Housekeeping.tick`.
+could be) and prunes what every ledger table keeps past its retention (receiver/ledger/retention.py).
+Both cost what is in flight or due, never the history: local storage lists its `.partial/` folder
+and S3 its unfinished uploads, and the ledger is pruned in steps of a few thousand rows through an
+index, with a pause after each step as long as the step took, so ingest and claims take the ledger
+in between. It is a duty like the heartbeat and the poller: a slow storage listing or a backlog of a
+year of rows never delays a claim, and SIGTERM stops it between two steps.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 from ..config import Settings
 from ..errors import ReceiverError
 from ..ledger import Ledger
+from ..ledger.retention import STEP_ROWS, RetentionPolicy
 from ..storage import Storage
 from .duty import Duty
 
 log = logging.getLogger(__name__)
 
-#: Seconds between rounds: the clean-up is cheap but lists storage, and nothing in it is urgent.
+#: Seconds between rounds: nothing in it is urgent, and a backlog is worked off within a round.
 HOUSEKEEPING_SECONDS = 300.0
+
+#: The shortest pause between two prune steps; a slower step is followed by a pause as long as it.
+MIN_STEP_PAUSE_SECONDS = 0.05
 
 
 class Housekeeping(Duty):
-    """Remove abandoned partial uploads and prune old delivery records, every few minutes."""
+    """Remove abandoned partial uploads and prune what is past its retention, every few minutes."""
 
     name = "housekeeping"
 
-    def __init__(self, settings: Settings, ledger: Ledger, storage: Storage, *, interval: float = HOUSEKEEPING_SECONDS) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        storage: Storage,
+        *,
+        interval: float = HOUSEKEEPING_SECONDS,
+        step_rows: int = STEP_ROWS,
+    ) -> None:
         super().__init__(interval)
         self.settings = settings
         self.ledger = ledger
         self.storage = storage
+        self.policy = RetentionPolicy.from_settings(settings)
+        self.step_rows = step_rows
 
     @property
     def partials_age_seconds(self) -> float:
@@ -44,10 +62,24 @@ class Housekeeping(Duty):
             removed = self.storage.cleanup_partials(older_than_seconds=self.partials_age_seconds)
             if removed:
                 log.info("removed %d abandoned partial uploads", removed)
-            days = self.settings.delivery_retention_days
-            pruned = self.ledger.prune_deliveries(days)
-            if pruned:
-                log.info("pruned %d delivery records older than %d days", pruned, days)
         except ReceiverError as exc:
-            log.warning("housekeeping skipped: %s", exc)
+            log.warning("housekeeping: partial uploads not cleaned: %s", exc)
+        self.prune()
         return False
+
+    def prune(self) -> dict[str, int]:
+        """Prune every table past its retention, step by step, until done or stopped; rows
+        removed by rule (logged)."""
+        removed: dict[str, int] = {}
+        started = time.monotonic()
+        for rule, count in self.ledger.prune_steps(self.policy, limit=self.step_rows):
+            if count:
+                removed[rule.name] = removed.get(rule.name, 0) + count
+                if self.stopping.wait(max(MIN_STEP_PAUSE_SECONDS, time.monotonic() - started)):
+                    break
+            elif self.stopping.is_set():
+                break
+            started = time.monotonic()
+        if removed:
+            log.info("pruned past retention: %s", ", ".join(f"{n:,} {name}" for name, n in removed.items()))
+        return removed

@@ -149,7 +149,10 @@ class Worker:
 
     def duties(self) -> list[Duty]:
         """The background duties this worker runs beside its claim loop."""
-        duties: list[Duty] = [Heartbeat(self), Housekeeping(self.settings, self.ledger, self.storage)]
+        duties: list[Duty] = [
+            Heartbeat(self._renew_leases, self.settings.lease_seconds),
+            Housekeeping(self.settings, self.ledger, self.storage),
+        ]
         poller = Poller.from_settings(self.settings, self.ledger, self.owner)
         if poller is not None:
             duties.append(poller)
@@ -564,18 +567,19 @@ class Worker:
 
 
 class Heartbeat(Duty):
-    """Renews the leases of a worker's jobs in hand, a third of a lease apart."""
+    """Renews the leases of a worker's jobs in hand (`renew`), a third of a lease apart, so one
+    missed round still leaves the lease alive."""
 
     name = "lease-heartbeat"
 
-    def __init__(self, worker: Worker) -> None:
-        super().__init__(max(0.5, worker.settings.lease_seconds / 3))
-        self.worker = worker
+    def __init__(self, renew: Callable[[], None], lease_seconds: float) -> None:
+        super().__init__(max(0.5, lease_seconds / 3))
+        self.renew = renew
         self._failures = 0
 
     def tick(self) -> bool:
         try:
-            self.worker._renew_leases()
+            self.renew()
         except LedgerConnectionLost as exc:
             # Again after a short backoff, not a third of a lease later: the leases run out meanwhile.
             self._failures += 1

@@ -18,19 +18,20 @@ from ..errors import UnsupportedDatabase
 READ_ONLY = "receiver_read_only"
 
 
-def create_engine(url: str, busy_timeout_seconds: float) -> Engine:
+def create_engine(url: str, busy_timeout_seconds: float, *, pooled: bool = True) -> Engine:
+    """The ledger's engine; `pooled=False` (SQLite only) opens a connection per use, for reads run
+    on native threads under gevent, where the pool's (gevent) locks must not be taken."""
     if url.startswith("sqlite"):
         path = sqlite_path(url)
         if path and path != ":memory:":
             folder = os.path.dirname(os.path.abspath(path))
             os.makedirs(folder, exist_ok=True)
-        engine = sa.create_engine(
-            url,
-            connect_args={"timeout": busy_timeout_seconds, "check_same_thread": False},
-            pool_size=8,
-            max_overflow=24,
-            pool_timeout=busy_timeout_seconds,
+        pool: dict[str, Any] = (
+            {"pool_size": 8, "max_overflow": 24, "pool_timeout": busy_timeout_seconds}
+            if pooled
+            else {"poolclass": sa.pool.NullPool}
         )
+        engine = sa.create_engine(url, connect_args={"timeout": busy_timeout_seconds, "check_same_thread": False}, **pool)
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -29,13 +29,14 @@ from ..config import WEBHOOK
 from ..cooperative import BlockingRunner, run_in_place
 from ..errors import LedgerConnectionLost, LedgerUnavailable
 from ..manifest import Manifest
-from . import migrate
+from . import counters, migrate
 from .engine import READ_ONLY, connection_lost, create_engine, describe, sqlite_path
 from .group_commit import GroupCommit, PostgresGroupCommit, SQLiteGroupCommit
 from .leases import claim_due
 from .outbox import Outbox
 from .polling import PollingMixin
 from .refused import RefusedDeliveries
+from .retention import RetentionMixin, RetentionPolicy, rules
 from .schema import (
     DEAD,
     FAILED,
@@ -57,11 +58,7 @@ from .webhook_secrets import WebhookSecrets
 if TYPE_CHECKING:
     from ..config import Settings
 
-
-def job_counts(conn: Connection) -> dict[str, int]:
-    """Jobs by state, every state named (zero when none)."""
-    by_state: dict[str, int] = dict(conn.execute(sa.select(jobs.c.state, sa.func.count()).group_by(jobs.c.state)).all())
-    return {state: int(by_state.get(state, 0)) for state in JOB_STATES}
+T = TypeVar("T")
 
 
 def queue_depth(counts: dict[str, int]) -> int:
@@ -69,7 +66,7 @@ def queue_depth(counts: dict[str, int]) -> int:
     return counts[QUEUED] + counts[FAILED]
 
 
-class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
+class Ledger(Outbox, PollingMixin, RefusedDeliveries, RetentionMixin, WebhookSecrets):
     """One per process. Thread-safe (a pooled engine); every method is one short transaction."""
 
     def __init__(
@@ -89,6 +86,13 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
         self._box = SecretBox(encryption_keys)
         self.engine = create_engine(url, busy_timeout_seconds)
         self.dialect = self.engine.dialect.name
+        # What the status page and /metrics read runs through (Ledger.read): on SQLite under gevent
+        # a native thread with a connection of its own (no pool: the pool's locks are gevent's),
+        # since sqlite3 never yields and even a bounded read should stop no other request.
+        self._reader: sa.Engine = self.engine
+        self._run_reads: BlockingRunner = run_in_place
+        if self.dialect == "sqlite" and run_blocking is not run_in_place and sqlite_path(url) not in (None, ":memory:"):
+            self._reader, self._run_reads = create_engine(url, busy_timeout_seconds, pooled=False), run_blocking
         self._secret_cache: tuple[float, tuple[str, ...]] | None = None
         self._secret_cache_seconds = secret_cache_seconds
         self._secret_refresh = threading.Lock()
@@ -136,6 +140,7 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
         if self._group is not None:
             self._group.close()
         self.engine.dispose()
+        self._reader.dispose()
 
     # --- ingest -----------------------------------------------------------------------------------
 
@@ -359,51 +364,53 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
             )
 
     def stats(self, now: float | None = None) -> dict[str, Any]:
-        """Queue depth, retries, failures and the last delivery, for `receiver status` and metrics."""
+        """Jobs by state, queue depth, stored bytes, the last delivery, deliveries of the last 24
+        hours, the latest dead jobs and the notifications, for `receiver status` and metrics.
+
+        Every figure is a counter or an indexed, bounded query: the cost does not grow with history.
+        """
         now = time.time() if now is None else now
-        with self.connect() as conn:
-            counts = job_counts(conn)
-            mismatched = conn.execute(sa.select(sa.func.count()).where(jobs.c.counts_match.is_(False))).scalar_one()
-            stored_bytes = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(jobs.c.bytes), 0))).scalar_one()
-            last = conn.execute(
-                sa.select(deliveries.c.received_at, deliveries.c.event_type, deliveries.c.batch_id)
-                .order_by(deliveries.c.received_at.desc())
-                .limit(1)
-            ).first()
-            deliveries_24h = conn.execute(
-                sa.select(deliveries.c.outcome, sa.func.count())
-                .where(deliveries.c.received_at > now - 86400)
-                .group_by(deliveries.c.outcome)
-            ).all()
-            dead = [
-                dict(r)
-                for r in conn.execute(
-                    sa.select(jobs.c.batch_id, jobs.c.last_error, jobs.c.attempts)
-                    .where(jobs.c.state == DEAD)
-                    .order_by(jobs.c.updated_at.desc())
-                    .limit(20)
-                ).mappings()
-            ]
-            notifications = self._notification_stats(conn)
+        return self.read(lambda conn: self.read_stats(conn, counters.read(conn), now), fold=True)
+
+    def read_stats(self, conn: Connection, values: dict[str, float], now: float) -> dict[str, Any]:
+        """stats() over an open read (`values`: counters.read), for callers that read more with it."""
+        by_state = {state: int(values.get(f"jobs:{state}", 0)) for state in JOB_STATES}
+        last = conn.execute(
+            sa.select(deliveries.c.received_at, deliveries.c.event_type, deliveries.c.batch_id)
+            .order_by(deliveries.c.received_at.desc())
+            .limit(1)
+        ).first()
+        dead = [
+            dict(r)
+            for r in conn.execute(
+                sa.select(jobs.c.batch_id, jobs.c.last_error, jobs.c.attempts)
+                .where(jobs.c.state == DEAD)
+                .order_by(jobs.c.updated_at.desc())
+                .limit(20)
+            ).mappings()
+        ]
         return {
-            "jobs": counts,
-            "queue_depth": queue_depth(counts),
-            "retrying": counts[FAILED],
-            "counts_mismatch": int(mismatched),
-            "stored_bytes": int(stored_bytes),
-            "deliveries_24h": {outcome: int(n) for outcome, n in deliveries_24h},
+            "jobs": by_state,
+            "queue_depth": queue_depth(by_state),
+            "retrying": by_state[FAILED],
+            "counts_mismatch": int(values.get("counts_mismatch", 0)),
+            "stored_bytes": int(values.get("stored_bytes", 0)),
+            "deliveries_24h": delivery_outcomes(conn, since=now - 86400),
             "last_delivery": (
                 {"received_at": last.received_at, "event_type": last.event_type, "batch_id": last.batch_id} if last else None
             ),
             "dead": dead,
-            "notifications": notifications,
+            "notifications": self._notification_stats(conn, values),
         }
 
     def prune_deliveries(self, retention_days: int, now: float | None = None) -> int:
-        """Forget delivery records past their retention; jobs (stored batches) are kept for ever."""
+        """Forget delivery records past their retention, in small steps (see ledger/retention.py)."""
         now = time.time() if now is None else now
-        with self.begin() as conn:
-            return conn.execute(deliveries.delete().where(deliveries.c.received_at < now - retention_days * 86400)).rowcount
+        rule = rules(RetentionPolicy(delivery_days=retention_days), now)[0]
+        removed = 0
+        while (step := self.prune_step(rule)) > 0:
+            removed += step
+        return removed
 
     # --- connections ------------------------------------------------------------------------------
     # Public so that the ledger's read-side modules (reports.py) and its mixins use one way in, and a
@@ -422,12 +429,26 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
         except (OperationalError, DBAPIError, DisconnectionError) as exc:
             raise self._unavailable(exc) from exc
 
+    def read(self, fn: Callable[[Connection], T], *, fold: bool = False) -> T:
+        """`fn` over a read-only transaction, run where it stops no other request (on SQLite under
+        gevent: a native thread). With `fold`, PostgreSQL's counter deltas are folded in first
+        (counters.fold), so that reading them stays O(1)."""
+
+        def run() -> T:
+            if fold and self.dialect == "postgresql":
+                with self.begin() as conn:
+                    counters.fold(conn)
+            with self.connect(self._reader) as conn:
+                return fn(conn)
+
+        return self._run_reads(run)
+
     @contextmanager
-    def connect(self) -> Iterator[Connection]:
+    def connect(self, engine: sa.Engine | None = None) -> Iterator[Connection]:
         """A read-only transaction: on SQLite a deferred one, which in WAL mode never waits for a
         writer (every other transaction takes the write lock up front; see engine.py)."""
         try:
-            with self.engine.connect().execution_options(**{READ_ONLY: True}) as conn:
+            with (engine or self.engine).connect().execution_options(**{READ_ONLY: True}) as conn:
                 yield conn
                 conn.rollback()
         except (OperationalError, DBAPIError, DisconnectionError) as exc:
@@ -438,3 +459,12 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, WebhookSecrets):
         went (the worker retries those while its lease lasts), LedgerUnavailable otherwise."""
         kind = LedgerConnectionLost if connection_lost(exc, self.dialect) else LedgerUnavailable
         return kind(f"ledger unavailable: {describe(exc)}")
+
+
+def delivery_outcomes(conn: Connection, *, since: float) -> dict[str, int]:
+    """Deliveries recorded since `since`, by outcome: a window over the received_at index, so its
+    cost follows the traffic of the window, not the history kept."""
+    rows = conn.execute(
+        sa.select(deliveries.c.outcome, sa.func.count()).where(deliveries.c.received_at > since).group_by(deliveries.c.outcome)
+    ).all()
+    return {outcome: int(n) for outcome, n in rows}

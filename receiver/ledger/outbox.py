@@ -10,10 +10,10 @@ them at a time, and a failing target never holds another one back.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
@@ -40,9 +40,14 @@ def event_body(manifest: Manifest, moment: dt.datetime | None = None) -> bytes:
     return json.dumps(event, separators=(",", ":"), sort_keys=True).encode()
 
 
-def new_webhook_id() -> str:
-    """A Standard Webhooks message id: unique per event, reused on every attempt of it."""
-    return "msg_" + secrets.token_hex(16)
+def webhook_id_for(manifest: Manifest) -> str:
+    """A Standard Webhooks message id: the same on every attempt, target and replay of an event.
+
+    Derived from the batch and its manifest's `stored_at` rather than drawn at random, so that when
+    retention has pruned a batch's rows and a late delivery makes the worker adopt its manifest
+    again, the event written anew carries the id the consumer has already seen (and deduplicates)."""
+    digest = hashlib.sha256(f"{manifest.batch_id}\n{rfc3339(manifest.stored_at)}".encode()).hexdigest()
+    return "msg_" + digest[:32]
 
 
 class Outbox:
@@ -61,7 +66,7 @@ class Outbox:
         added = (
             conn.execute(
                 self._insert(notifications)
-                .values(batch_id=batch_id, webhook_id=new_webhook_id(), body=event_body(manifest), created_at=now)
+                .values(batch_id=batch_id, webhook_id=webhook_id_for(manifest), body=event_body(manifest), created_at=now)
                 .on_conflict_do_nothing(index_elements=["batch_id"])
                 .returning(notifications.c.batch_id)
             ).first()
@@ -141,15 +146,38 @@ class Outbox:
                 .values(lease_owner=None, lease_expires_at=None, **values)
             )
 
-    def replay_notification(self, batch_id: str, targets: Sequence[str] | None = None, now: float | None = None) -> bool:
+    def replay_notification(
+        self,
+        batch_id: str,
+        targets: Sequence[str] | None = None,
+        now: float | None = None,
+        *,
+        manifest: Callable[[], Manifest | None] | None = None,
+    ) -> bool:
         """Queue a batch's event again, with its webhook-id and a fresh retry window, for `targets`
         (a target added since the batch was stored gets its first delivery), or for every target
-        that has a delivery of it when None. False when the batch has no event."""
+        that has a delivery of it when None. False when the batch has no event.
+
+        Retention empties the body of a settled event after RECEIVER_NOTIFICATION_RETENTION_DAYS;
+        `manifest` (reading the batch's manifest from storage) rebuilds it then. Without it, or
+        without a manifest, such an event is not replayed: an empty body is never sent."""
         now = time.time() if now is None else now
         d = notification_deliveries.c
+        body = None
+        with self.connect() as conn:
+            kept = conn.execute(
+                sa.select(sa.func.length(notifications.c.body)).where(notifications.c.batch_id == batch_id)
+            ).first()
+        if kept is not None and not kept[0]:
+            found = manifest() if manifest is not None else None
+            if found is None:
+                return False
+            body = event_body(found)
         with self.begin() as conn:
             if conn.execute(sa.select(notifications.c.batch_id).where(notifications.c.batch_id == batch_id)).first() is None:
                 return False
+            if body is not None:
+                conn.execute(notifications.update().where(notifications.c.batch_id == batch_id).values(body=body))
             again = notification_deliveries.update().where(d.batch_id == batch_id)
             if targets is not None:
                 again = again.where(d.target.in_(targets))
@@ -175,20 +203,34 @@ class Outbox:
         with self.connect() as conn:
             return {row["target"]: dict(row) for row in conn.execute(query).mappings()}
 
-    def _notification_stats(self, conn: Connection) -> dict[str, Any]:
+    def _notification_stats(self, conn: Connection, values: dict[str, float]) -> dict[str, Any]:
         """Deliveries by target and state, the oldest pending one, and the latest failures
-        (`status`, /metrics, the status page). `states` sums the targets."""
+        (`status`, /metrics, the status page). `states` sums the targets.
+
+        Pending and failed deliveries are counted through the (target, state) index: work in flight,
+        or waiting for an operator. Sent ones are history, a counter per target (`values`:
+        counters.read), so the cost does not grow with the events ever sent.
+        """
         d = notification_deliveries.c
         by_target: dict[str, dict[str, int]] = {}
-        for target, state, count in conn.execute(sa.select(d.target, d.state, sa.func.count()).group_by(d.target, d.state)):
-            by_target.setdefault(target, dict.fromkeys(NOTIFICATION_STATES, 0))[state] = int(count)
-        oldest = conn.execute(sa.select(sa.func.min(d.retry_from)).where(d.state == PENDING)).scalar()
+        targets_seen = {n.rpartition(":")[2] for n in values if n.startswith("notifications:sent:")}
+        for target in (*NOTIFY_TARGETS, *sorted(targets_seen - set(NOTIFY_TARGETS))):
+            counts = {
+                state: int(conn.execute(sa.select(sa.func.count()).where(d.target == target, d.state == state)).scalar_one())
+                for state in (PENDING, FAILED)
+            }
+            counts[SENT] = int(values.get(f"notifications:sent:{target}", 0))
+            if any(counts.values()):
+                by_target[target] = {state: counts[state] for state in NOTIFICATION_STATES}
+        # Target first, as the index has it, so that both are index seeks.
+        known = d.target.in_((*NOTIFY_TARGETS, *sorted(targets_seen)))
+        oldest = conn.execute(sa.select(sa.func.min(d.retry_from)).where(known, d.state == PENDING)).scalar()
         failed = [
             dict(r)
             for r in conn.execute(
                 sa.select(d.batch_id, d.target, notifications.c.webhook_id, d.attempts, d.last_error)
                 .join(notifications, notifications.c.batch_id == d.batch_id)
-                .where(d.state == FAILED)
+                .where(known, d.state == FAILED)
                 .order_by(d.retry_from.desc())
                 .limit(20)
             ).mappings()

@@ -13,13 +13,14 @@ delivery: the two paths meet at the one job row, so a delivery and a poll racing
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from . import refused
+from . import counters, refused
 from .leases import claim_due
 from .schema import ENDED, NOT_FOUND, WATCHING, jobs, known_batches
 
@@ -35,6 +36,7 @@ class PollingMixin:
 
         def begin(self) -> AbstractContextManager[Connection]: ...
         def connect(self) -> AbstractContextManager[Connection]: ...
+        def read(self, fn: Callable[[Connection], Any], *, fold: bool = False) -> Any: ...
         def _insert(self, table: sa.Table) -> Any: ...
         def _queue(self, conn: Connection, batch_id: str, *, origin: str, now: float, revive: tuple[str, ...]) -> bool: ...
 
@@ -175,11 +177,9 @@ class PollingMixin:
             )
 
     def end_known_with_jobs(self, *, now: float | None = None) -> int:
-        """Stop watching batches that have a job (a delivery queued it), and forget refused-delivery
-        counts older than two days; periodic, so that the ingest path stays one INSERT."""
-        now = time.time() if now is None else now
+        """Stop watching batches that have a job (a delivery queued it); periodic, so that the
+        ingest path stays one INSERT. (Refused-delivery counts are pruned by retention.)"""
         with self.begin() as conn:
-            refused.prune(conn, now)
             return conn.execute(
                 known_batches.update()
                 .where(known_batches.c.state == WATCHING, sa.exists().where(jobs.c.batch_id == known_batches.c.batch_id))
@@ -209,29 +209,31 @@ class PollingMixin:
         """Watched batches, the oldest one, polls made, batches found by polling, and deliveries
         refused for a bad signature in the last 24 hours (`receiver status`, `/metrics`)."""
         now = time.time() if now is None else now
+        return self.read(lambda conn: self.read_polling_stats(conn, counters.read(conn), now), fold=True)
+
+    def read_polling_stats(self, conn: Connection, values: dict[str, float], now: float) -> dict[str, Any]:
+        """polling_stats() over an open read. Watched and not-found batches are counted through the
+        state index (batches in flight, or few); polls and finds are counters (`values`)."""
         unjobbed = ~sa.exists().where(jobs.c.batch_id == known_batches.c.batch_id)
-        with self.connect() as conn:
-            watched = conn.execute(
-                sa.select(sa.func.count(), sa.func.min(known_batches.c.first_seen_at)).where(
-                    known_batches.c.state == WATCHING, unjobbed
-                )
-            ).one()
-            oldest = conn.execute(
-                sa.select(known_batches.c.batch_id)
-                .where(known_batches.c.state == WATCHING, unjobbed)
-                .order_by(known_batches.c.first_seen_at)
-                .limit(1)
-            ).scalar()
-            not_found = conn.execute(sa.select(sa.func.count()).where(known_batches.c.state == NOT_FOUND)).scalar_one()
-            polls = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(known_batches.c.polls), 0))).scalar_one()
-            found = conn.execute(sa.select(sa.func.count()).where(known_batches.c.found_by_poll.is_(True))).scalar_one()
-            refused_24h = refused.refused_last_day(conn, now)
+        watched = conn.execute(
+            sa.select(sa.func.count(), sa.func.min(known_batches.c.first_seen_at)).where(
+                known_batches.c.state == WATCHING, unjobbed
+            )
+        ).one()
+        oldest = conn.execute(
+            sa.select(known_batches.c.batch_id)
+            .where(known_batches.c.state == WATCHING, unjobbed)
+            .order_by(known_batches.c.first_seen_at)
+            .limit(1)
+        ).scalar()
+        not_found = conn.execute(sa.select(sa.func.count()).where(known_batches.c.state == NOT_FOUND)).scalar_one()
+        refused_24h = refused.refused_last_day(conn, now)
         return {
             "watched": int(watched[0]),
             "oldest_watched": oldest,
             "oldest_watched_age_seconds": None if watched[1] is None else round(now - watched[1]),
             "not_found": int(not_found),
-            "polls": int(polls),
-            "found_by_poll": int(found),
+            "polls": int(values.get("polls", 0)),
+            "found_by_poll": int(values.get("found_by_poll", 0)),
             "refused_signature_24h": refused_24h,
         }

@@ -2,7 +2,8 @@
 
 A receiver whose secret is wrong refuses every delivery with 401, and BatchRouter gives up after its
 retry window; the count is what tells the operator (`receiver status`, /metrics) before batches are
-missed. Only the count is kept, never a refused body: it is unauthenticated input.
+missed. Only the count is kept, never a refused body: it is unauthenticated input. Old minutes are pruned
+by retention (RECEIVER_REFUSED_RETENTION_DAYS, ledger/retention.py).
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from .schema import refused_deliveries
 #: At most one write a second per process for refused deliveries: a flood of bad signatures must
 #: not become a flood of ledger writes competing with the good deliveries.
 REFUSED_FLUSH_SECONDS = 1.0
-#: Per-minute counts older than this are forgotten.
-REFUSED_KEEP_SECONDS = 2 * 86400
 
 
 class _Tally:
@@ -61,11 +60,6 @@ class RefusedDeliveries:
                 .values(minute=minute, count=count)
                 .on_conflict_do_update(index_elements=["minute"], set_={"count": refused_deliveries.c.count + count})
             )
-
-
-def prune(conn: Connection, now: float) -> None:
-    """Forget per-minute counts older than two days."""
-    conn.execute(refused_deliveries.delete().where(refused_deliveries.c.minute < int((now - REFUSED_KEEP_SECONDS) // 60)))
 
 
 def refused_last_day(conn: Connection, now: float) -> int:

@@ -65,6 +65,10 @@ jobs = sa.Table(
     #: Bytes the running attempt has stored so far, renewed with its lease (the status page).
     sa.Column("bytes_so_far", sa.BigInteger, nullable=True),
     sa.Index("ix_jobs_due", "state", "next_attempt_at"),
+    #: The status page's job list and `receiver ls`, newest first, page by page.
+    sa.Index("ix_jobs_updated", "updated_at", "batch_id"),
+    #: The same for one state (dead jobs, running jobs) and the last stored batch.
+    sa.Index("ix_jobs_state_updated", "state", "updated_at", "batch_id"),
 )
 
 #: Delivery states, per target: `pending` until the target accepts the event (or its retry window
@@ -85,6 +89,16 @@ notifications = sa.Table(
     #: The event JSON, the same bytes for every target (and what the webhook signs).
     sa.Column("body", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    #: Retention: events past the job retention (the rows go) ...
+    sa.Index("ix_notifications_created", "created_at"),
+    #: ... and events that still hold a body (an emptied body leaves this index, so dropping
+    #: bodies never rescans the ones already dropped).
+    sa.Index(
+        "ix_notifications_body_kept",
+        "created_at",
+        sqlite_where=sa.text("length(body) > 0"),
+        postgresql_where=sa.text("length(body) > 0"),
+    ),
 )
 
 #: Each target's delivery of an event (`webhook`, `sqs`, `eventbridge`), claimed under a lease and
@@ -104,6 +118,8 @@ notification_deliveries = sa.Table(
     sa.Column("last_error", sa.Text, nullable=True),
     sa.Column("sent_at", sa.Float, nullable=True),
     sa.Index("ix_notification_deliveries_due", "target", "state", "next_attempt_at"),
+    #: Retention finds settled deliveries past the job retention through it.
+    sa.Index("ix_notification_deliveries_retry_from", "retry_from"),
 )
 
 secrets = sa.Table(
@@ -158,6 +174,8 @@ known_batches = sa.Table(
     #: True when a poll (not a delivery) queued the batch's job: its terminal delivery was lost.
     sa.Column("found_by_poll", sa.Boolean, nullable=False, default=False),
     sa.Index("ix_known_batches_due", "state", "next_poll_at"),
+    #: Retention finds ended and not-found batches past their time through it.
+    sa.Index("ix_known_batches_state_seen", "state", "first_seen_at"),
 )
 
 #: Deliveries refused for a bad signature, counted per minute (never their bodies): a wrong secret
@@ -167,6 +185,27 @@ refused_deliveries = sa.Table(
     metadata,
     sa.Column("minute", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("count", sa.Integer, nullable=False),
+)
+
+
+#: Figures of history (jobs by state, stored bytes, the job histograms, retries by cause, polls,
+#: notifications sent), kept up to date by triggers on the tables whose rows they count, in the
+#: transaction that changes the row (receiver/ledger/counters.py). A figure is the sum of its rows.
+counters = sa.Table(
+    "counters",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Float, nullable=False),
+)
+
+#: PostgreSQL's triggers append a row here instead of updating `counters`, so that concurrent
+#: writers never wait on (or deadlock over) one hot row; reading folds them into `counters`.
+counter_deltas = sa.Table(
+    "counter_deltas",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("value", sa.Float, nullable=False),
 )
 
 

@@ -79,7 +79,11 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def cleanup_partials(self, older_than_seconds: float = 0, *, prefix: str = "") -> int:
         """Delete temporary objects (and abort multipart uploads) left by crashed writers under our
-        root (or under `prefix` within it), older than the given age. Returns how many were removed."""
+        root (or, with `prefix`, a folder of the layout, those of files being written into it),
+        older than the given age. Returns how many were removed.
+
+        Its cost follows the writes in flight, never the stored batches: the local backend lists
+        its `.partial/` folder, S3 lists the bucket's unfinished multipart uploads."""
 
     def check_abort_rule(self) -> tuple[bool, str] | None:
         """Whether something removes the pieces a killed writer leaves behind, for `receiver

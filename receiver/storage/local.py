@@ -1,13 +1,15 @@
 """A storage root on the local file system (or any mount that behaves like one).
 
-A writer fills a hidden part file next to its final key and renames it into place on commit, after
-an fsync of the file; the directory is fsynced after the rename. That is the classic recipe for a
-file that is either absent or whole after a crash (rename(2) is atomic within one file system; the
-directory fsync makes the rename itself durable, see fsync(2) "Calling fsync() does not necessarily
-ensure that the entry in the directory containing the file has also reached disk").
+A writer fills a part file in `{root}/.partial/` and renames it into place on commit, after an fsync
+of the file; both directories are fsynced after the rename. That is the classic recipe for a file
+that is either absent or whole after a crash (rename(2) is atomic within one file system, and
+`.partial/` is under the root, so on the same one; the directory fsync makes the rename itself
+durable, see fsync(2) "Calling fsync() does not necessarily ensure that the entry in the directory
+containing the file has also reached disk").
 
-Part files are named by `layout.part_key`: hidden, ending in `.part`, so globs of the layout
-(`results/dt=*/batch_id=*/*.jsonl`) never see one.
+Part files are named by `layout.part_key`: in `.partial/`, ending in `.part`, so globs of the layout
+(`results/dt=*/batch_id=*/*.jsonl`) never see one, and housekeeping lists one folder of files in
+flight instead of walking every stored batch.
 """
 
 from __future__ import annotations
@@ -109,11 +111,10 @@ class LocalStorage(Storage):
         return os.path.join(self.root, *_key_parts(key))
 
     def _part_path(self, key: str, token: str) -> str:
-        """The part file of `key`: same folder (so the rename stays on one file system), hidden."""
-        path = self.path_for(layout.part_key(key, token).lstrip("/"))
-        if os.path.dirname(path) != os.path.dirname(self.path_for(key)):
+        """The part file of `key`, in `.partial/` under the root (the same file system)."""
+        if "/" in token:
             raise ValueError(f"writer token {token!r} must not contain '/'")
-        return path
+        return self.path_for(layout.part_key(key, token))
 
     # --- writing ----------------------------------------------------------------------------------
 
@@ -122,6 +123,7 @@ class LocalStorage(Storage):
         part = self._part_path(key, token)
         try:
             os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.makedirs(os.path.dirname(part), exist_ok=True)
             handle = open(part, "wb", buffering=BLOCK_SIZE)  # noqa: SIM115 - owned by the writer
         except OSError as exc:
             raise _storage_error(exc, part, "write") from exc
@@ -140,6 +142,7 @@ class LocalStorage(Storage):
         temp = self._part_path(key, f"put-{uuid.uuid4().hex}")
         try:
             os.makedirs(folder, exist_ok=True)
+            os.makedirs(os.path.dirname(temp), exist_ok=True)
             _write_synced(temp, data, exclusive=True)
         except OSError as exc:
             _unlink_quietly(temp)
@@ -195,6 +198,8 @@ class LocalStorage(Storage):
         folder, _, _ = prefix.rpartition("/")
         start = os.path.join(self.root, *folder.split("/")) if folder else self.root
         for dirpath, dirnames, filenames in os.walk(start):
+            if dirpath == self.root and layout.PARTIAL in dirnames:
+                dirnames.remove(layout.PARTIAL)
             dirnames.sort()
             rel_dir = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
             for name in sorted(filenames):
@@ -225,24 +230,40 @@ class LocalStorage(Storage):
             _unlink_quietly(probe)
 
     def cleanup_partials(self, older_than_seconds: float = 0, *, prefix: str = "") -> int:
-        """Delete part files (`layout.is_part_key`) whose mtime is older than the given age."""
+        """Delete part files whose mtime is older than the given age: every one in `.partial/`, or
+        with `prefix` (a folder of the layout) those of files being written into that folder.
+
+        Lists `.partial/` (the files in flight) and, for a folder, that folder itself (where earlier
+        versions wrote part files beside their final key); never walks the stored batches."""
         cutoff = time.time() - older_than_seconds
+        folder = prefix.strip("/")
+        start = layout.part_prefix(folder).rpartition("/")[2] if folder else ""
+        partial_dir = self.path_for(layout.PARTIAL)
+        candidates = [os.path.join(partial_dir, n) for n in _listdir(partial_dir) if n.startswith(start)]
+        if folder:
+            beside = self.path_for(folder)
+            candidates += [os.path.join(beside, n) for n in _listdir(beside) if layout.is_part_key(n)]
         removed = 0
-        top = self.path_for(prefix.rstrip("/")) if prefix else self.root
-        for dirpath, _dirnames, filenames in os.walk(top):
-            for name in filenames:
-                if not layout.is_part_key(name):
-                    continue
-                path = os.path.join(dirpath, name)
-                try:
-                    if os.lstat(path).st_mtime <= cutoff:
-                        os.unlink(path)
-                        removed += 1
-                except FileNotFoundError:
-                    continue  # its writer committed or aborted meanwhile
-                except OSError as exc:
-                    raise _storage_error(exc, path, "delete") from exc
+        for path in candidates:
+            try:
+                if os.lstat(path).st_mtime <= cutoff:
+                    os.unlink(path)
+                    removed += 1
+            except FileNotFoundError:
+                continue  # its writer committed or aborted meanwhile
+            except OSError as exc:
+                raise _storage_error(exc, path, "delete") from exc
         return removed
+
+
+def _listdir(path: str) -> list[str]:
+    """The names in `path`; none when it does not exist (nothing was ever written there)."""
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise _storage_error(exc, path, "list") from exc
 
 
 class LocalWriter(Writer):
@@ -307,10 +328,12 @@ class LocalWriter(Writer):
             raise _storage_error(exc, self.path, "write") from exc
         self._state = "committed"
         self._finalizer.detach()
-        try:
-            _fsync_dir(os.path.dirname(self.path))
-        except OSError as exc:
-            raise _storage_error(exc, os.path.dirname(self.path), "sync") from exc
+        # The new name first (it is what readers wait for), then the part file's absence.
+        for folder in (os.path.dirname(self.path), os.path.dirname(self.part_path)):
+            try:
+                _fsync_dir(folder)
+            except OSError as exc:
+                raise _storage_error(exc, folder, "sync") from exc
 
     def abort(self) -> None:
         """Close and delete the part file; a no-op after commit or a previous abort."""

@@ -14,6 +14,7 @@ or a presigned URL (errors pass through logs.redact, the manifest's raw batch is
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import logging
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).parent / "templates"
 bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates")
+
+#: Jobs per page of /admin/jobs; older ones are a link away (?before=…), each page an index walk.
+JOBS_PER_PAGE = 200
 
 #: How long a page's CSRF token stays valid: a form left open over lunch still works.
 CSRF_MAX_AGE = 12 * 3600
@@ -118,21 +122,14 @@ def overview() -> str:
         error = None
     except LedgerUnavailable as exc:
         figures, error = None, str(exc)
-    polling = notifications = None
-    if figures is not None:
-        try:
-            polling = ledger.polling_stats()
-            notifications = ledger.stats()["notifications"]
-        except LedgerUnavailable as exc:
-            figures, error = None, str(exc)
     return _render(
         "admin/overview.html",
         figures=figures,
         error=error,
         readiness=current_app.extensions["receiver.readiness"](),
         signature_failures=metrics.signature_failures(),
-        polling=polling,
-        notifications=notifications,
+        polling=figures["polling"] if figures else None,
+        notifications=figures["notifications"] if figures else None,
         dead_jobs=reports.find_jobs(ledger, state=DEAD, limit=20) if figures and figures["dead"] else [],
     )
 
@@ -143,8 +140,31 @@ def jobs() -> str:
     if state not in (None, *JOB_STATES):
         state = None
     search = (request.args.get("q") or "").strip()[:255] or None
-    found = reports.find_jobs(_ledger(), state=state, search=search, limit=200)
-    return _render("admin/jobs.html", jobs=found, state=state, search=search or "", states=JOB_STATES)
+    before = _page_mark(request.args.get("before"))
+    found = reports.find_jobs(_ledger(), state=state, search=search, limit=JOBS_PER_PAGE + 1, before=before)
+    older = None
+    if len(found) > JOBS_PER_PAGE:
+        found = found[:JOBS_PER_PAGE]
+        older = f"{found[-1]['updated_at']!r}:{found[-1]['batch_id']}"
+    return _render(
+        "admin/jobs.html",
+        jobs=found,
+        state=state,
+        search=search or "",
+        states=JOB_STATES,
+        older=older,
+        paged=before is not None,
+        search_window=reports.SEARCH_WINDOW,
+    )
+
+
+def _page_mark(text: str | None) -> tuple[float, str] | None:
+    """`?before=<updated_at>:<batch_id>`, the last row of the previous page (None when absent or bad)."""
+    when, _, batch_id = (text or "").partition(":")
+    try:
+        return (float(when), batch_id) if batch_id else None
+    except ValueError:
+        return None
 
 
 @bp.get("/jobs/<path:batch_id>")
@@ -213,7 +233,9 @@ def replay(batch_id: str) -> Response:
     target = request.form.get("target") or None
     if target is not None and target not in NOTIFY_TARGETS:
         raise NotFound(f"no notification target {target!r}")
-    if not _ledger().replay_notification(batch_id, None if target is None else (target,)):
+    # An event past RECEIVER_NOTIFICATION_RETENTION_DAYS has no body left: rebuilt from the manifest.
+    manifest = functools.partial(read_manifest, current_app.extensions["receiver.storage"], batch_id)
+    if not _ledger().replay_notification(batch_id, None if target is None else (target,), manifest=manifest):
         raise NotFound(f"no notification for batch {batch_id}")
     log.info(
         "admin: %s replayed the notification of batch %s%s from %s",

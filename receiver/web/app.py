@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 from flask import Flask, Response, jsonify
@@ -110,11 +110,13 @@ def _register_health(app: Flask, ledger: Ledger) -> None:
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        figures = partial(reports.metric_figures, ledger)
-        return Response(metrics.render(_stats, figures, checks), mimetype="text/plain; version=0.0.4; charset=utf-8")
-
-    def _stats() -> dict[str, Any]:
-        return {**ledger.stats(), "polling": ledger.polling_stats()}
+        # One read of the ledger for both collectors (counters and bounded queries, off the event
+        # loop on SQLite: Ledger.read); cached for this scrape only.
+        scraped = cache(partial(reports.scrape, ledger))
+        return Response(
+            metrics.render(lambda: scraped()["stats"], lambda: scraped()["figures"], checks),
+            mimetype="text/plain; version=0.0.4; charset=utf-8",
+        )
 
 
 def _register_errors(app: Flask) -> None:
