@@ -262,3 +262,27 @@ def test_job_lists_page_through_the_index_and_search_finds_an_old_batch_by_its_i
         "bat_21",
         "bat_20",
     ]
+
+
+def test_housekeeping_folds_the_counter_deltas_and_no_figure_changes(ledger, tmp_path):  # noqa: F811
+    """A ledger nobody scrapes must not pile up PostgreSQL's deltas: each housekeeping round folds them
+    (SQLite keeps no deltas: its triggers update the counters in place)."""
+    from receiver.config import Settings
+    from receiver.jobs.housekeeping import Housekeeping
+    from receiver.ledger.schema import counter_deltas
+    from receiver.storage.local import LocalStorage
+
+    history(ledger)
+    before = whole_table_figures(ledger)
+
+    def deltas() -> int:
+        if ledger.dialect != "postgresql":
+            return 0
+        with ledger.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(counter_deltas)).scalar_one()
+
+    assert (deltas() > 0) == (ledger.dialect == "postgresql")
+    settings = Settings(database_url=ledger.url, storage_url=str(tmp_path / "storage"))
+    Housekeeping(settings, ledger, LocalStorage(tmp_path / "storage")).tick()
+    assert deltas() == 0
+    assert counted_figures(ledger) == before

@@ -1,7 +1,8 @@
 """Housekeeping: the worker's periodic clean-up, on a schedule of its own, off the claim thread.
 
 Each round removes partial uploads an interrupted attempt left behind (older than any live attempt
-could be) and prunes what every ledger table keeps past its retention (receiver/ledger/retention.py).
+could be), folds PostgreSQL's counter deltas into the counters, and prunes what every ledger table
+keeps past its retention (receiver/ledger/retention.py).
 Both cost what is in flight or due, never the history: local storage lists its `.partial/` folder
 and S3 its unfinished uploads, and the ledger is pruned in steps of a few thousand rows through an
 index, with a pause after each step as long as the step took, so ingest and claims take the ledger
@@ -64,6 +65,9 @@ class Housekeeping(Duty):
                 log.info("removed %d abandoned partial uploads", removed)
         except ReceiverError as exc:
             log.warning("housekeeping: partial uploads not cleaned: %s", exc)
+        # A ledger nobody scrapes would otherwise pile up PostgreSQL's counter deltas until the next
+        # read folds them all at once (reads fold too; this keeps each fold one round's worth).
+        self.ledger.fold_counters()
         self.prune()
         return False
 

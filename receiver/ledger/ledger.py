@@ -443,6 +443,14 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, RetentionMixin, WebhookSec
 
         return self._run_reads(run)
 
+    def fold_counters(self) -> int:
+        """Fold PostgreSQL's pending counter deltas now (housekeeping does it every round, so deltas
+        never pile up on a ledger nobody scrapes); how many delta rows were folded."""
+        if self.dialect != "postgresql":
+            return 0
+        with self.begin() as conn:
+            return counters.fold(conn)
+
     @contextmanager
     def connect(self, engine: sa.Engine | None = None) -> Iterator[Connection]:
         """A read-only transaction: on SQLite a deferred one, which in WAL mode never waits for a
