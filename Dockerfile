@@ -53,8 +53,9 @@ USER ${UID}:${UID}
 EXPOSE 8000
 # SIGTERM: gunicorn drains in-flight requests within its graceful_timeout (30 s) and exits 0;
 # `receiver worker` gives back the leases of the jobs in hand and aborts unfinished uploads, then
-# exits 0, in seconds, or up to its 60 s read timeout when a download is stalled on a silent host.
-# Grace periods between SIGTERM and SIGKILL: 35 s for the web role, 70 s for the worker
+# exits 0: a download stops at once, even one stalled on a silent host; an API call in hand ends
+# within its 15 s timeout and the background duties get 15 s more.
+# Grace periods between SIGTERM and SIGKILL: 35 s for the web role and for the worker
 # (docker/podman `stop -t`, ECS stopTimeout, Kubernetes terminationGracePeriodSeconds).
 STOPSIGNAL SIGTERM
 # Probes, for the web role only (the worker serves no HTTP): GET /healthz (liveness) and GET /readyz

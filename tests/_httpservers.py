@@ -85,6 +85,8 @@ class ArtifactServer:
         self.ranges = ranges
         self.faults: deque[Fault] = deque()
         self.seen: list[Seen] = []
+        #: Set when a stall ends: a client that stopped before it did never waited for its timeout.
+        self.stall_over = threading.Event()
         self._lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -115,7 +117,7 @@ class ArtifactServer:
         if fault is not None and fault.kind == "drop":
             return _then_drop(body[: fault.after], environ["werkzeug.socket"])
         if fault is not None and fault.kind == "stall":
-            return _then_stall(body[: fault.after], fault.seconds)
+            return _then_stall(body[: fault.after], fault.seconds, self.stall_over)
         return _blocks(body)
 
 
@@ -131,10 +133,11 @@ def _then_drop(head: bytes, sock: socket.socket) -> Iterator[bytes]:
     sock.shutdown(socket.SHUT_RDWR)
 
 
-def _then_stall(head: bytes, seconds: float) -> Iterator[bytes]:
+def _then_stall(head: bytes, seconds: float, over: threading.Event) -> Iterator[bytes]:
     if head:
         yield head
     time.sleep(seconds)
+    over.set()
 
 
 @dataclass

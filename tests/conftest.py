@@ -285,7 +285,9 @@ def web(receiver_env: dict[str, str], tmp_path: Path) -> Iterator[Web]:
     url = f"http://127.0.0.1:{receiver_env['PORT']}"
     wait_http(f"{url}/healthz", svc.proc)
     yield Web(url, svc)
-    svc.stop()
+    # gunicorn's quick shutdown: SIGTERM's graceful one waits out every idle keep-alive connection
+    # (the emulator's deliveries keep theirs), 5 s a test; tests of the graceful stop send SIGTERM.
+    svc.stop(signal.SIGQUIT)
 
 
 class Web:

@@ -105,7 +105,13 @@ def test_dead_job_is_retried_from_the_page(emulator, web, worker, secret, tmp_pa
     assert r.status_code == 303
     wait_for(lambda: read_manifest(tmp_path / "storage", bad), what="retried batch stored")
     assert re.search(rf"admin: alice retried dead batch {bad} from 127\.0\.0\.1", web.service.output())
-    stored = requests.get(f"{admin}/jobs?state=stored&q={bad[:-2]}", auth=auth, timeout=10).text
+
+    # The manifest is published a moment before the ledger marks the job stored: wait for the mark.
+    def stored_search() -> str | None:
+        page = requests.get(f"{admin}/jobs?state=stored&q={bad[:-2]}", auth=auth, timeout=10).text
+        return page if bad in page else None
+
+    stored = wait_for(stored_search, what="the retried batch listed as stored")
     assert bad in stored and good not in stored
     assert not secret_leaks([tmp_path], [web.service.output(), worker.output()], [TOKEN, secret])
 

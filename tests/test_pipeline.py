@@ -313,6 +313,71 @@ def test_sigterm_releases_the_job_for_the_next_worker(emulator, web, secret, rec
         second.stop()
 
 
+def test_sigterm_interrupts_a_download_stalled_on_a_silent_host(emulator, web, secret, receiver_env, tmp_path):
+    """SIGTERM does not wait for the read timeout: the blocked read is cut short, the job given back.
+
+    The stall (100 s) is shorter than the read timeout (120 s) and began as the last bytes went out,
+    so a worker that exits while the emulator is still stalling exited before its read could time out.
+    """
+    import sys
+
+    from receiver.ledger import Ledger
+
+    from .conftest import Service
+
+    batch_id = emulator.create_batch(items=20_000, line_bytes=1000)["id"]
+    emulator.fault(batch_id=batch_id, target="artifact", kind="stall", after_bytes=2 << 20, stall_seconds=100)
+    # A short lease: its heartbeat, a second apart, notes in the ledger how many bytes came in.
+    env = {**receiver_env, "RECEIVER_READ_TIMEOUT_SECONDS": "120", "RECEIVER_LEASE_SECONDS": "3"}
+    worker = Service("worker", [sys.executable, "-m", "receiver", "worker"], env, tmp_path).start()
+    emulator.complete(batch_id)
+    ledger = Ledger(receiver_env["DATABASE_URL"])
+    # Every byte before the stall (two whole 1 MiB blocks) came in: the worker is now blocked
+    # reading from a silent host.
+    wait_for(lambda: (ledger.job(batch_id) or {}).get("bytes_so_far") == 2 << 20, what="the bytes before the stall")
+    assert emulator.stats()["stalls_in_progress"] == 1
+
+    assert worker.stop() == 0, worker.output()
+    assert emulator.stats()["stalls_in_progress"] == 1  # still stalling: no read timeout fired
+    job = ledger.job(batch_id)
+    assert job["state"] == "queued" and job["lease_owner"] is None
+    assert not [p for p in all_files(tmp_path / "storage") if p.name.endswith(".part")]
+    assert "released (shutting down)" in worker.output()
+
+
+def test_a_lost_lease_interrupts_a_download_stalled_on_a_silent_host(emulator, web, secret, receiver_env, tmp_path):
+    """The heartbeat finds the lease gone (another worker took the job): the blocked read is cut
+    short then and there, and nothing is published, as for SIGTERM above."""
+    import sys
+
+    import sqlalchemy as sa
+
+    from receiver.ledger import Ledger
+    from receiver.ledger.schema import jobs
+
+    from .conftest import Service
+
+    batch_id = emulator.create_batch(items=20_000, line_bytes=1000)["id"]
+    emulator.fault(batch_id=batch_id, target="artifact", kind="stall", after_bytes=2 << 20, stall_seconds=100)
+    env = {**receiver_env, "RECEIVER_READ_TIMEOUT_SECONDS": "120", "RECEIVER_LEASE_SECONDS": "3"}
+    worker = Service("worker", [sys.executable, "-m", "receiver", "worker"], env, tmp_path).start()
+    try:
+        emulator.complete(batch_id)
+        ledger = Ledger(receiver_env["DATABASE_URL"])
+        wait_for(lambda: (ledger.job(batch_id) or {}).get("bytes_so_far") == 2 << 20, what="the bytes before the stall")
+        with ledger.engine.begin() as conn:  # as if another worker had taken the job over, for an hour
+            taken = {"lease_owner": "worker-elsewhere", "lease_expires_at": time.time() + 3600}
+            conn.execute(sa.update(jobs).where(jobs.c.batch_id == batch_id).values(**taken))
+        wait_for(lambda: f"lease on {batch_id} lost" in worker.output(), what="the job dropped")
+        assert emulator.stats()["stalls_in_progress"] == 1  # still stalling: no read timeout fired
+        assert not [p for p in all_files(tmp_path / "storage") if p.name.endswith(".part")]
+        assert read_manifest(tmp_path / "storage", batch_id) is None
+        assert ledger.job(batch_id)["lease_owner"] == "worker-elsewhere"
+    finally:
+        code = worker.stop()
+    assert code == 0
+
+
 def test_duckdb_reads_the_layout_with_hive_partitions(emulator, web, worker, secret, tmp_path):
     duckdb = pytest.importorskip("duckdb")
     ids = [emulator.create_batch(items=n)["id"] for n in (10, 20, 30)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import threading
 import time
 from collections.abc import Callable
 
@@ -16,6 +17,7 @@ from receiver.errors import (
     CorruptArtifact,
     DownloadFailed,
     IncompleteDownload,
+    JobCancelled,
     StorageUnavailable,
     UnsafeURL,
 )
@@ -216,6 +218,59 @@ def test_stalled_host_hits_the_read_timeout_then_resumes() -> None:
     assert_exact(writer, result, BODY, 20_000)
     # Two whole 256 KiB blocks reached the writer before the stall; the partial third is fetched again.
     assert app.seen[1].headers.get("Range") == f"bytes={2 * 256 * 1024}-"
+
+
+def cancel_when(download_of: list, ready: Callable[[], bool]) -> threading.Thread:
+    """A thread that cancels the download (once it exists and `ready()`), as SIGTERM does."""
+
+    def run() -> None:
+        while not (download_of and ready()):
+            time.sleep(0.01)
+        download_of[0].cancel()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def fetch_until_cancelled(dl: Downloader, url: str, ready: Callable[[], bool], progress=None) -> MemoryWriter:
+    """`fetch`, with the download cancelled from another thread once `ready()`; returns the writer."""
+    opened: list = []
+    canceller = cancel_when(opened, ready)
+    with dl.open(lambda: url) as download:
+        opened.append(download)
+        writer = MemoryWriter("results.jsonl")
+        with pytest.raises(JobCancelled):
+            download.stream_into(writer, progress)
+    canceller.join()
+    return writer
+
+
+def test_cancel_cuts_short_a_read_blocked_on_a_stalled_host() -> None:
+    # The stall (20 s) is shorter than the read timeout (30 s): cancelled while the host still
+    # stalls means cancelled before the read could have timed out.
+    app, server = serve({"/results.jsonl": Artifact(BODY)}, Fault("stall", after=2 * 64 * 1024, seconds=20))
+    received: list[int] = []
+    with server:
+        writer = fetch_until_cancelled(
+            downloader(block_size=64 * 1024, read_timeout=30),
+            server.url + "/results.jsonl",
+            lambda: received[-1:] == [2 * 64 * 1024],  # every byte before the stall is in
+            lambda done, _size: received.append(done),
+        )
+        assert not app.stall_over.is_set()
+    assert len(app.seen) == 1  # no resume after a cancel
+    assert writer.bytes_written <= 2 * 64 * 1024
+
+
+def test_cancel_ends_a_resume_pause_without_another_request() -> None:
+    # The resume after a drop is answered 429 with a 30 s Retry-After; a cancel in that pause
+    # ends the download instead of waiting it out and asking again.
+    faults = [Fault("drop", after=1000), Fault("status", status=429, headers={"Retry-After": "30"})]
+    app, server = serve({"/results.jsonl": Artifact(BODY)}, *faults)
+    with server:
+        fetch_until_cancelled(downloader(), server.url + "/results.jsonl", lambda: len(app.seen) == 2)
+        assert len(app.seen) == 2
 
 
 def test_short_body_never_succeeds_and_the_writer_is_aborted() -> None:

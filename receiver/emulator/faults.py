@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import cast
 
 from flask import Response, request
 
+from .instance import emulator
 from .responses import access_denied, error
 from .state import BODY_FAULTS, Fault
 
@@ -36,7 +36,9 @@ def status_fault_response(fault: Fault) -> Response | None:
     return None
 
 
-def faulty_body(chunks: Iterable[bytes], fault: Fault, sock: socket.socket | None) -> Iterator[bytes]:
+def faulty_body(
+    chunks: Iterable[bytes], fault: Fault, sock: socket.socket | None, stall: Callable[[float], None]
+) -> Iterator[bytes]:
     """Send `fault.after_bytes` of `chunks`, then break the body the way `fault.kind` says.
 
     The dev server closes every connection after its response (it sends `Connection: close`), so
@@ -57,7 +59,7 @@ def faulty_body(chunks: Iterable[bytes], fault: Fault, sock: socket.socket | Non
     else:
         return
     if fault.kind == "stall":
-        time.sleep(fault.stall_seconds)
+        stall(fault.stall_seconds)
         if rest:
             yield rest
         yield from chunks
@@ -72,5 +74,5 @@ def apply_body_fault(response: Response, fault: Fault | None) -> Response:
         return response
     # The emulator's streamed bodies are all bytes; Werkzeug types `response.response` as str or bytes.
     body = cast("Iterable[bytes]", response.response) if response.is_streamed else [response.get_data()]
-    response.response = faulty_body(body, fault, request.environ.get("werkzeug.socket"))
+    response.response = faulty_body(body, fault, request.environ.get("werkzeug.socket"), emulator().state.stall)
     return response

@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import itertools
 import threading
+import time
 from collections import Counter
 from typing import Any
 
@@ -108,6 +109,7 @@ class State:
         self._artifact_requests: Counter[str] = Counter()
         self._artifact_requests_with_authorization = 0
         self._api_requests: Counter[str] = Counter()
+        self._stalls_in_progress = 0
         self._deliveries: list[dict[str, Any]] = []
         self._webhook = webhook
 
@@ -171,6 +173,17 @@ class State:
         with self._lock:
             self._api_requests[path] += 1
 
+    def stall(self, seconds: float) -> None:
+        """Sleep through a `stall` fault, counted in `stalls_in_progress` meanwhile: a test can tell
+        that a client gave up (or was stopped) before the stall ended, without a clock."""
+        with self._lock:
+            self._stalls_in_progress += 1
+        try:
+            time.sleep(seconds)
+        finally:
+            with self._lock:
+                self._stalls_in_progress -= 1
+
     def record_delivery(self, record: dict[str, Any]) -> None:
         with self._lock:
             self._deliveries.append(dict(record))
@@ -185,6 +198,7 @@ class State:
                 "artifact_requests": dict(self._artifact_requests),
                 "artifact_requests_with_authorization": self._artifact_requests_with_authorization,
                 "api_requests": dict(self._api_requests),
+                "stalls_in_progress": self._stalls_in_progress,
                 "deliveries": [dict(r) for r in self._deliveries],
             }
 

@@ -15,6 +15,10 @@ Failures along the way are repaired where that is cheap and safe:
   operators rely on");
 - a redirect is followed by hand, and only to a URL that passes the policy again.
 
+A download can be stopped from another thread (:meth:`Download.cancel`: SIGTERM, a lost lease): the
+socket being read is shut down, so a read blocked on a silent host returns at once instead of after
+the read timeout, and no pause or further request follows.
+
 The download never carries an Authorization header: it uses the policy's own connection pool, which
 has no default headers, and sends only the headers built here.
 """
@@ -27,7 +31,6 @@ import logging
 import queue
 import re
 import threading
-import time
 from collections.abc import Callable
 from urllib.parse import urljoin, urlsplit
 
@@ -41,6 +44,7 @@ from ..errors import (
     ArtifactMissing,
     DownloadFailed,
     IncompleteDownload,
+    JobCancelled,
     TransferError,
 )
 from ..layout import suffix_for
@@ -117,8 +121,8 @@ class Downloader:
                 skip = 0
             feed(block)
 
-    def _pause(self, failures: int, error: TransferError, retry_after: float | None = None) -> None:
-        """Wait before the next resume, or raise `error` when the resumes are used up."""
+    def _delay(self, failures: int, error: TransferError, retry_after: float | None = None) -> float:
+        """How long to wait before the next resume; raises `error` when the resumes are used up."""
         if failures > self._max_resumes:
             raise error
         if retry_after is not None:
@@ -126,7 +130,7 @@ class Downloader:
         else:
             delay = backoff(failures, base=_BACKOFF_BASE, cap=_BACKOFF_CAP)
         log.info("artifact download: %s; resuming in %.1fs (%d/%d)", error, delay, failures, self._max_resumes)
-        time.sleep(delay)
+        return delay
 
 
 class Download:
@@ -159,6 +163,15 @@ class Download:
             _close(self._response)
             self._response = None
 
+    def cancel(self) -> None:
+        """Stop this download from another thread, at once: :meth:`stream_into` raises
+        JobCancelled instead of waiting out the read timeout, a pause or another request.
+
+        Safe at any time, before, during or after the download: only the socket of a response
+        :meth:`stream_into` is still reading is shut down, never one already given back to the pool.
+        """
+        self._requests.cancel()
+
     def stream_into(self, writer: Writer, progress: Callable[[int, int | None], None] | None = None) -> TransferResult:
         """Write the whole artifact into `writer` (uncommitted), resuming where a request broke off.
 
@@ -179,15 +192,22 @@ class Download:
                 if response is None:
                     response = requests.next_response(offset=state.stored())
                     host = urlsplit(requests.url).hostname
+                failure: TransferError | None = None
                 try:
+                    requests.reading(response)
                     skip = state.begin(response)
                     self._downloader._copy(response, state, skip)
                 except _Urllib3Error as exc:  # the body broke off: a drop, a stall, a short body, TLS
-                    requests.pause(_body_failure(exc, host, state))
-                    continue
+                    failure = _body_failure(exc, host, state)
                 finally:
+                    requests.reading(None)
                     _close(response)
                     response = None
+                # A cancel ends the body early (an error, or an end that looks like a clean one).
+                requests.raise_if_cancelled()
+                if failure is not None:
+                    requests.pause(failure)
+                    continue
                 if state.size is not None and state.received < state.size:
                     requests.pause(IncompleteDownload(f"artifact host {host!r} sent {state.received} of {state.size} bytes"))
                     continue
@@ -205,16 +225,42 @@ class _Requests:
         self._get_url = get_url
         self.url = get_url()
         self._refreshes = self._resumes = 0
+        self._cancelled = threading.Event()
+        # Guards `_reading`, so that a cancel never shuts down a socket the reader has given back.
+        self._lock = threading.Lock()
+        self._reading: BaseHTTPResponse | None = None
+
+    def cancel(self) -> None:
+        """Called from another thread: mark the download cancelled, then unblock its read."""
+        self._cancelled.set()
+        with self._lock:
+            if self._reading is not None:
+                _shut_down(self._reading)
+
+    def reading(self, response: BaseHTTPResponse | None) -> None:
+        """Note the response whose body is now read (None: done with it, about to close it)."""
+        with self._lock:
+            self._reading = response
+        # A cancel that came before the response was noted found nothing to shut down: it is
+        # seen here instead (it sets the flag before it looks).
+        if response is not None:
+            self.raise_if_cancelled()
+
+    def raise_if_cancelled(self) -> None:
+        if self._cancelled.is_set():
+            raise JobCancelled("artifact download cancelled")
 
     def pause(self, error: TransferError, retry_after: float | None = None) -> None:
         self._resumes += 1
-        self._downloader._pause(self._resumes, error, retry_after)
+        if self._cancelled.wait(self._downloader._delay(self._resumes, error, retry_after)):
+            self.raise_if_cancelled()
 
     def next_response(self, offset: int) -> BaseHTTPResponse:
         """GET the artifact from byte `offset` until a 200 or 206 answers; returns it unread."""
         downloader = self._downloader
         redirects = 0
         while True:
+            self.raise_if_cancelled()
             url = self.url
             downloader._policy.check(url)
             host = urlsplit(url).hostname
@@ -420,6 +466,19 @@ def _content_length(response: BaseHTTPResponse) -> int | None:
     if value is None or not value.strip().isdigit():
         return None
     return int(value)
+
+
+def _shut_down(response: BaseHTTPResponse) -> None:
+    """Shut down the socket under `response` for reading, so that a read blocked on it returns now.
+
+    urllib3's ``HTTPResponse.shutdown`` (2.3+) is made for this: it reaches the socket even when the
+    connection object already let go of it (a ``Connection: close`` answer), and it shuts down
+    rather than closes, so the descriptor is not freed under the reader, who closes it itself.
+    """
+    try:
+        response.shutdown()
+    except (OSError, ValueError, RuntimeError):  # closed already, or no socket: nothing is blocked on it
+        pass
 
 
 def _close(response: BaseHTTPResponse) -> None:

@@ -90,10 +90,16 @@ class _Running:
     #: time.monotonic() until which the lease is surely ours: the claim's or the last renewal's
     #: time plus the trusted share of the lease. Ledger calls that fail are retried until then.
     lease_until: float = 0.0
+    #: Stops the artifact download in hand at once (Download.cancel): a read blocked on a silent
+    #: host would otherwise hold the job until the read timeout, however soon SIGTERM came.
+    interrupt: Callable[[], None] | None = None
 
     def stop(self, reason: Stop) -> None:
         self.reason = self.reason or reason
-        self.cancel.set()
+        self.cancel.set()  # before `interrupt` is read: a download started meanwhile sees the flag
+        interrupt = self.interrupt
+        if interrupt is not None:
+            interrupt()
 
 
 class Worker:
@@ -398,8 +404,13 @@ class Worker:
 
         key_for = layout.results_key if kind == "results" else layout.errors_key
         with self.downloader.open(get_url) as download:
-            writer = self.storage.open_writer(key_for(batch_id, day, download.suffix), token=token, size_hint=download.size)
-            return self._store(running, writer, download.stream_into, progress)
+            running.interrupt = download.cancel
+            try:
+                self._check(running)  # a stop that came while the host was answering
+                writer = self.storage.open_writer(key_for(batch_id, day, download.suffix), token=token, size_hint=download.size)
+                return self._store(running, writer, download.stream_into, progress)
+            finally:
+                running.interrupt = None
 
     def _store(
         self,
@@ -426,6 +437,7 @@ class Worker:
             writer.commit()
         except BaseException:
             writer.abort()
+            self._check(running)  # a stop that broke the write off is why it failed: say which
             raise
         return _file_entry(writer.key, result)
 
