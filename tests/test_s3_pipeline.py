@@ -26,6 +26,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -389,16 +390,21 @@ def test_access_denied_ends_the_job_dead_naming_bucket_and_permission(
     assert status["jobs"]["dead"] == 1
 
 
-def test_missing_bucket_ends_the_job_dead_naming_the_bucket(emulator, web, secret, receiver_env, network, s3_endpoint, tmp_path):
-    missing = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
-    env = s3_env(receiver_env, f"s3://{missing}/{PREFIX}", s3_endpoint, via=network.url)
-    worker = Service("worker-nobucket", [sys.executable, "-m", "receiver", "worker"], env, tmp_path).start()
+def _dead_job_of_a_worker(name: str, env: dict[str, str], emulator: Any, tmp_path: Path) -> dict[str, Any]:
+    """Run a worker with `env` on one completed batch until its job is dead; the job's row."""
+    worker = Service(name, [sys.executable, "-m", "receiver", "worker"], env, tmp_path).start()
     try:
         batch_id = emulator.create_batch(items=100)["id"]
         emulator.complete(batch_id)
-        dead = wait_for(lambda: (j := job(env, batch_id)).get("state") == "dead" and j, timeout=60, what="a dead job")
+        return wait_for(lambda: (j := job(env, batch_id)).get("state") == "dead" and j, timeout=60, what="a dead job")
     finally:
         worker.stop()
+
+
+def test_missing_bucket_ends_the_job_dead_naming_the_bucket(emulator, web, secret, receiver_env, network, s3_endpoint, tmp_path):
+    missing = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
+    env = s3_env(receiver_env, f"s3://{missing}/{PREFIX}", s3_endpoint, via=network.url)
+    dead = _dead_job_of_a_worker("worker-nobucket", env, emulator, tmp_path)
     assert dead["attempts"] == 1
     assert f"bucket {missing} does not exist" in dead["last_error"] and "s3:PutObject" in dead["last_error"]
 
@@ -408,13 +414,7 @@ def test_kms_on_a_store_without_kms_ends_the_job_dead_at_its_first_attempt(
     emulator, web, secret, receiver_env, network, s3_endpoint, s3, bucket, tmp_path
 ):
     env = dict(receiver_env, RECEIVER_S3_SSE="aws:kms")
-    worker = Service("worker-kms", [sys.executable, "-m", "receiver", "worker"], env, tmp_path).start()
-    try:
-        batch_id = emulator.create_batch(items=100)["id"]
-        emulator.complete(batch_id)
-        dead = wait_for(lambda: (j := job(env, batch_id)).get("state") == "dead" and j, timeout=60, what="a dead job")
-    finally:
-        worker.stop()
+    dead = _dead_job_of_a_worker("worker-kms", env, emulator, tmp_path)
     assert dead["attempts"] == 1
     assert "aws:kms" in dead["last_error"] and "RECEIVER_S3_SSE" in dead["last_error"]
     assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
