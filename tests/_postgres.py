@@ -44,8 +44,14 @@ def restart(cluster_url: str) -> None:
 
 @contextmanager
 def down(cluster_url: str) -> Iterator[None]:
-    """The cluster stopped (fast: every connection cut) for as long as the block runs: an outage
-    longer than a restart, as a failover that takes a while."""
+    """The cluster gone for as long as the block runs: an outage longer than a restart, as a crash
+    or a failover that takes a while.
+
+    Stopped `immediate`, not `fast`: a fast stop ends the backends one by one, so one that holds a
+    lock can release it while another, waiting for it, still runs its statement to the end and
+    answers. A test that parks the worker on a lock would then see that statement succeed, and
+    which step the outage hit would be luck. `immediate` ends them all at once, releasing
+    nothing, and the next start recovers from the write-ahead log as after a crash."""
     subprocess.run(_STOP[_cluster_key(cluster_url)], check=True, capture_output=True)
     try:
         yield
@@ -91,7 +97,7 @@ def postgres_cluster(*, fsync: bool = False) -> Iterator[str | None]:
         url = f"postgresql://receiver@127.0.0.1:{port}/postgres"
         log = os.path.join(folder, "log")
         _RESTART[url] = as_user + [f"{bindir}/pg_ctl", "-D", data, "-l", log, "-m", "fast", "-w", "restart"]
-        _STOP[url] = as_user + [f"{bindir}/pg_ctl", "-D", data, "-m", "fast", "-w", "stop"]
+        _STOP[url] = as_user + [f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"]
         _START[url] = start
         deadline = time.monotonic() + 20
         while subprocess.run([f"{bindir}/pg_isready", "-h", "127.0.0.1", "-p", str(port)], capture_output=True).returncode != 0:

@@ -300,6 +300,7 @@ def test_an_outage_longer_than_the_lease_adopts_the_stored_results(rig: Rig) -> 
         with _postgres.down(rig.cluster):
             # The worker retries while its lease is surely its own, then stops the job cleanly.
             wait_for(lambda: "the next worker takes it from here" in rig.worker.output(), timeout=30, what="the job stopped")
+            assert rig.manifest(batch_id) is None  # stopped before its manifest: only the results file to adopt
     rig.wait_stored(batch_id, since, "outage_longer_than_lease")
     assert f"job {batch_id}: adopting results/" in rig.worker.output()
     assert rig.job(batch_id) == ("stored", 2)
