@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+
+from receiver.config import Settings
+from receiver.errors import JobCancelled, LeaseLost, LedgerConnectionLost
+from receiver.jobs import worker as worker_module
+from receiver.jobs.worker import Stop, Worker, _Running
 
 from . import _postgres
 from ._reliability import (
@@ -305,3 +311,70 @@ def test_an_outage_longer_than_the_lease_adopts_the_stored_results(rig: Rig) -> 
     assert f"job {batch_id}: adopting results/" in rig.worker.output()
     assert rig.job(batch_id) == ("stored", 2)
     rig.assert_once(batch_id)
+
+
+# --- one ledger call in a blip, stopped from another thread (no PostgreSQL needed) ---------------
+
+
+@pytest.fixture
+def job_in_hand(tmp_path: Path) -> Iterator[tuple[Worker, _Running]]:
+    """A worker on a SQLite ledger holding a claimed job whose lease lasts an hour."""
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path}/ledger.db", storage_url=str(tmp_path / "storage"), api_key="br_test_key"
+    )
+    worker = Worker.from_settings(settings)
+    worker.ledger.create_schema()
+    worker.ledger.enqueue("bat_blip")
+    job = worker.ledger.claim(worker.owner, 3600)
+    assert job is not None
+    yield worker, _Running(job, lease_until=time.monotonic() + 3600)
+    worker.ledger.close()
+
+
+@pytest.mark.parametrize(("reason", "raised"), [(Stop.SHUTDOWN, JobCancelled), (Stop.LEASE_LOST, LeaseLost)])
+def test_a_stop_ends_the_wait_between_ledger_tries(
+    job_in_hand: tuple[Worker, _Running], monkeypatch: pytest.MonkeyPatch, reason: Stop, raised: type[JobCancelled]
+) -> None:
+    """SIGTERM during a blip: the job stops at once, as at any other check, instead of sleeping out
+    the backoff. The wait here is 15-30 s; a worker that slept it would try again (and get an
+    answer) instead of raising."""
+    monkeypatch.setattr(worker_module, "LEDGER_RETRY_BASE_SECONDS", 30.0)
+    monkeypatch.setattr(worker_module, "LEDGER_RETRY_CAP_SECONDS", 30.0)
+    worker, running = job_in_hand
+    calls: list[int] = []
+    failed = threading.Event()
+
+    def call() -> str:
+        calls.append(1)
+        if len(calls) > 1:
+            return "made again"
+        failed.set()
+        raise LedgerConnectionLost("server closed the connection unexpectedly")
+
+    stopper = threading.Thread(target=lambda: failed.wait(60) and running.stop(reason))
+    stopper.start()
+    with pytest.raises(JobCancelled) as info:
+        worker._ledger_call(running, call)
+    stopper.join()
+    assert type(info.value) is raised
+    assert len(calls) == 1
+
+
+def test_a_closing_ledger_call_is_not_cut_short_by_the_stop(
+    job_in_hand: tuple[Worker, _Running], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Giving the job back is how a stopped job ends: it keeps trying through the blip."""
+    monkeypatch.setattr(worker_module, "LEDGER_RETRY_BASE_SECONDS", 0.01)
+    worker, running = job_in_hand
+    running.stop(Stop.SHUTDOWN)
+    calls: list[int] = []
+
+    def release() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise LedgerConnectionLost("server closed the connection unexpectedly")
+        worker.ledger.release(running.job.batch_id, worker.owner)
+
+    worker._ledger_call(running, release, closing=True)
+    assert len(calls) == 2
+    assert (worker.ledger.job("bat_blip") or {})["state"] == "queued"

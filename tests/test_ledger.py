@@ -445,6 +445,30 @@ def test_prune_removes_a_backlog_in_small_steps(ledger):
     assert steps == [("deliveries", 10), ("deliveries", 10), ("deliveries", 5)]
 
 
+def test_prune_pauses_after_each_step_and_stops_when_the_pause_says_so(ledger):
+    """The one prune loop: `pause` hears how long each step took (0 after an empty one) and ends
+    the prune by answering False (the worker stopping); what was removed so far is reported."""
+    from receiver.ledger.retention import RetentionPolicy, rules
+
+    for i in range(35):
+        deliver(ledger, f"evt_{i}", batch_id=None, terminal=False)
+    with ledger.engine.begin() as conn:
+        from receiver.ledger.schema import deliveries
+
+        conn.execute(deliveries.update().values(received_at=time.time() - 20 * DAY))
+    heard: list[float] = []
+
+    def pause(step_seconds):
+        heard.append(step_seconds)
+        return sum(1 for s in heard if s) < 2  # stop after the second step that removed rows
+
+    removed = ledger.prune(RetentionPolicy(), limit=10, pause=pause)
+    assert removed["deliveries"] == 20 and sum(removed.values()) == 20
+    # Every rule once (deliveries removed 10, the rest nothing), then deliveries again: stopped there.
+    assert [s > 0 for s in heard] == [True] + [False] * (len(rules(RetentionPolicy(), time.time())) - 1) + [True]
+    assert ledger.prune_backlog(RetentionPolicy())["deliveries"] == 15
+
+
 def test_a_replay_after_the_body_was_dropped_rebuilds_it_from_the_manifest(ledger):
     import json
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import boto3
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, ReadTimeoutError
 
 from receiver.config import Settings
 from receiver.errors import (
@@ -333,6 +333,23 @@ def test_outage_mid_upload_raises_unavailable_then_abort_cleans_up(endpoint: str
         writer.abort()  # what the worker does after the failure
         assert _uploads(client, bucket) == []
         assert storage.exists(KEY) is False
+
+
+@pytest.mark.parametrize(("max_attempts", "env", "attempts"), [(3, {}, 3), (None, {"AWS_MAX_ATTEMPTS": "2"}, 2), (1, {}, 1)])
+def test_max_attempts_counts_every_request_the_first_included(
+    endpoint: str, bucket: str, monkeypatch: pytest.MonkeyPatch, max_attempts: int | None, env: dict[str, str], attempts: int
+) -> None:
+    """`max_attempts` and AWS_MAX_ATTEMPTS are the requests made in all, as AWS documents
+    AWS_MAX_ATTEMPTS; botocore's `retries={"max_attempts": n}` would make n + 1."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with FlakyProxy.to(endpoint) as proxy:
+        counted = make_client(endpoint_url=proxy.url, max_attempts=max_attempts, connect_timeout=2, read_timeout=5)
+        counted.head_bucket(Bucket=bucket)  # the way through the proxy works
+        proxy.fail()
+        with pytest.raises(BotoCoreError):  # a reset connection, whichever way botocore names it
+            counted.head_bucket(Bucket=bucket)
+    assert proxy.resets == attempts
 
 
 def test_outage_leftover_is_removed_by_cleanup_partials(endpoint: str, client: Any, bucket: str) -> None:

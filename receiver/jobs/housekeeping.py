@@ -13,7 +13,6 @@ year of rows never delays a claim, and SIGTERM stops it between two steps.
 from __future__ import annotations
 
 import logging
-import time
 
 from ..config import Settings
 from ..errors import ReceiverError
@@ -74,16 +73,14 @@ class Housekeeping(Duty):
     def prune(self) -> dict[str, int]:
         """Prune every table past its retention, step by step, until done or stopped; rows
         removed by rule (logged)."""
-        removed: dict[str, int] = {}
-        started = time.monotonic()
-        for rule, count in self.ledger.prune_steps(self.policy, limit=self.step_rows):
-            if count:
-                removed[rule.name] = removed.get(rule.name, 0) + count
-                if self.stopping.wait(max(MIN_STEP_PAUSE_SECONDS, time.monotonic() - started)):
-                    break
-            elif self.stopping.is_set():
-                break
-            started = time.monotonic()
+        removed = {name: n for name, n in self.ledger.prune(self.policy, limit=self.step_rows, pause=self._pause).items() if n}
         if removed:
             log.info("pruned past retention: %s", ", ".join(f"{n:,} {name}" for name, n in removed.items()))
         return removed
+
+    def _pause(self, step_seconds: float) -> bool:
+        """Between two prune steps: as long as the step took (at least MIN_STEP_PAUSE_SECONDS), so
+        the prune takes at most half the ledger's time; none after an empty step. False once the
+        worker stops."""
+        wait = max(MIN_STEP_PAUSE_SECONDS, step_seconds) if step_seconds else 0.0
+        return not self.stopping.wait(wait)

@@ -25,7 +25,14 @@ from .duty import Duty
 
 log = logging.getLogger(__name__)
 
+#: Seconds the poller's client waits to connect, and for each read: one attempt per poll.
+POLL_TIMEOUT_SECONDS = 10.0
 #: Polls claimed at once, and how long they stay ours: a poller that dies gives them up after it.
+#: The lease is never renewed, so it is sized for a whole round: CLAIM_LIMIT polls of one request
+#: each, bounded by POLL_TIMEOUT_SECONDS (the first that fails gives the rest back). A round slower
+#: still costs a second GET of a batch, nothing more: a poll is recorded only by its owner. No
+#: setting governs this: RECEIVER_LEASE_SECONDS is a job's lease, which the heartbeat renews, and
+#: RECEIVER_POLL_SECONDS says when a batch is due again, not how long a round of polls may take.
 CLAIM_LIMIT = 10
 CLAIM_LEASE_SECONDS = 180.0
 #: Every so often the poller stops watching batches a delivery queued (see Ledger.end_known_with_jobs).
@@ -54,7 +61,7 @@ class Poller(Duty):
         if not settings.poll_seconds:
             return None
         # One attempt per request: the poller paces itself (429, backoff) instead of blocking in retries.
-        client = BatchRouterClient(settings.api_url, settings.require_api_key(), timeout=10, retries=1)
+        client = BatchRouterClient(settings.api_url, settings.require_api_key(), timeout=POLL_TIMEOUT_SECONDS, retries=1)
         return cls(ledger, client, poll_seconds=settings.poll_seconds, owner=owner)
 
     def started(self) -> None:

@@ -300,7 +300,9 @@ class Worker:
             retry_at = None
         try:
             state = self._ledger_call(
-                running, lambda: self.ledger.mark_failed(job.batch_id, self.owner, message, retry_at=retry_at)
+                running,
+                lambda: self.ledger.mark_failed(job.batch_id, self.owner, message, retry_at=retry_at),
+                closing=True,
             )
         except (LedgerUnavailable, LeaseLost) as error:
             self._unsettled(job, "record the failed attempt", error)
@@ -503,10 +505,15 @@ class Worker:
             return _file_entry(key, result)
         return None
 
-    def _ledger_call(self, running: _Running, call: Callable[[], T]) -> T:
+    def _ledger_call(self, running: _Running, call: Callable[[], T], *, closing: bool = False) -> T:
         """Make a ledger call for a job in hand; after a lost connection make it again, with
         backoff, while the lease is surely still ours. Then LeaseLost: the lease may be another
-        worker's by now, and the next worker adopts what we completed."""
+        worker's by now, and the next worker adopts what we completed.
+
+        The wait between tries is the job's cancel flag: a stop (SIGTERM, a lost lease) ends it at
+        once with JobCancelled or LeaseLost, as at any other check, instead of sleeping out the
+        backoff. A `closing` call (give the job back, record its failed attempt, forget it) is how
+        a job ends, so a stop does not cut it short: it keeps trying while the lease lasts."""
         failures = 0
         while True:
             try:
@@ -518,7 +525,11 @@ class Worker:
                     raise LeaseLost(f"ledger unreachable until the lease on {running.job.batch_id} ran out ({exc})") from None
                 if failures == 1:
                     log.warning("job %s: %s; trying again while the lease lasts", running.job.batch_id, exc)
-                time.sleep(delay)
+                if not closing:
+                    running.cancel.wait(delay)
+                    self._check(running)
+                    continue
+                time.sleep(delay)  # the flag may be set already: waiting on it would not wait
                 if running.reason is Stop.LEASE_LOST:
                     raise LeaseLost(f"lease on {running.job.batch_id} lost") from None
 
@@ -526,7 +537,7 @@ class Worker:
         """Make a closing ledger call (release, forget); False, said in one line, when it cannot be
         made while the lease lasts: the lease then runs out and the job is taken again."""
         try:
-            self._ledger_call(running, call)
+            self._ledger_call(running, call, closing=True)
         except (LedgerUnavailable, LeaseLost) as exc:
             self._unsettled(running.job, what, exc)
             return False

@@ -213,6 +213,10 @@ class TableSize:
     bytes: int | None
 
 
+def _no_pause(step_seconds: float) -> bool:
+    return True
+
+
 class RetentionMixin:
     """Methods of :class:`~receiver.ledger.Ledger` for retention (see the module)."""
 
@@ -268,15 +272,22 @@ class RetentionMixin:
         *,
         now: float | None = None,
         limit: int = STEP_ROWS,
-        pause: Callable[[], None] = lambda: None,
+        pause: Callable[[float], bool] = _no_pause,
     ) -> dict[str, int]:
-        """Remove everything past its retention now, in steps of `limit` rows with `pause()`
-        between them; rows removed by rule name."""
+        """Remove everything past its retention now, in steps of `limit` rows; rows removed by
+        rule name. The one prune loop: `receiver db prune` and the worker's housekeeping differ
+        only in `pause`.
+
+        After each step, `pause(seconds)` is called with the seconds the step took (0 after a step
+        that removed nothing: there is nothing to make room after); it waits as long as it likes
+        for ingest and claims to take the ledger, and returns False to stop the prune there."""
         removed: dict[str, int] = {}
+        started = time.monotonic()
         for rule, count in self.prune_steps(policy, now=now, limit=limit):
             removed[rule.name] = removed.get(rule.name, 0) + count
-            if count:
-                pause()
+            if not pause(time.monotonic() - started if count else 0.0):
+                break
+            started = time.monotonic()
         return removed
 
     def prune_backlog(self, policy: RetentionPolicy, *, now: float | None = None) -> dict[str, int]:

@@ -65,8 +65,7 @@ _SQS_REGION = re.compile(r"(?:sqs\.([a-z0-9-]+)\.amazonaws\.com(?:\.cn)?|([a-z0-
 def client(service: str, region_name: str | None = None, *, timeout: float = 10.0) -> Any:
     """A boto3 client for `service` with one attempt per call and short timeouts."""
     try:
-        # botocore's Config(retries={"max_attempts": n}) counts retries after the first attempt.
-        return make_client(service, region_name=region_name, max_attempts=0, connect_timeout=timeout, read_timeout=timeout)
+        return make_client(service, region_name=region_name, max_attempts=1, connect_timeout=timeout, read_timeout=timeout)
     except botocore.exceptions.NoRegionError:
         raise NotifyTransient(f"no AWS region for {service}: set AWS_REGION (or use the queue URL / bus ARN form)") from None
 

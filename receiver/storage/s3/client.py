@@ -13,8 +13,9 @@ from botocore.config import Config
 MAX_POOL_CONNECTIONS = 64
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0
-#: botocore "standard" retry mode: exponential backoff with jitter, capped at 20 s a wait. A part is
-#: retried in place; failing the writer instead would restart the whole artifact.
+#: Attempts per request, the first included: botocore "standard" retry mode, exponential backoff with
+#: jitter, capped at 20 s a wait. A part is retried in place; failing the writer instead would
+#: restart the whole artifact.
 MAX_ATTEMPTS = 8
 #: The readiness probe's client: one attempt, short timeouts, so /readyz answers well within a load
 #: balancer's health-check timeout (and gunicorn's 30 s) while S3 is down, instead of retrying.
@@ -41,8 +42,10 @@ def make_client(
     `checksum=False` the client also stops botocore's default CRC32 checksums (botocore >= 1.36 sends
     them "when_supported"), which some S3-compatible stores reject like the SHA-256 ones.
 
-    Attempts per request: `max_attempts`, else the standard AWS_MAX_ATTEMPTS (or `max_attempts` in
-    ~/.aws/config), else MAX_ATTEMPTS.
+    Attempts per request, the first one included: `max_attempts`, else the standard AWS_MAX_ATTEMPTS
+    (or `max_attempts` in ~/.aws/config), else MAX_ATTEMPTS. They go to botocore as
+    `total_max_attempts`, which means what AWS_MAX_ATTEMPTS means; botocore's `retries`
+    `max_attempts` counts the retries after the first attempt, one more request than asked for.
 
     The client is typed `Any`: boto3 builds its classes at run time and ships no stubs.
     """
@@ -50,7 +53,7 @@ def make_client(
     if max_attempts is None:
         max_attempts = core.get_config_variable("max_attempts") or MAX_ATTEMPTS
     options: dict[str, Any] = {
-        "retries": {"mode": "standard", "max_attempts": max_attempts},
+        "retries": {"mode": "standard", "total_max_attempts": max_attempts},
         "connect_timeout": connect_timeout,
         "read_timeout": read_timeout,
         "max_pool_connections": max_pool_connections,
