@@ -37,6 +37,39 @@ POSTGRES_DRIVER_MISSING = "PostgreSQL needs psycopg: pip install 'batchrouter-re
 
 
 @dataclasses.dataclass(frozen=True)
+class RetentionSettings:
+    """Days each kind of ledger row is kept before the worker's housekeeping (or `receiver db
+    prune`) removes it. A group of its own because the ledger's retention rules take exactly these
+    five numbers and nothing else: tests and benchmarks build one without building a whole
+    `Settings`. Each minimum keeps what correctness needs (see receiver/ledger/retention.py)."""
+
+    #: Delivery records, kept for event-id deduplication (BatchRouter retries for 24 h).
+    delivery_days: int = 14
+    #: A finished attempt's row (retries by cause, throughput on the status page).
+    attempt_days: int = 30
+    #: A sent (or failed) `batch.stored` event's body; `notify --replay` rebuilds it from the
+    #: manifest after that. The row (and its webhook-id) stays as long as the job's.
+    notification_days: int = 7
+    #: A stored batch's job row (and its known-batch and event rows); a delivery for a batch pruned
+    #: after that adopts the manifest in storage and downloads nothing.
+    job_days: int = 30
+    #: The per-minute counts of deliveries refused for their signature.
+    refused_days: int = 7
+
+    @classmethod
+    def from_mapping(cls, env: Mapping[str, str]) -> RetentionSettings:
+        return cls(
+            delivery_days=_int(env, "RECEIVER_DELIVERY_RETENTION_DAYS", 14, 7, 3650),
+            # Minimums keep what correctness needs: a body until its 25 h of retries are over, a
+            # day of attempts and refusals for `status`, a job past BatchRouter's 24 h of retries.
+            notification_days=_int(env, "RECEIVER_NOTIFICATION_RETENTION_DAYS", 7, 2, 3650),
+            attempt_days=_int(env, "RECEIVER_ATTEMPT_RETENTION_DAYS", 30, 2, 3650),
+            job_days=_int(env, "RECEIVER_JOB_RETENTION_DAYS", 30, 7, 36500),
+            refused_days=_int(env, "RECEIVER_REFUSED_RETENTION_DAYS", 7, 2, 3650),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     """Every knob of the receiver. Defaults are the embedded ones: SQLite and a local folder."""
 
@@ -60,18 +93,6 @@ class Settings:
     retry_cap_seconds: float = 60.0
     #: How long a rotated-out webhook secret stays accepted (longer than BatchRouter's 24 h retries).
     secret_grace_seconds: float = 48 * 3600.0
-    #: How long delivery records are kept for deduplication (BatchRouter retries for 24 h).
-    delivery_retention_days: int = 14
-    #: How long a sent (or failed) `batch.stored` event keeps its body; `notify --replay` rebuilds
-    #: it from the manifest after that. The row (and its webhook-id) stays as long as the job's.
-    notification_retention_days: int = 7
-    #: How long a finished attempt's row (retries by cause, throughput) is kept.
-    attempt_retention_days: int = 30
-    #: How long a stored batch's job row (and its known-batch and event rows) is kept; a delivery
-    #: for a batch pruned after that adopts the manifest in storage and downloads nothing.
-    job_retention_days: int = 30
-    #: How long the per-minute counts of deliveries refused for their signature are kept.
-    refused_retention_days: int = 7
     #: Artifact read timeout: a stalled host frees the download slot after this many seconds.
     read_timeout_seconds: float = 60.0
     connect_timeout_seconds: float = 10.0
@@ -107,6 +128,7 @@ class Settings:
     auto_migrate: bool = True
     #: Fernet keys sealing the stored webhook secrets: the first encrypts, every one decrypts.
     encryption_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    retention: RetentionSettings = dataclasses.field(default_factory=RetentionSettings)
 
     @property
     def is_sqlite(self) -> bool:
@@ -189,13 +211,6 @@ class Settings:
             retry_base_seconds=_float(env, "RECEIVER_RETRY_BASE_SECONDS", 1.0, 0.01, 3600),
             retry_cap_seconds=_float(env, "RECEIVER_RETRY_CAP_SECONDS", 60.0, 0.01, 86400),
             secret_grace_seconds=_float(env, "RECEIVER_SECRET_GRACE_HOURS", 48.0, 0.0, 24 * 365) * 3600,
-            delivery_retention_days=_int(env, "RECEIVER_DELIVERY_RETENTION_DAYS", 14, 7, 3650),
-            # Minimums keep what correctness needs: a body until its 25 h of retries are over, a
-            # day of attempts and refusals for `status`, a job past BatchRouter's 24 h of retries.
-            notification_retention_days=_int(env, "RECEIVER_NOTIFICATION_RETENTION_DAYS", 7, 2, 3650),
-            attempt_retention_days=_int(env, "RECEIVER_ATTEMPT_RETENTION_DAYS", 30, 2, 3650),
-            job_retention_days=_int(env, "RECEIVER_JOB_RETENTION_DAYS", 30, 7, 36500),
-            refused_retention_days=_int(env, "RECEIVER_REFUSED_RETENTION_DAYS", 7, 2, 3650),
             read_timeout_seconds=_float(env, "RECEIVER_READ_TIMEOUT_SECONDS", 60.0, 0.1, 3600),
             connect_timeout_seconds=_float(env, "RECEIVER_CONNECT_TIMEOUT_SECONDS", 10.0, 0.1, 600),
             client_timeout_seconds=_float(env, "RECEIVER_CLIENT_TIMEOUT_SECONDS", 10.0, 0.1, 600),
@@ -214,6 +229,7 @@ class Settings:
             notify_event_bus=notify_event_bus,
             auto_migrate=_bool(env, "RECEIVER_AUTO_MIGRATE", True),
             encryption_keys=_validate_fernet_keys(_split_list(env.get("RECEIVER_ENCRYPTION_KEY"))),
+            retention=RetentionSettings.from_mapping(env),
         )
 
     @property

@@ -142,6 +142,13 @@ def test_unsupported_database_is_a_config_error():
         Settings.from_mapping({"DATABASE_URL": "mysql://x/y"})
 
 
+def test_each_group_reads_its_own_variables():
+    """A variable lands in its subsystem's group, with the same default when unset."""
+    s = Settings.from_mapping({"RECEIVER_JOB_RETENTION_DAYS": "9", "RECEIVER_REFUSED_RETENTION_DAYS": "3"})
+    assert (s.retention.job_days, s.retention.refused_days, s.retention.delivery_days) == (9, 3, 14)
+    assert Settings().retention == Settings.from_mapping({}).retention
+
+
 def test_dotenv_is_read_and_environment_wins(tmp_path):
     dotenv = tmp_path / ".env"
     dotenv.write_text("PORT=9001\nRECEIVER_WORKER_CONCURRENCY=7\n")

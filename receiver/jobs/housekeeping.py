@@ -17,7 +17,7 @@ import logging
 from ..config import Settings
 from ..errors import ReceiverError
 from ..ledger import Ledger
-from ..ledger.retention import STEP_ROWS, RetentionPolicy
+from ..ledger.retention import STEP_ROWS
 from ..storage import Storage
 from .duty import Duty
 
@@ -48,7 +48,7 @@ class Housekeeping(Duty):
         self.settings = settings
         self.ledger = ledger
         self.storage = storage
-        self.policy = RetentionPolicy.from_settings(settings)
+        self.policy = settings.retention
         self.step_rows = step_rows
 
     @property
