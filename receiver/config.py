@@ -37,6 +37,36 @@ POSTGRES_DRIVER_MISSING = "PostgreSQL needs psycopg: pip install 'batchrouter-re
 
 
 @dataclasses.dataclass(frozen=True)
+class S3Settings:
+    """How objects are written when RECEIVER_STORAGE_URL is an s3:// URL (ignored for a local
+    folder). A group because only the S3 backend reads them, and it reads nothing else of ours."""
+
+    #: Server-side encryption asked of S3: None (the bucket's default), AES256 or aws:kms.
+    sse: str | None = None
+    #: The KMS key for aws:kms (None: the AWS-managed key).
+    kms_key_id: str | None = None
+    #: Ask S3 to verify a SHA-256 checksum of each part; some S3-compatible stores reject it.
+    checksum: bool = True
+    #: Memory budget of one S3 streaming upload (parts buffered in flight), in bytes.
+    buffer_bytes: int = 24 * 1024 * 1024
+
+    @classmethod
+    def from_mapping(cls, env: Mapping[str, str]) -> S3Settings:
+        sse = _text(env, "RECEIVER_S3_SSE")
+        if sse is not None and sse not in ("AES256", "aws:kms"):
+            raise ConfigError("RECEIVER_S3_SSE", "must be AES256 or aws:kms")
+        kms_key = _text(env, "RECEIVER_S3_KMS_KEY_ID")
+        if kms_key is not None and sse != "aws:kms":
+            raise ConfigError("RECEIVER_S3_KMS_KEY_ID", "needs RECEIVER_S3_SSE=aws:kms")
+        return cls(
+            sse=sse,
+            kms_key_id=kms_key,
+            checksum=_bool(env, "RECEIVER_S3_CHECKSUM", True),
+            buffer_bytes=_int(env, "RECEIVER_S3_BUFFER_MB", 24, 16, 4096) * 1024 * 1024,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class RetentionSettings:
     """Days each kind of ledger row is kept before the worker's housekeeping (or `receiver db
     prune`) removes it. A group of its own because the ledger's retention rules take exactly these
@@ -101,12 +131,6 @@ class Settings:
     client_timeout_seconds: float = 10.0
     #: Proxies in front of gunicorn whose X-Forwarded-* headers we trust (0: trust none).
     trusted_proxies: int = 0
-    s3_sse: str | None = None
-    s3_kms_key_id: str | None = None
-    #: Ask S3 to verify a SHA-256 checksum of each part; some S3-compatible stores reject it.
-    s3_checksum: bool = True
-    #: Memory budget of one S3 streaming upload (parts buffered in flight), in bytes.
-    s3_buffer_bytes: int = 24 * 1024 * 1024
     #: How often a known, unfinished batch is polled with `GET /v1/batches/{id}`; 0 turns it off.
     poll_seconds: int = 300
     #: Turns the status page at /admin on; the token is its password. None: /admin answers 404.
@@ -128,6 +152,7 @@ class Settings:
     auto_migrate: bool = True
     #: Fernet keys sealing the stored webhook secrets: the first encrypts, every one decrypts.
     encryption_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    s3: S3Settings = dataclasses.field(default_factory=S3Settings)
     retention: RetentionSettings = dataclasses.field(default_factory=RetentionSettings)
 
     @property
@@ -156,21 +181,14 @@ class Settings:
 
     @classmethod
     def from_mapping(cls, env: Mapping[str, str]) -> Settings:
-        def get(name: str) -> str | None:
-            value = env.get(name)
-            if value is None:
-                return None
-            value = value.strip()
-            return value or None
-
-        api_url = _validate_api_url(get("BATCHROUTER_API_URL") or DEFAULT_API_URL)
-        api_key = get("BATCHROUTER_API_KEY")
+        api_url = _validate_api_url(_text(env, "BATCHROUTER_API_URL") or DEFAULT_API_URL)
+        api_key = _text(env, "BATCHROUTER_API_KEY")
         if api_key is not None and (not api_key.isprintable() or " " in api_key):
             raise ConfigError("BATCHROUTER_API_KEY", "contains spaces or control characters; paste the key exactly")
-        storage_url = get("RECEIVER_STORAGE_URL") or DEFAULT_STORAGE_URL
+        storage_url = _text(env, "RECEIVER_STORAGE_URL") or DEFAULT_STORAGE_URL
         parse_storage_url(storage_url)
-        database_url = _validate_database_url(get("DATABASE_URL") or DEFAULT_DATABASE_URL)
-        public_url = get("RECEIVER_PUBLIC_URL")
+        database_url = _validate_database_url(_text(env, "DATABASE_URL") or DEFAULT_DATABASE_URL)
+        public_url = _text(env, "RECEIVER_PUBLIC_URL")
         if public_url is not None and urlsplit(public_url).scheme not in ("http", "https"):
             raise ConfigError("RECEIVER_PUBLIC_URL", "must be an https:// URL, e.g. https://hooks.example.com/hooks/batchrouter")
         secrets = tuple(_split_list(env.get("RECEIVER_WEBHOOK_SECRET")))
@@ -178,23 +196,17 @@ class Settings:
             if not 8 <= len(secret) <= 256:
                 raise ConfigError("RECEIVER_WEBHOOK_SECRET", "each secret must be 8 to 256 characters (comma-separated list)")
         hosts = tuple(_validate_host(h) for h in _split_list(env.get("RECEIVER_ARTIFACT_HOSTS")))
-        sse = get("RECEIVER_S3_SSE")
-        if sse is not None and sse not in ("AES256", "aws:kms"):
-            raise ConfigError("RECEIVER_S3_SSE", "must be AES256 or aws:kms")
-        kms_key = get("RECEIVER_S3_KMS_KEY_ID")
-        if kms_key is not None and sse != "aws:kms":
-            raise ConfigError("RECEIVER_S3_KMS_KEY_ID", "needs RECEIVER_S3_SSE=aws:kms")
-        admin_token = get("RECEIVER_ADMIN_TOKEN")
+        admin_token = _text(env, "RECEIVER_ADMIN_TOKEN")
         if admin_token is not None and (len(admin_token) < 16 or not admin_token.isprintable() or " " in admin_token):
             raise ConfigError("RECEIVER_ADMIN_TOKEN", "must be at least 16 characters without spaces; try `openssl rand -hex 24`")
-        log_format = (get("RECEIVER_LOG_FORMAT") or "text").lower()
+        log_format = (_text(env, "RECEIVER_LOG_FORMAT") or "text").lower()
         if log_format not in ("text", "json"):
             raise ConfigError("RECEIVER_LOG_FORMAT", f"must be text or json, not {log_format!r}")
         notify_hosts = tuple(_validate_host(h, "RECEIVER_NOTIFY_HOSTS") for h in _split_list(env.get("RECEIVER_NOTIFY_HOSTS")))
-        notify_url = _validate_notify_url(get("RECEIVER_NOTIFY_URL"), notify_hosts)
-        notify_secret = _validate_notify_secret(get("RECEIVER_NOTIFY_SECRET"), required=notify_url is not None)
-        notify_sqs_url = _validate_sqs_url(get("RECEIVER_NOTIFY_SQS_URL"))
-        notify_event_bus = _validate_event_bus(get("RECEIVER_NOTIFY_EVENT_BUS"))
+        notify_url = _validate_notify_url(_text(env, "RECEIVER_NOTIFY_URL"), notify_hosts)
+        notify_secret = _validate_notify_secret(_text(env, "RECEIVER_NOTIFY_SECRET"), required=notify_url is not None)
+        notify_sqs_url = _validate_sqs_url(_text(env, "RECEIVER_NOTIFY_SQS_URL"))
+        notify_event_bus = _validate_event_bus(_text(env, "RECEIVER_NOTIFY_EVENT_BUS"))
         return cls(
             api_key=api_key,
             api_url=api_url,
@@ -215,10 +227,6 @@ class Settings:
             connect_timeout_seconds=_float(env, "RECEIVER_CONNECT_TIMEOUT_SECONDS", 10.0, 0.1, 600),
             client_timeout_seconds=_float(env, "RECEIVER_CLIENT_TIMEOUT_SECONDS", 10.0, 0.1, 600),
             trusted_proxies=_int(env, "RECEIVER_TRUSTED_PROXIES", 0, 0, 10),
-            s3_sse=sse,
-            s3_kms_key_id=kms_key,
-            s3_checksum=_bool(env, "RECEIVER_S3_CHECKSUM", True),
-            s3_buffer_bytes=_int(env, "RECEIVER_S3_BUFFER_MB", 24, 16, 4096) * 1024 * 1024,
             poll_seconds=_int(env, "RECEIVER_POLL_SECONDS", 300, 0, 7 * 86400),
             admin_token=admin_token,
             log_format=log_format,
@@ -229,6 +237,7 @@ class Settings:
             notify_event_bus=notify_event_bus,
             auto_migrate=_bool(env, "RECEIVER_AUTO_MIGRATE", True),
             encryption_keys=_validate_fernet_keys(_split_list(env.get("RECEIVER_ENCRYPTION_KEY"))),
+            s3=S3Settings.from_mapping(env),
             retention=RetentionSettings.from_mapping(env),
         )
 
@@ -247,6 +256,14 @@ class Settings:
                 "load the settings `receiver serve --emulator` wrote: set -a; . receiver-data/emulator.env; set +a)",
             )
         return self.api_key
+
+
+def _text(env: Mapping[str, str], name: str) -> str | None:
+    """A variable's value, trimmed; None when it is unset or blank."""
+    value = env.get(name)
+    if value is None:
+        return None
+    return value.strip() or None
 
 
 def _split_list(value: str | None) -> list[str]:

@@ -147,6 +147,9 @@ def test_each_group_reads_its_own_variables():
     s = Settings.from_mapping({"RECEIVER_JOB_RETENTION_DAYS": "9", "RECEIVER_REFUSED_RETENTION_DAYS": "3"})
     assert (s.retention.job_days, s.retention.refused_days, s.retention.delivery_days) == (9, 3, 14)
     assert Settings().retention == Settings.from_mapping({}).retention
+    s3 = Settings.from_mapping({"RECEIVER_S3_SSE": "aws:kms", "RECEIVER_S3_KMS_KEY_ID": "k1", "RECEIVER_S3_BUFFER_MB": "16"}).s3
+    assert (s3.sse, s3.kms_key_id, s3.checksum, s3.buffer_bytes) == ("aws:kms", "k1", True, 16 * 1024 * 1024)
+    assert Settings().s3 == Settings.from_mapping({}).s3
 
 
 def test_dotenv_is_read_and_environment_wins(tmp_path):
