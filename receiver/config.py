@@ -37,6 +37,44 @@ POSTGRES_DRIVER_MISSING = "PostgreSQL needs psycopg: pip install 'batchrouter-re
 
 
 @dataclasses.dataclass(frozen=True)
+class NotifySettings:
+    """Where each stored batch's `batch.stored` event goes, and for how long it is retried. A group
+    because only the notifier duties, their senders and `receiver notify` read it (they share the
+    backoff and network timeouts of downloads, in WorkerSettings). Every target that is set gets
+    every event, tracked on its own."""
+
+    #: Where `batch.stored` events are POSTed (None: this target is off), and their signing secret.
+    url: str | None = None
+    secret: str | None = dataclasses.field(default=None, repr=False)
+    #: Hosts (besides loopback) where the notify URL may be plain http: a private network's consumer.
+    hosts: tuple[str, ...] = ()
+    #: An SQS queue URL (standard or `.fifo`) that gets every `batch.stored` event as a message.
+    sqs_url: str | None = None
+    #: An EventBridge bus name or ARN that gets every `batch.stored` event (`PutEvents`).
+    event_bus: str | None = None
+    #: How long an event is retried before it is marked failed (the contract: at least 24 hours).
+    retry_seconds: float = 25 * 3600.0
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The notification targets that are set, in NOTIFY_TARGETS order (empty: notifications off)."""
+        chosen = {WEBHOOK: self.url, SQS: self.sqs_url, EVENTBRIDGE: self.event_bus}
+        return tuple(target for target in NOTIFY_TARGETS if chosen[target] is not None)
+
+    @classmethod
+    def from_mapping(cls, env: Mapping[str, str]) -> NotifySettings:
+        hosts = tuple(_validate_host(h, "RECEIVER_NOTIFY_HOSTS") for h in _split_list(env.get("RECEIVER_NOTIFY_HOSTS")))
+        url = _validate_notify_url(_text(env, "RECEIVER_NOTIFY_URL"), hosts)
+        return cls(
+            url=url,
+            secret=_validate_notify_secret(_text(env, "RECEIVER_NOTIFY_SECRET"), required=url is not None),
+            hosts=hosts,
+            sqs_url=_validate_sqs_url(_text(env, "RECEIVER_NOTIFY_SQS_URL")),
+            event_bus=_validate_event_bus(_text(env, "RECEIVER_NOTIFY_EVENT_BUS")),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class S3Settings:
     """How objects are written when RECEIVER_STORAGE_URL is an s3:// URL (ignored for a local
     folder). A group because only the S3 backend reads them, and it reads nothing else of ours."""
@@ -137,21 +175,11 @@ class Settings:
     admin_token: str | None = dataclasses.field(default=None, repr=False)
     #: `text` (a line for people) or `json` (one object per line for a log pipeline).
     log_format: str = "text"
-    #: Where `batch.stored` events are POSTed (None: notifications off), and their signing secret.
-    notify_url: str | None = None
-    notify_secret: str | None = dataclasses.field(default=None, repr=False)
-    #: Hosts (besides loopback) where the notify URL may be plain http: a private network's consumer.
-    notify_hosts: tuple[str, ...] = ()
-    #: An SQS queue URL (standard or `.fifo`) that gets every `batch.stored` event as a message.
-    notify_sqs_url: str | None = None
-    #: An EventBridge bus name or ARN that gets every `batch.stored` event (`PutEvents`).
-    notify_event_bus: str | None = None
-    #: How long an event is retried before it is marked failed (the contract: at least 24 hours).
-    notify_retry_seconds: float = 25 * 3600.0
     #: Bring the ledger's schema up to date at start; when false an older schema stops the process.
     auto_migrate: bool = True
     #: Fernet keys sealing the stored webhook secrets: the first encrypts, every one decrypts.
     encryption_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    notify: NotifySettings = dataclasses.field(default_factory=NotifySettings)
     s3: S3Settings = dataclasses.field(default_factory=S3Settings)
     retention: RetentionSettings = dataclasses.field(default_factory=RetentionSettings)
 
@@ -202,11 +230,6 @@ class Settings:
         log_format = (_text(env, "RECEIVER_LOG_FORMAT") or "text").lower()
         if log_format not in ("text", "json"):
             raise ConfigError("RECEIVER_LOG_FORMAT", f"must be text or json, not {log_format!r}")
-        notify_hosts = tuple(_validate_host(h, "RECEIVER_NOTIFY_HOSTS") for h in _split_list(env.get("RECEIVER_NOTIFY_HOSTS")))
-        notify_url = _validate_notify_url(_text(env, "RECEIVER_NOTIFY_URL"), notify_hosts)
-        notify_secret = _validate_notify_secret(_text(env, "RECEIVER_NOTIFY_SECRET"), required=notify_url is not None)
-        notify_sqs_url = _validate_sqs_url(_text(env, "RECEIVER_NOTIFY_SQS_URL"))
-        notify_event_bus = _validate_event_bus(_text(env, "RECEIVER_NOTIFY_EVENT_BUS"))
         return cls(
             api_key=api_key,
             api_url=api_url,
@@ -230,22 +253,12 @@ class Settings:
             poll_seconds=_int(env, "RECEIVER_POLL_SECONDS", 300, 0, 7 * 86400),
             admin_token=admin_token,
             log_format=log_format,
-            notify_url=notify_url,
-            notify_secret=notify_secret,
-            notify_hosts=notify_hosts,
-            notify_sqs_url=notify_sqs_url,
-            notify_event_bus=notify_event_bus,
             auto_migrate=_bool(env, "RECEIVER_AUTO_MIGRATE", True),
             encryption_keys=_validate_fernet_keys(_split_list(env.get("RECEIVER_ENCRYPTION_KEY"))),
+            notify=NotifySettings.from_mapping(env),
             s3=S3Settings.from_mapping(env),
             retention=RetentionSettings.from_mapping(env),
         )
-
-    @property
-    def notify_targets(self) -> tuple[str, ...]:
-        """The notification targets that are set, in NOTIFY_TARGETS order (empty: notifications off)."""
-        chosen = {WEBHOOK: self.notify_url, SQS: self.notify_sqs_url, EVENTBRIDGE: self.notify_event_bus}
-        return tuple(target for target in NOTIFY_TARGETS if chosen[target] is not None)
 
     def require_api_key(self) -> str:
         """The API key, or a configuration error for the commands that need one."""

@@ -150,6 +150,9 @@ def test_each_group_reads_its_own_variables():
     s3 = Settings.from_mapping({"RECEIVER_S3_SSE": "aws:kms", "RECEIVER_S3_KMS_KEY_ID": "k1", "RECEIVER_S3_BUFFER_MB": "16"}).s3
     assert (s3.sse, s3.kms_key_id, s3.checksum, s3.buffer_bytes) == ("aws:kms", "k1", True, 16 * 1024 * 1024)
     assert Settings().s3 == Settings.from_mapping({}).s3
+    notify = Settings.from_mapping({"RECEIVER_NOTIFY_EVENT_BUS": "default", "RECEIVER_NOTIFY_HOSTS": "Jobs.Internal"}).notify
+    assert (notify.targets, notify.event_bus, notify.hosts, notify.url) == (("eventbridge",), "default", ("jobs.internal",), None)
+    assert Settings().notify == Settings.from_mapping({}).notify and Settings().notify.targets == ()
 
 
 def test_dotenv_is_read_and_environment_wins(tmp_path):

@@ -311,15 +311,15 @@ def status(as_json: bool) -> None:
     for row in stats["dead"]:
         click.echo(f"dead: {row['batch_id']} after {row['attempts']} attempts: {row['last_error']}")
     notes = stats["notifications"]
-    if settings.notify_targets or any(notes["states"].values()):
+    if settings.notify.targets or any(notes["states"].values()):
         oldest = notes["oldest_pending_at"]
         click.echo(
             f"notifications: pending {notes['states']['pending']}  sent {notes['states']['sent']}  "
             f"failed {notes['states']['failed']}" + (f"  (oldest pending since {iso(oldest)})" if oldest else "")
         )
-        for target in sorted(set(settings.notify_targets) | set(notes["targets"]), key=_target_order):
+        for target in sorted(set(settings.notify.targets) | set(notes["targets"]), key=_target_order):
             counts = notes["targets"].get(target, {"pending": 0, "sent": 0, "failed": 0})
-            unset = "" if target in settings.notify_targets else "  (not set any more)"
+            unset = "" if target in settings.notify.targets else "  (not set any more)"
             click.echo(f"  {target}: pending {counts['pending']}  sent {counts['sent']}  failed {counts['failed']}{unset}")
     for row in notes["failed"]:
         click.echo(

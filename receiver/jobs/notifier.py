@@ -80,7 +80,7 @@ class Notifier(Duty):
         if delay is None:
             delay = backoff(attempts, base=self.settings.retry_base_seconds, cap=self.settings.retry_cap_seconds)
         retry_at = time.time() + min(delay, MAX_RETRY_AFTER_SECONDS)
-        if isinstance(exc, NotifyRejected) or retry_at >= retry_from + self.settings.notify_retry_seconds:
+        if isinstance(exc, NotifyRejected) or retry_at >= retry_from + self.settings.notify.retry_seconds:
             self.ledger.notification_failed(batch_id, self.owner, error, retry_at=None, target=self.target)
             log.error(
                 "batch %s: %s notification %s failed for good after %d attempts: %s",

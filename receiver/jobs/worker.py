@@ -156,11 +156,11 @@ class Worker:
         poller = Poller.from_settings(self.settings, self.ledger, self.owner)
         if poller is not None:
             duties.append(poller)
-        if self.settings.notify_targets:
+        if self.settings.notify.targets:
             from .notifier import Notifier
 
             # One per target: each retries on its own, so a target that is down holds no other back.
-            duties += [Notifier(self.settings, self.ledger, self.owner, target) for target in self.settings.notify_targets]
+            duties += [Notifier(self.settings, self.ledger, self.owner, target) for target in self.settings.notify.targets]
         return duties
 
     def run_forever(self) -> None:
@@ -471,7 +471,7 @@ class Worker:
 
         Retried after a lost connection: when the first try committed but its answer was lost,
         the second finds the lease gone (mark_stored answers False) and writes nothing twice."""
-        notify = self.settings.notify_targets
+        notify = self.settings.notify.targets
         self._ledger_call(running, lambda: self.ledger.mark_stored(running.job.batch_id, self.owner, manifest, notify=notify))
 
     def _stored_already(self, batch: Batch, kind: str, day: str) -> StoredFile | None:
