@@ -37,6 +37,45 @@ POSTGRES_DRIVER_MISSING = "PostgreSQL needs psycopg: pip install 'batchrouter-re
 
 
 @dataclasses.dataclass(frozen=True)
+class WebSettings:
+    """What the web process accepts: which signatures, how large a body, how slow a client, whose
+    forwarded headers, and who may open the status page. A group because receiver/web reads these
+    (and `register` the secret grace it applies when rotating) and the worker reads none of them."""
+
+    #: Signing secrets accepted besides the ledger's (RECEIVER_WEBHOOK_SECRET, comma-separated).
+    webhook_secrets: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    #: How long a rotated-out webhook secret stays accepted (longer than BatchRouter's 24 h retries).
+    secret_grace_seconds: float = 48 * 3600.0
+    #: Largest delivery body accepted, in bytes (413 above it).
+    max_body_bytes: int = 1024 * 1024
+    #: The hook's deadline for each read from (and write to) a client: a client that stalls
+    #: mid-request is cut off after this many seconds instead of holding its connection for ever.
+    client_timeout_seconds: float = 10.0
+    #: Proxies in front of gunicorn whose X-Forwarded-* headers we trust (0: trust none).
+    trusted_proxies: int = 0
+    #: Turns the status page at /admin on; the token is its password. None: /admin answers 404.
+    admin_token: str | None = dataclasses.field(default=None, repr=False)
+
+    @classmethod
+    def from_mapping(cls, env: Mapping[str, str]) -> WebSettings:
+        secrets = tuple(_split_list(env.get("RECEIVER_WEBHOOK_SECRET")))
+        for secret in secrets:
+            if not 8 <= len(secret) <= 256:
+                raise ConfigError("RECEIVER_WEBHOOK_SECRET", "each secret must be 8 to 256 characters (comma-separated list)")
+        admin_token = _text(env, "RECEIVER_ADMIN_TOKEN")
+        if admin_token is not None and (len(admin_token) < 16 or not admin_token.isprintable() or " " in admin_token):
+            raise ConfigError("RECEIVER_ADMIN_TOKEN", "must be at least 16 characters without spaces; try `openssl rand -hex 24`")
+        return cls(
+            webhook_secrets=secrets,
+            secret_grace_seconds=_float(env, "RECEIVER_SECRET_GRACE_HOURS", 48.0, 0.0, 24 * 365) * 3600,
+            max_body_bytes=_int(env, "RECEIVER_MAX_BODY_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024),
+            client_timeout_seconds=_float(env, "RECEIVER_CLIENT_TIMEOUT_SECONDS", 10.0, 0.1, 600),
+            trusted_proxies=_int(env, "RECEIVER_TRUSTED_PROXIES", 0, 0, 10),
+            admin_token=admin_token,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class NotifySettings:
     """Where each stored batch's `batch.stored` event goes, and for how long it is retried. A group
     because only the notifier duties, their senders and `receiver notify` read it (they share the
@@ -146,12 +185,9 @@ class Settings:
     storage_url: str = DEFAULT_STORAGE_URL
     database_url: str = DEFAULT_DATABASE_URL
     public_url: str | None = None
-    webhook_secrets: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     artifact_hosts: tuple[str, ...] = ()
     worker_concurrency: int = 4
     port: int = 8000
-    #: Largest delivery body accepted, in bytes (413 above it).
-    max_body_bytes: int = 1024 * 1024
     #: Seconds a claimed job stays ours without a heartbeat; a crashed worker's job returns after it.
     lease_seconds: float = 30.0
     #: Attempts before a job is `dead`.
@@ -159,26 +195,18 @@ class Settings:
     #: First retry delay and the cap of the exponential backoff, in seconds.
     retry_base_seconds: float = 1.0
     retry_cap_seconds: float = 60.0
-    #: How long a rotated-out webhook secret stays accepted (longer than BatchRouter's 24 h retries).
-    secret_grace_seconds: float = 48 * 3600.0
     #: Artifact read timeout: a stalled host frees the download slot after this many seconds.
     read_timeout_seconds: float = 60.0
     connect_timeout_seconds: float = 10.0
-    #: The hook's deadline for each read from (and write to) a client: a client that stalls
-    #: mid-request is cut off after this many seconds instead of holding its connection for ever.
-    client_timeout_seconds: float = 10.0
-    #: Proxies in front of gunicorn whose X-Forwarded-* headers we trust (0: trust none).
-    trusted_proxies: int = 0
     #: How often a known, unfinished batch is polled with `GET /v1/batches/{id}`; 0 turns it off.
     poll_seconds: int = 300
-    #: Turns the status page at /admin on; the token is its password. None: /admin answers 404.
-    admin_token: str | None = dataclasses.field(default=None, repr=False)
     #: `text` (a line for people) or `json` (one object per line for a log pipeline).
     log_format: str = "text"
     #: Bring the ledger's schema up to date at start; when false an older schema stops the process.
     auto_migrate: bool = True
     #: Fernet keys sealing the stored webhook secrets: the first encrypts, every one decrypts.
     encryption_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    web: WebSettings = dataclasses.field(default_factory=WebSettings)
     notify: NotifySettings = dataclasses.field(default_factory=NotifySettings)
     s3: S3Settings = dataclasses.field(default_factory=S3Settings)
     retention: RetentionSettings = dataclasses.field(default_factory=RetentionSettings)
@@ -219,14 +247,7 @@ class Settings:
         public_url = _text(env, "RECEIVER_PUBLIC_URL")
         if public_url is not None and urlsplit(public_url).scheme not in ("http", "https"):
             raise ConfigError("RECEIVER_PUBLIC_URL", "must be an https:// URL, e.g. https://hooks.example.com/hooks/batchrouter")
-        secrets = tuple(_split_list(env.get("RECEIVER_WEBHOOK_SECRET")))
-        for secret in secrets:
-            if not 8 <= len(secret) <= 256:
-                raise ConfigError("RECEIVER_WEBHOOK_SECRET", "each secret must be 8 to 256 characters (comma-separated list)")
         hosts = tuple(_validate_host(h) for h in _split_list(env.get("RECEIVER_ARTIFACT_HOSTS")))
-        admin_token = _text(env, "RECEIVER_ADMIN_TOKEN")
-        if admin_token is not None and (len(admin_token) < 16 or not admin_token.isprintable() or " " in admin_token):
-            raise ConfigError("RECEIVER_ADMIN_TOKEN", "must be at least 16 characters without spaces; try `openssl rand -hex 24`")
         log_format = (_text(env, "RECEIVER_LOG_FORMAT") or "text").lower()
         if log_format not in ("text", "json"):
             raise ConfigError("RECEIVER_LOG_FORMAT", f"must be text or json, not {log_format!r}")
@@ -236,25 +257,20 @@ class Settings:
             storage_url=storage_url,
             database_url=database_url,
             public_url=public_url,
-            webhook_secrets=secrets,
             artifact_hosts=hosts,
             worker_concurrency=_int(env, "RECEIVER_WORKER_CONCURRENCY", 4, 1, 256),
             port=_int(env, "PORT", 8000, 1, 65535),
-            max_body_bytes=_int(env, "RECEIVER_MAX_BODY_BYTES", 1024 * 1024, 1024, 64 * 1024 * 1024),
             lease_seconds=float(_int(env, "RECEIVER_LEASE_SECONDS", 30, 2, 3600)),
             max_attempts=_int(env, "RECEIVER_MAX_ATTEMPTS", 8, 1, 1000),
             retry_base_seconds=_float(env, "RECEIVER_RETRY_BASE_SECONDS", 1.0, 0.01, 3600),
             retry_cap_seconds=_float(env, "RECEIVER_RETRY_CAP_SECONDS", 60.0, 0.01, 86400),
-            secret_grace_seconds=_float(env, "RECEIVER_SECRET_GRACE_HOURS", 48.0, 0.0, 24 * 365) * 3600,
             read_timeout_seconds=_float(env, "RECEIVER_READ_TIMEOUT_SECONDS", 60.0, 0.1, 3600),
             connect_timeout_seconds=_float(env, "RECEIVER_CONNECT_TIMEOUT_SECONDS", 10.0, 0.1, 600),
-            client_timeout_seconds=_float(env, "RECEIVER_CLIENT_TIMEOUT_SECONDS", 10.0, 0.1, 600),
-            trusted_proxies=_int(env, "RECEIVER_TRUSTED_PROXIES", 0, 0, 10),
             poll_seconds=_int(env, "RECEIVER_POLL_SECONDS", 300, 0, 7 * 86400),
-            admin_token=admin_token,
             log_format=log_format,
             auto_migrate=_bool(env, "RECEIVER_AUTO_MIGRATE", True),
             encryption_keys=_validate_fernet_keys(_split_list(env.get("RECEIVER_ENCRYPTION_KEY"))),
+            web=WebSettings.from_mapping(env),
             notify=NotifySettings.from_mapping(env),
             s3=S3Settings.from_mapping(env),
             retention=RetentionSettings.from_mapping(env),

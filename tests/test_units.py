@@ -111,7 +111,7 @@ def test_settings_defaults_and_lists():
     s = Settings.from_mapping(
         {"RECEIVER_WEBHOOK_SECRET": " one secret! , two-secret ", "RECEIVER_ARTIFACT_HOSTS": "127.0.0.1, Files.Example.com"}
     )
-    assert s.webhook_secrets == ("one secret!", "two-secret")
+    assert s.web.webhook_secrets == ("one secret!", "two-secret")
     assert s.artifact_hosts == ("127.0.0.1", "files.example.com")
     assert s.storage_url == "./receiver-data/storage" and s.database_url.startswith("sqlite:///")
     assert Settings.from_mapping({"DATABASE_URL": "postgresql://u@h/db"}).database_url.startswith("postgresql")
@@ -150,6 +150,9 @@ def test_each_group_reads_its_own_variables():
     s3 = Settings.from_mapping({"RECEIVER_S3_SSE": "aws:kms", "RECEIVER_S3_KMS_KEY_ID": "k1", "RECEIVER_S3_BUFFER_MB": "16"}).s3
     assert (s3.sse, s3.kms_key_id, s3.checksum, s3.buffer_bytes) == ("aws:kms", "k1", True, 16 * 1024 * 1024)
     assert Settings().s3 == Settings.from_mapping({}).s3
+    web = Settings.from_mapping({"RECEIVER_SECRET_GRACE_HOURS": "25", "RECEIVER_TRUSTED_PROXIES": "1"}).web
+    assert (web.secret_grace_seconds, web.trusted_proxies, web.max_body_bytes) == (25 * 3600, 1, 1024 * 1024)
+    assert Settings().web == Settings.from_mapping({}).web
     notify = Settings.from_mapping({"RECEIVER_NOTIFY_EVENT_BUS": "default", "RECEIVER_NOTIFY_HOSTS": "Jobs.Internal"}).notify
     assert (notify.targets, notify.event_bus, notify.hosts, notify.url) == (("eventbridge",), "default", ("jobs.internal",), None)
     assert Settings().notify == Settings.from_mapping({}).notify and Settings().notify.targets == ()

@@ -277,7 +277,7 @@ def status(as_json: bool) -> None:
             }
             for s in secrets
         ],
-        "from_environment": len(settings.webhook_secrets),
+        "from_environment": len(settings.web.webhook_secrets),
         "encrypted": bool(settings.encryption_keys),
     }
     stats["polling"] = {"interval_seconds": settings.poll_seconds, **ledger.polling_stats(now)}
@@ -293,7 +293,7 @@ def status(as_json: bool) -> None:
     click.echo(
         "last delivery: " + (f"{iso(last['received_at'])} {last['event_type']} {last['batch_id'] or ''}" if last else "none yet")
     )
-    total = len(secrets) + len(settings.webhook_secrets)
+    total = len(secrets) + len(settings.web.webhook_secrets)
     click.echo(
         f"accepted webhook secrets: {total}" + ("  (every delivery gets 401 until `receiver register`)" if not total else "")
     )
@@ -304,8 +304,8 @@ def status(as_json: bool) -> None:
             else f"retiring in {s['expires_in_seconds'] // 3600}h{s['expires_in_seconds'] % 3600 // 60:02d}m"
         )
         click.echo(f"  stored secret, age {s['age_seconds'] // 3600}h{s['age_seconds'] % 3600 // 60:02d}m, {expiry}")
-    if settings.webhook_secrets:
-        click.echo(f"  {len(settings.webhook_secrets)} from RECEIVER_WEBHOOK_SECRET")
+    if settings.web.webhook_secrets:
+        click.echo(f"  {len(settings.web.webhook_secrets)} from RECEIVER_WEBHOOK_SECRET")
     if not settings.encryption_keys:
         click.echo(f"  {UNENCRYPTED}")
     for row in stats["dead"]:

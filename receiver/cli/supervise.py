@@ -169,7 +169,7 @@ def register_with_emulator(settings: Settings, hook_url: str) -> None:
         secret = ledger.current_secret()
         if secret is None:
             secret = secrets_module.token_urlsafe(32)
-            ledger.add_secret(secret, grace_seconds=settings.secret_grace_seconds)
+            ledger.add_secret(secret, grace_seconds=settings.web.secret_grace_seconds)
     finally:
         ledger.close()
     client = BatchRouterClient.from_settings(settings)
