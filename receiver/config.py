@@ -37,6 +37,45 @@ POSTGRES_DRIVER_MISSING = "PostgreSQL needs psycopg: pip install 'batchrouter-re
 
 
 @dataclasses.dataclass(frozen=True)
+class WorkerSettings:
+    """How the worker process runs its jobs and duties: how many downloads at once, how long a
+    claim holds, how often and how patiently to retry, which artifact hosts it may reach, and how
+    often it polls. A group because only receiver/jobs (and `fetch`, which runs the worker's
+    code in the foreground) reads it; the notifiers share its backoff, lease and timeouts."""
+
+    #: Downloads in flight per worker process.
+    concurrency: int = 4
+    #: Seconds a claimed job stays ours without a heartbeat; a crashed worker's job returns after it.
+    lease_seconds: float = 30.0
+    #: Attempts before a job is `dead`.
+    max_attempts: int = 8
+    #: First retry delay and the cap of the exponential backoff, in seconds.
+    retry_base_seconds: float = 1.0
+    retry_cap_seconds: float = 60.0
+    #: Artifact read timeout: a stalled host frees the download slot after this many seconds.
+    read_timeout_seconds: float = 60.0
+    connect_timeout_seconds: float = 10.0
+    #: Artifact hosts allowed although private or loopback, and allowed over plain http.
+    artifact_hosts: tuple[str, ...] = ()
+    #: How often a known, unfinished batch is polled with `GET /v1/batches/{id}`; 0 turns it off.
+    poll_seconds: int = 300
+
+    @classmethod
+    def from_mapping(cls, env: Mapping[str, str]) -> WorkerSettings:
+        return cls(
+            artifact_hosts=tuple(_validate_host(h) for h in _split_list(env.get("RECEIVER_ARTIFACT_HOSTS"))),
+            concurrency=_int(env, "RECEIVER_WORKER_CONCURRENCY", 4, 1, 256),
+            lease_seconds=float(_int(env, "RECEIVER_LEASE_SECONDS", 30, 2, 3600)),
+            max_attempts=_int(env, "RECEIVER_MAX_ATTEMPTS", 8, 1, 1000),
+            retry_base_seconds=_float(env, "RECEIVER_RETRY_BASE_SECONDS", 1.0, 0.01, 3600),
+            retry_cap_seconds=_float(env, "RECEIVER_RETRY_CAP_SECONDS", 60.0, 0.01, 86400),
+            read_timeout_seconds=_float(env, "RECEIVER_READ_TIMEOUT_SECONDS", 60.0, 0.1, 3600),
+            connect_timeout_seconds=_float(env, "RECEIVER_CONNECT_TIMEOUT_SECONDS", 10.0, 0.1, 600),
+            poll_seconds=_int(env, "RECEIVER_POLL_SECONDS", 300, 0, 7 * 86400),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class WebSettings:
     """What the web process accepts: which signatures, how large a body, how slow a client, whose
     forwarded headers, and who may open the status page. A group because receiver/web reads these
@@ -185,21 +224,7 @@ class Settings:
     storage_url: str = DEFAULT_STORAGE_URL
     database_url: str = DEFAULT_DATABASE_URL
     public_url: str | None = None
-    artifact_hosts: tuple[str, ...] = ()
-    worker_concurrency: int = 4
     port: int = 8000
-    #: Seconds a claimed job stays ours without a heartbeat; a crashed worker's job returns after it.
-    lease_seconds: float = 30.0
-    #: Attempts before a job is `dead`.
-    max_attempts: int = 8
-    #: First retry delay and the cap of the exponential backoff, in seconds.
-    retry_base_seconds: float = 1.0
-    retry_cap_seconds: float = 60.0
-    #: Artifact read timeout: a stalled host frees the download slot after this many seconds.
-    read_timeout_seconds: float = 60.0
-    connect_timeout_seconds: float = 10.0
-    #: How often a known, unfinished batch is polled with `GET /v1/batches/{id}`; 0 turns it off.
-    poll_seconds: int = 300
     #: `text` (a line for people) or `json` (one object per line for a log pipeline).
     log_format: str = "text"
     #: Bring the ledger's schema up to date at start; when false an older schema stops the process.
@@ -207,6 +232,7 @@ class Settings:
     #: Fernet keys sealing the stored webhook secrets: the first encrypts, every one decrypts.
     encryption_keys: tuple[str, ...] = dataclasses.field(default=(), repr=False)
     web: WebSettings = dataclasses.field(default_factory=WebSettings)
+    worker: WorkerSettings = dataclasses.field(default_factory=WorkerSettings)
     notify: NotifySettings = dataclasses.field(default_factory=NotifySettings)
     s3: S3Settings = dataclasses.field(default_factory=S3Settings)
     retention: RetentionSettings = dataclasses.field(default_factory=RetentionSettings)
@@ -247,7 +273,6 @@ class Settings:
         public_url = _text(env, "RECEIVER_PUBLIC_URL")
         if public_url is not None and urlsplit(public_url).scheme not in ("http", "https"):
             raise ConfigError("RECEIVER_PUBLIC_URL", "must be an https:// URL, e.g. https://hooks.example.com/hooks/batchrouter")
-        hosts = tuple(_validate_host(h) for h in _split_list(env.get("RECEIVER_ARTIFACT_HOSTS")))
         log_format = (_text(env, "RECEIVER_LOG_FORMAT") or "text").lower()
         if log_format not in ("text", "json"):
             raise ConfigError("RECEIVER_LOG_FORMAT", f"must be text or json, not {log_format!r}")
@@ -257,20 +282,12 @@ class Settings:
             storage_url=storage_url,
             database_url=database_url,
             public_url=public_url,
-            artifact_hosts=hosts,
-            worker_concurrency=_int(env, "RECEIVER_WORKER_CONCURRENCY", 4, 1, 256),
             port=_int(env, "PORT", 8000, 1, 65535),
-            lease_seconds=float(_int(env, "RECEIVER_LEASE_SECONDS", 30, 2, 3600)),
-            max_attempts=_int(env, "RECEIVER_MAX_ATTEMPTS", 8, 1, 1000),
-            retry_base_seconds=_float(env, "RECEIVER_RETRY_BASE_SECONDS", 1.0, 0.01, 3600),
-            retry_cap_seconds=_float(env, "RECEIVER_RETRY_CAP_SECONDS", 60.0, 0.01, 86400),
-            read_timeout_seconds=_float(env, "RECEIVER_READ_TIMEOUT_SECONDS", 60.0, 0.1, 3600),
-            connect_timeout_seconds=_float(env, "RECEIVER_CONNECT_TIMEOUT_SECONDS", 10.0, 0.1, 600),
-            poll_seconds=_int(env, "RECEIVER_POLL_SECONDS", 300, 0, 7 * 86400),
             log_format=log_format,
             auto_migrate=_bool(env, "RECEIVER_AUTO_MIGRATE", True),
             encryption_keys=_validate_fernet_keys(_split_list(env.get("RECEIVER_ENCRYPTION_KEY"))),
             web=WebSettings.from_mapping(env),
+            worker=WorkerSettings.from_mapping(env),
             notify=NotifySettings.from_mapping(env),
             s3=S3Settings.from_mapping(env),
             retention=RetentionSettings.from_mapping(env),

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from receiver.config import NotifySettings, Settings
+from receiver.config import NotifySettings, Settings, WorkerSettings
 from receiver.jobs.notifier import Notifier
 from receiver.ledger import Ledger
 from receiver.manifest import Manifest, StoredFile
@@ -63,7 +63,8 @@ def _stored_ledger(tmp_path: Path, *batch_ids: str, url: str | None = None) -> L
 def _settings(url: str, **notify: Any) -> Settings:
     """Quick retries and a short lease; `notify` overrides the webhook target's settings."""
     return Settings(
-        notify=NotifySettings(url=url, secret=SECRET, **notify), retry_base_seconds=0.05, retry_cap_seconds=0.2, lease_seconds=2.0
+        notify=NotifySettings(url=url, secret=SECRET, **notify),
+        worker=WorkerSettings(retry_base_seconds=0.05, retry_cap_seconds=0.2, lease_seconds=2.0),
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from receiver.config import NotifySettings, Settings
+from receiver.config import NotifySettings, Settings, WorkerSettings
 from receiver.jobs.notifier import Notifier
 from receiver.ledger import Ledger
 from receiver.ledger.migrate import _config
@@ -66,13 +66,10 @@ def _stored(tmp_path: Path, batch_id: str, targets: tuple[str, ...]) -> Ledger:
 
 def _settings(*, retry_cap_seconds: float = 0.2, **notify: Any) -> Settings:
     """Quick retries and a short lease; `notify` sets the targets (NotifySettings' fields)."""
-    return Settings(
-        notify=NotifySettings(**notify),
-        retry_base_seconds=0.05,
-        retry_cap_seconds=retry_cap_seconds,
-        lease_seconds=2.0,
-        connect_timeout_seconds=3.0,
+    quick = WorkerSettings(
+        retry_base_seconds=0.05, retry_cap_seconds=retry_cap_seconds, lease_seconds=2.0, connect_timeout_seconds=3.0
     )
+    return Settings(notify=NotifySettings(**notify), worker=quick)
 
 
 def _settle(notifier: Notifier, batch_id: str, timeout: float = 30.0) -> dict[str, Any]:

@@ -280,7 +280,7 @@ def status(as_json: bool) -> None:
         "from_environment": len(settings.web.webhook_secrets),
         "encrypted": bool(settings.encryption_keys),
     }
-    stats["polling"] = {"interval_seconds": settings.poll_seconds, **ledger.polling_stats(now)}
+    stats["polling"] = {"interval_seconds": settings.worker.poll_seconds, **ledger.polling_stats(now)}
     if as_json:
         click.echo(json.dumps(stats, indent=2))
         return

@@ -55,7 +55,7 @@ class Housekeeping(Duty):
     def partials_age_seconds(self) -> float:
         """A partial upload older than this belongs to no live attempt: even a slow one renews its
         lease and reads within these bounds."""
-        return max(600.0, 4 * self.settings.lease_seconds + 2 * self.settings.read_timeout_seconds)
+        return max(600.0, 4 * self.settings.worker.lease_seconds + 2 * self.settings.worker.read_timeout_seconds)
 
     def tick(self) -> bool:
         try:

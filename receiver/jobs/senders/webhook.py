@@ -51,8 +51,8 @@ class WebhookSender:
         return cls(
             settings.notify.url,
             settings.notify.secret,
-            connect_timeout=settings.connect_timeout_seconds,
-            read_timeout=min(30.0, settings.read_timeout_seconds),
+            connect_timeout=settings.worker.connect_timeout_seconds,
+            read_timeout=min(30.0, settings.worker.read_timeout_seconds),
         )
 
     def send(self, event: Notification) -> None:
