@@ -2,6 +2,18 @@
 
 Nothing else in the package reads ``os.environ``. A bad value raises :class:`ConfigError` naming the
 variable and the fix; the CLI and the gunicorn entry point turn that into one line and exit code 2.
+
+:class:`Settings` holds what every process needs to find its place: where BatchRouter is and the
+key to it, the ledger, the storage root, the public URL, the port, the log format, whether to
+migrate, and the keys the ledger's secrets are sealed with (the web, the worker and the CLI all open
+the ledger and storage, so none of these belongs to one subsystem). The rest is grouped by the one
+subsystem that reads it, each group a frozen object with its own ``from_mapping``:
+``settings.web`` (:class:`WebSettings`), ``settings.worker`` (:class:`WorkerSettings`),
+``settings.notify`` (:class:`NotifySettings`), ``settings.s3`` (:class:`S3Settings`) and
+``settings.retention`` (:class:`RetentionSettings`). A reader sees at a glance which part a knob
+serves; the ledger's retention rules take just their group, and a test builds only the groups it
+changes. The environment variable names stay flat (``RECEIVER_…``): the
+grouping is this module's, not the operator's.
 """
 
 from __future__ import annotations
@@ -217,13 +229,16 @@ class RetentionSettings:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Every knob of the receiver. Defaults are the embedded ones: SQLite and a local folder."""
+    """Every knob of the receiver: the process-wide ones here, the rest in one group per subsystem.
+    Defaults are the embedded ones: SQLite and a local folder."""
 
     api_key: str | None = dataclasses.field(default=None, repr=False)
     api_url: str = DEFAULT_API_URL
     storage_url: str = DEFAULT_STORAGE_URL
     database_url: str = DEFAULT_DATABASE_URL
+    #: The hook's public URL, for `register` without `--url`.
     public_url: str | None = None
+    #: The HTTP port the web process listens on.
     port: int = 8000
     #: `text` (a line for people) or `json` (one object per line for a log pipeline).
     log_format: str = "text"
