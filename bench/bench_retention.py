@@ -21,8 +21,8 @@ import time
 
 import sqlalchemy as sa
 
+from receiver.config import RetentionSettings
 from receiver.ledger import Delivery, Ledger, reports
-from receiver.ledger.retention import RetentionPolicy
 from receiver.ledger.schema import jobs, notification_deliveries, notifications
 from receiver.manifest import Manifest, StoredFile
 
@@ -114,7 +114,7 @@ def main() -> None:
     removed: dict[str, int] = {}
     seconds: dict[str, float] = {}
     step_started = started
-    for rule, count in ledger.prune_steps(RetentionPolicy(), now=now):
+    for rule, count in ledger.prune_steps(RetentionSettings(), now=now):
         removed[rule.name] = removed.get(rule.name, 0) + count
         seconds[rule.name] = round(seconds.get(rule.name, 0.0) + time.monotonic() - step_started, 2)
         step_started = time.monotonic()

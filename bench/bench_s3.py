@@ -72,7 +72,7 @@ def child_ours(batch_id: str) -> dict[str, Any]:
     if os.environ.get("BENCH_CONCURRENCY"):
         storage.max_concurrency = int(os.environ["BENCH_CONCURRENCY"])
     ledger.enqueue(batch_id, origin="bench")
-    job = ledger.claim(worker.owner, settings.lease_seconds, batch_id=batch_id)
+    job = ledger.claim(worker.owner, settings.worker.lease_seconds, batch_id=batch_id)
     assert job is not None
     before = peak_rss_kib(os.getpid())
     start = time.perf_counter()

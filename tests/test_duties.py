@@ -71,7 +71,7 @@ def test_housekeeping_removes_abandoned_partials_and_prunes_old_deliveries(tmp_p
     fresh.write_bytes(b"y")
     an_hour_ago = time.time() - 3600
     os.utime(old, (an_hour_ago, an_hour_ago))
-    long_ago = time.time() - (settings.delivery_retention_days + 1) * 86400
+    long_ago = time.time() - (settings.retention.delivery_days + 1) * 86400
     ledger.record_delivery(
         Delivery(event_id="evt_old", event_type="batch.progress", batch_id="b_1", status="running", terminal=False), now=long_ago
     )
@@ -90,14 +90,14 @@ def test_housekeeping_removes_abandoned_partials_and_prunes_old_deliveries(tmp_p
 def test_housekeeping_stops_pruning_between_steps_when_the_worker_stops(tmp_path: Path) -> None:
     """A stopped worker's housekeeping ends its prune after the step in hand, leaving the rest of
     the backlog for the next worker's round."""
-    from receiver.ledger.retention import RetentionPolicy
+    from receiver.config import RetentionSettings
 
     settings = Settings.from_mapping(
         {"RECEIVER_STORAGE_URL": str(tmp_path / "storage"), "DATABASE_URL": f"sqlite:///{tmp_path / 'r.db'}"}
     )
     ledger = Ledger(settings.database_url)
     ledger.create_schema()
-    long_ago = time.time() - (settings.delivery_retention_days + 1) * 86400
+    long_ago = time.time() - (settings.retention.delivery_days + 1) * 86400
     for i in range(30):
         ledger.record_delivery(
             Delivery(event_id=f"evt_{i}", event_type="batch.progress", batch_id=None, status="running", terminal=False),
@@ -107,7 +107,7 @@ def test_housekeeping_stops_pruning_between_steps_when_the_worker_stops(tmp_path
         housekeeping = Housekeeping(settings, ledger, storage_from_url(settings.storage_url), step_rows=10)
         housekeeping.stop()
         assert housekeeping.prune() == {"deliveries": 10}
-        assert ledger.prune_backlog(RetentionPolicy())["deliveries"] == 20
+        assert ledger.prune_backlog(RetentionSettings())["deliveries"] == 20
         housekeeping.stopping.clear()  # the next round, on a worker that runs
         assert housekeeping.prune() == {"deliveries": 20}
     finally:

@@ -334,10 +334,10 @@ def _stored(ledger, batch_id, *, notify=False):
 
 
 def test_retention_prunes_each_table_past_its_time_and_keeps_what_is_in_flight(ledger):
+    from receiver.config import RetentionSettings
     from receiver.ledger import reports
-    from receiver.ledger.retention import RetentionPolicy
 
-    policy = RetentionPolicy()  # the defaults: 14, 30, 7, 30, 7 days
+    policy = RetentionSettings()  # the defaults: 14, 30, 7, 30, 7 days
     now = time.time()
     for name in ("old", "new"):
         _stored(ledger, f"bat_{name}", notify=True)
@@ -399,7 +399,7 @@ def test_retention_prunes_each_table_past_its_time_and_keeps_what_is_in_flight(l
 def test_a_batch_whose_rows_were_pruned_is_queued_again_by_its_next_delivery(ledger):
     """The ledger forgets; the worker then finds the manifest in storage and adopts it
     (tests/test_retention.py runs that whole path and counts the downloads)."""
-    from receiver.ledger.retention import RetentionPolicy
+    from receiver.config import RetentionSettings
 
     _stored(ledger, "bat_1")
     ledger.end_known_with_jobs()
@@ -409,7 +409,7 @@ def test_a_batch_whose_rows_were_pruned_is_queued_again_by_its_next_delivery(led
         from receiver.ledger.schema import deliveries
 
         conn.execute(deliveries.update().values(received_at=time.time() - 100 * DAY))
-    assert ledger.prune(RetentionPolicy()) == {
+    assert ledger.prune(RetentionSettings()) == {
         "deliveries": 1,
         "job attempts": 0,
         "notification bodies": 0,
@@ -425,7 +425,8 @@ def test_a_batch_whose_rows_were_pruned_is_queued_again_by_its_next_delivery(led
 
 
 def test_prune_removes_a_backlog_in_small_steps(ledger):
-    from receiver.ledger.retention import RetentionPolicy, rules
+    from receiver.config import RetentionSettings
+    from receiver.ledger.retention import rules
 
     old = time.time() - 20 * DAY
     for i in range(25):
@@ -434,21 +435,22 @@ def test_prune_removes_a_backlog_in_small_steps(ledger):
         from receiver.ledger.schema import deliveries
 
         conn.execute(deliveries.update().values(received_at=old))
-    rule = rules(RetentionPolicy(), time.time())[0]
+    rule = rules(RetentionSettings(), time.time())[0]
     assert rule.name == "deliveries"
     assert [ledger.prune_step(rule, limit=10) for _ in range(4)] == [10, 10, 5, 0]
     for i in range(25, 50):
         deliver(ledger, f"evt_{i}", batch_id=None, terminal=False)
     with ledger.engine.begin() as conn:
         conn.execute(deliveries.update().values(received_at=old))
-    steps = [(r.name, n) for r, n in ledger.prune_steps(RetentionPolicy(), limit=10) if r.name == "deliveries"]
+    steps = [(r.name, n) for r, n in ledger.prune_steps(RetentionSettings(), limit=10) if r.name == "deliveries"]
     assert steps == [("deliveries", 10), ("deliveries", 10), ("deliveries", 5)]
 
 
 def test_prune_pauses_after_each_step_and_stops_when_the_pause_says_so(ledger):
     """The one prune loop: `pause` hears how long each step took (0 after an empty one) and ends
     the prune by answering False (the worker stopping); what was removed so far is reported."""
-    from receiver.ledger.retention import RetentionPolicy, rules
+    from receiver.config import RetentionSettings
+    from receiver.ledger.retention import rules
 
     for i in range(35):
         deliver(ledger, f"evt_{i}", batch_id=None, terminal=False)
@@ -462,17 +464,17 @@ def test_prune_pauses_after_each_step_and_stops_when_the_pause_says_so(ledger):
         heard.append(step_seconds)
         return sum(1 for s in heard if s) < 2  # stop after the second step that removed rows
 
-    removed = ledger.prune(RetentionPolicy(), limit=10, pause=pause)
+    removed = ledger.prune(RetentionSettings(), limit=10, pause=pause)
     assert removed["deliveries"] == 20 and sum(removed.values()) == 20
     # Every rule once (deliveries removed 10, the rest nothing), then deliveries again: stopped there.
-    assert [s > 0 for s in heard] == [True] + [False] * (len(rules(RetentionPolicy(), time.time())) - 1) + [True]
-    assert ledger.prune_backlog(RetentionPolicy())["deliveries"] == 15
+    assert [s > 0 for s in heard] == [True] + [False] * (len(rules(RetentionSettings(), time.time())) - 1) + [True]
+    assert ledger.prune_backlog(RetentionSettings())["deliveries"] == 15
 
 
 def test_a_replay_after_the_body_was_dropped_rebuilds_it_from_the_manifest(ledger):
     import json
 
-    from receiver.ledger.retention import RetentionPolicy
+    from receiver.config import RetentionSettings
 
     _stored(ledger, "bat_1", notify=True)
     first = ledger.notification("bat_1")
@@ -481,7 +483,7 @@ def test_a_replay_after_the_body_was_dropped_rebuilds_it_from_the_manifest(ledge
 
         conn.execute(notification_deliveries.update().values(state="sent"))
         conn.execute(notifications.update().values(created_at=time.time() - 8 * DAY))
-    assert ledger.prune(RetentionPolicy())["notification bodies"] == 1
+    assert ledger.prune(RetentionSettings())["notification bodies"] == 1
     assert not ledger.replay_notification("bat_1")  # no manifest to rebuild from: an empty body is never sent
     manifest = _manifest("bat_1", lines=1, expected_items=1)
     assert not ledger.replay_notification("bat_1", manifest=lambda: None)  # its manifest is gone too
@@ -503,7 +505,7 @@ def test_table_sizes_name_every_table_with_rows_and_bytes(ledger):
 def test_an_event_written_again_after_pruning_keeps_its_webhook_id(ledger):
     """A late delivery of a pruned batch makes the worker adopt its manifest, which writes its
     event again: with the webhook-id the consumer already saw, so it deduplicates it."""
-    from receiver.ledger.retention import RetentionPolicy
+    from receiver.config import RetentionSettings
 
     _stored(ledger, "bat_1", notify=True)
     first = ledger.notification("bat_1")["webhook_id"]
@@ -513,7 +515,7 @@ def test_an_event_written_again_after_pruning_keeps_its_webhook_id(ledger):
         ago = time.time() - 40 * DAY
         conn.execute(notification_deliveries.update().values(state="sent", retry_from=ago))
         conn.execute(notifications.update().values(created_at=ago))
-    assert ledger.prune(RetentionPolicy())["notifications"] == 1
+    assert ledger.prune(RetentionSettings())["notifications"] == 1
     assert ledger.notification("bat_1") is None
     assert ledger.add_notification("bat_1", _manifest_at("bat_1", ledger))
     assert ledger.notification("bat_1")["webhook_id"] == first

@@ -7,7 +7,6 @@ The consumer is a real HTTP server on loopback; signatures are checked with the 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import sys
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from receiver.config import Settings
+from receiver.config import NotifySettings, Settings, WorkerSettings
 from receiver.jobs.notifier import Notifier
 from receiver.ledger import Ledger
 from receiver.manifest import Manifest, StoredFile
@@ -61,9 +60,12 @@ def _stored_ledger(tmp_path: Path, *batch_ids: str, url: str | None = None) -> L
     return ledger
 
 
-def _settings(url: str, **overrides: Any) -> Settings:
-    base = Settings(notify_url=url, notify_secret=SECRET, retry_base_seconds=0.05, retry_cap_seconds=0.2, lease_seconds=2.0)
-    return dataclasses.replace(base, **overrides)
+def _settings(url: str, **notify: Any) -> Settings:
+    """Quick retries and a short lease; `notify` overrides the webhook target's settings."""
+    return Settings(
+        notify=NotifySettings(url=url, secret=SECRET, **notify),
+        worker=WorkerSettings(retry_base_seconds=0.05, retry_cap_seconds=0.2, lease_seconds=2.0),
+    )
 
 
 def _send_until_settled(notifier: Notifier, batch_id: str, timeout: float = 30.0) -> dict[str, Any]:
@@ -117,7 +119,7 @@ def test_failures_and_an_outage_are_retried_with_one_webhook_id(tmp_path: Path) 
 def test_an_event_fails_for_good_after_its_retry_window_and_status_shows_it(tmp_path: Path, sink: Sink) -> None:
     sink.statuses.extend([500] * 100)
     ledger = _stored_ledger(tmp_path, "b_1")
-    row = _send_until_settled(Notifier(_settings(sink.url, notify_retry_seconds=0.5), ledger, "n1"), "b_1")
+    row = _send_until_settled(Notifier(_settings(sink.url, retry_seconds=0.5), ledger, "n1"), "b_1")
     assert row["state"] == "failed" and row["last_error"] == "HTTP 500"
     assert b'receiver_notifications_failed{target="webhook"} 1.0' in render(ledger.stats)
     assert b'receiver_notifications_pending{target="webhook"} 0.0' in render(ledger.stats)
@@ -196,7 +198,7 @@ def test_plain_http_to_a_listed_private_host_is_allowed() -> None:
             "RECEIVER_NOTIFY_HOSTS": "jobs.internal",
         }
     )
-    assert settings.notify_url == "http://jobs.internal:8080/hooks"
+    assert settings.notify.url == "http://jobs.internal:8080/hooks"
     assert SECRET not in repr(settings)
 
 

@@ -8,7 +8,6 @@ ledger that already holds webhook notifications is checked here too: same webhoo
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import sys
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from receiver.config import Settings
+from receiver.config import NotifySettings, Settings, WorkerSettings
 from receiver.jobs.notifier import Notifier
 from receiver.ledger import Ledger
 from receiver.ledger.migrate import _config
@@ -65,9 +64,12 @@ def _stored(tmp_path: Path, batch_id: str, targets: tuple[str, ...]) -> Ledger:
     return ledger
 
 
-def _settings(**values: Any) -> Settings:
-    base = Settings(retry_base_seconds=0.05, retry_cap_seconds=0.2, lease_seconds=2.0, connect_timeout_seconds=3.0)
-    return dataclasses.replace(base, **values)
+def _settings(*, retry_cap_seconds: float = 0.2, **notify: Any) -> Settings:
+    """Quick retries and a short lease; `notify` sets the targets (NotifySettings' fields)."""
+    quick = WorkerSettings(
+        retry_base_seconds=0.05, retry_cap_seconds=retry_cap_seconds, lease_seconds=2.0, connect_timeout_seconds=3.0
+    )
+    return Settings(notify=NotifySettings(**notify), worker=quick)
 
 
 def _settle(notifier: Notifier, batch_id: str, timeout: float = 30.0) -> dict[str, Any]:
@@ -101,7 +103,7 @@ def _receive(sqs: Any, queue_url: str, wait: int = 1) -> list[dict[str, Any]]:
 def test_a_standard_queue_gets_the_event_with_its_id_as_the_webhook_id_attribute(tmp_path: Path, sqs: Any) -> None:
     queue_url = _queue(sqs)
     ledger = _stored(tmp_path, "b_1", ("sqs",))
-    row = _settle(Notifier(_settings(notify_sqs_url=queue_url), ledger, "n1", "sqs"), "b_1")
+    row = _settle(Notifier(_settings(sqs_url=queue_url), ledger, "n1", "sqs"), "b_1")
     assert row["state"] == "sent" and row["attempts"] == 1
     [message] = _receive(sqs, queue_url)
     event = json.loads(message["Body"])
@@ -113,7 +115,7 @@ def test_a_standard_queue_gets_the_event_with_its_id_as_the_webhook_id_attribute
 def test_a_fifo_queue_deduplicates_on_the_event_id_and_groups_by_batch(tmp_path: Path, sqs: Any) -> None:
     queue_url = _queue(sqs, fifo=True)
     ledger = _stored(tmp_path, "b_1", ("sqs",))
-    notifier = Notifier(_settings(notify_sqs_url=queue_url), ledger, "n1", "sqs")
+    notifier = Notifier(_settings(sqs_url=queue_url), ledger, "n1", "sqs")
     first = _settle(notifier, "b_1")
     assert ledger.replay_notification("b_1", ("sqs",))  # a resend inside SQS's 5-minute window
     again = _settle(notifier, "b_1")
@@ -128,7 +130,7 @@ def test_a_missing_queue_keeps_the_event_pending_until_the_queue_exists(tmp_path
     name = f"later-{uuid.uuid4().hex[:8]}"
     queue_url = f"{aws}/{ACCOUNT}/{name}"
     ledger = _stored(tmp_path, "b_1", ("sqs",))
-    notifier = Notifier(_settings(notify_sqs_url=queue_url, retry_cap_seconds=0.05), ledger, "n1", "sqs")
+    notifier = Notifier(_settings(sqs_url=queue_url, retry_cap_seconds=0.05), ledger, "n1", "sqs")
     wait_for(lambda: notifier.send_one() and ledger.notification("b_1", "sqs")["attempts"] >= 3, timeout=20, interval=0.05)
     row = ledger.notification("b_1", "sqs")
     assert row["state"] == "pending"
@@ -156,7 +158,7 @@ def test_throttling_is_retried_with_backoff_until_sqs_takes_the_message(tmp_path
     script, server = _scripted("sqs", throttled, throttled, _aws_json(200, {"MessageId": "m-1", "MD5OfMessageBody": "x"}))
     with server, aws_test_env(AWS_ENDPOINT_URL_SQS=server.url):
         ledger = _stored(tmp_path, "b_1", ("sqs",))
-        notifier = Notifier(_settings(notify_sqs_url=f"{server.url}/{ACCOUNT}/batches"), ledger, "n1", "sqs")
+        notifier = Notifier(_settings(sqs_url=f"{server.url}/{ACCOUNT}/batches"), ledger, "n1", "sqs")
         assert notifier.send_one()
         row = ledger.notification("b_1", "sqs")
         assert row["state"] == "pending" and "RequestThrottled" in row["last_error"]
@@ -181,7 +183,7 @@ def test_put_events_reaches_a_rule_that_targets_an_sqs_queue(tmp_path: Path, sqs
     events.put_targets(Rule="stored", EventBusName=bus, Targets=[{"Id": "queue", "Arn": queue_arn}])
 
     ledger = _stored(tmp_path, "b_1", ("eventbridge",))
-    row = _settle(Notifier(_settings(notify_event_bus=bus_arn), ledger, "n1", "eventbridge"), "b_1")
+    row = _settle(Notifier(_settings(event_bus=bus_arn), ledger, "n1", "eventbridge"), "b_1")
     assert row["state"] == "sent"
     [message] = wait_for(lambda: _receive(sqs, queue_url), timeout=10, what="the rule's message")
     delivered = json.loads(message["Body"])
@@ -196,7 +198,7 @@ def test_a_failed_put_events_entry_is_retried(tmp_path: Path) -> None:
     )
     with server, aws_test_env(AWS_ENDPOINT_URL_EVENTBRIDGE=server.url):
         ledger = _stored(tmp_path, "b_1", ("eventbridge",))
-        notifier = Notifier(_settings(notify_event_bus="receiver"), ledger, "n1", "eventbridge")
+        notifier = Notifier(_settings(event_bus="receiver"), ledger, "n1", "eventbridge")
         assert notifier.send_one()
         row = ledger.notification("b_1", "eventbridge")
         assert row["state"] == "pending" and "ThrottlingException" in row["last_error"]
@@ -215,7 +217,7 @@ def test_each_target_is_tracked_replayed_and_counted_on_its_own(tmp_path: Path, 
     queue_url = _queue(sqs)
     sink = Sink()  # the webhook consumer is down
     ledger = _stored(tmp_path, "b_1", ("webhook", "sqs"))
-    settings = _settings(notify_url=sink.url, notify_secret=SECRET, notify_sqs_url=queue_url, notify_retry_seconds=0.5)
+    settings = _settings(url=sink.url, secret=SECRET, sqs_url=queue_url, retry_seconds=0.5)
     assert _settle(Notifier(settings, ledger, "n1", "sqs"), "b_1")["state"] == "sent"
     assert _settle(Notifier(settings, ledger, "n1", "webhook"), "b_1")["state"] == "failed"
     deliveries = ledger.notification_deliveries("b_1")
@@ -262,7 +264,7 @@ def test_a_target_added_later_gets_its_first_delivery_on_replay(tmp_path: Path, 
     out = run_cli(env, "notify", "--replay", "b_1", "--target", "sqs")
     assert out.returncode == 0, out.stderr
     assert set(ledger.notification_deliveries("b_1")) == {"webhook", "sqs"}
-    assert _settle(Notifier(_settings(notify_sqs_url=queue_url), ledger, "n1", "sqs"), "b_1")["state"] == "sent"
+    assert _settle(Notifier(_settings(sqs_url=queue_url), ledger, "n1", "sqs"), "b_1")["state"] == "sent"
     out = run_cli({**env, "RECEIVER_NOTIFY_SQS_URL": ""}, "notify", "--replay", "b_1", "--target", "sqs")
     assert out.returncode == 2 and b"sqs is not set" in out.stderr
 
@@ -412,7 +414,7 @@ def _upgrade_old_notifications(url: str) -> None:
         assert row["body"] == f'{{"id":"{batch_id}"}}'.encode()
     sink = Sink().up()
     try:
-        settings = _settings(notify_url=sink.url, notify_secret=SECRET)
+        settings = _settings(url=sink.url, secret=SECRET)
         assert _settle(Notifier(settings, ledger, "n1"), "b_pending")["state"] == "sent"
     finally:
         sink.down()

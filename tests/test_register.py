@@ -309,9 +309,11 @@ def test_forwarded_headers_are_trusted_only_from_the_configured_proxies(tmp_path
     from flask import request as flask_request
 
     from receiver.app import create_app
-    from receiver.config import Settings
+    from receiver.config import Settings, WebSettings
 
-    settings = Settings(database_url=f"sqlite:///{tmp_path}/r.db", storage_url=str(tmp_path / "s"), trusted_proxies=trusted)
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path}/r.db", storage_url=str(tmp_path / "s"), web=WebSettings(trusted_proxies=trusted)
+    )
     app = create_app(settings)
 
     @app.get("/_probe")  # what the app sees of the request, added by this test only

@@ -109,9 +109,8 @@ def test_housekeeping_prunes_a_backlog_in_steps_while_jobs_are_claimed(tmp_path:
     """The duty prunes on its own thread in small steps with pauses: a claim made while it runs
     goes through while rows remain to prune (an ordering, not a timing), and the round ends with
     nothing past retention."""
-    from receiver.config import Settings
+    from receiver.config import RetentionSettings, Settings
     from receiver.jobs.housekeeping import Housekeeping
-    from receiver.ledger.retention import RetentionPolicy
     from receiver.storage.local import LocalStorage
 
     url = f"sqlite:///{tmp_path}/ledger.db"
@@ -126,8 +125,8 @@ def test_housekeeping_prunes_a_backlog_in_steps_while_jobs_are_claimed(tmp_path:
     try:
         ledger.record_delivery(Delivery("evt_done", "batch.completed", "bat_1", "completed", terminal=True))
         assert ledger.claim("w1", 30).batch_id == "bat_1"
-        assert ledger.prune_backlog(RetentionPolicy())["deliveries"] > 0  # the claim did not wait for the prune
-        wait_for(lambda: ledger.prune_backlog(RetentionPolicy())["deliveries"] == 0, what="the backlog pruned")
+        assert ledger.prune_backlog(RetentionSettings())["deliveries"] > 0  # the claim did not wait for the prune
+        wait_for(lambda: ledger.prune_backlog(RetentionSettings())["deliveries"] == 0, what="the backlog pruned")
     finally:
         duty.stop()
         duty.join(10)

@@ -111,8 +111,8 @@ def test_settings_defaults_and_lists():
     s = Settings.from_mapping(
         {"RECEIVER_WEBHOOK_SECRET": " one secret! , two-secret ", "RECEIVER_ARTIFACT_HOSTS": "127.0.0.1, Files.Example.com"}
     )
-    assert s.webhook_secrets == ("one secret!", "two-secret")
-    assert s.artifact_hosts == ("127.0.0.1", "files.example.com")
+    assert s.web.webhook_secrets == ("one secret!", "two-secret")
+    assert s.worker.artifact_hosts == ("127.0.0.1", "files.example.com")
     assert s.storage_url == "./receiver-data/storage" and s.database_url.startswith("sqlite:///")
     assert Settings.from_mapping({"DATABASE_URL": "postgresql://u@h/db"}).database_url.startswith("postgresql")
 
@@ -142,11 +142,30 @@ def test_unsupported_database_is_a_config_error():
         Settings.from_mapping({"DATABASE_URL": "mysql://x/y"})
 
 
+def test_each_group_reads_its_own_variables():
+    """A variable lands in its subsystem's group, with the same default when unset."""
+    s = Settings.from_mapping({"RECEIVER_JOB_RETENTION_DAYS": "9", "RECEIVER_REFUSED_RETENTION_DAYS": "3"})
+    assert (s.retention.job_days, s.retention.refused_days, s.retention.delivery_days) == (9, 3, 14)
+    assert Settings().retention == Settings.from_mapping({}).retention
+    s3 = Settings.from_mapping({"RECEIVER_S3_SSE": "aws:kms", "RECEIVER_S3_KMS_KEY_ID": "k1", "RECEIVER_S3_BUFFER_MB": "16"}).s3
+    assert (s3.sse, s3.kms_key_id, s3.checksum, s3.buffer_bytes) == ("aws:kms", "k1", True, 16 * 1024 * 1024)
+    assert Settings().s3 == Settings.from_mapping({}).s3
+    web = Settings.from_mapping({"RECEIVER_SECRET_GRACE_HOURS": "25", "RECEIVER_TRUSTED_PROXIES": "1"}).web
+    assert (web.secret_grace_seconds, web.trusted_proxies, web.max_body_bytes) == (25 * 3600, 1, 1024 * 1024)
+    assert Settings().web == Settings.from_mapping({}).web
+    worker = Settings.from_mapping({"RECEIVER_LEASE_SECONDS": "45", "RECEIVER_POLL_SECONDS": "0"}).worker
+    assert (worker.lease_seconds, worker.poll_seconds, worker.concurrency, worker.max_attempts) == (45.0, 0, 4, 8)
+    assert Settings().worker == Settings.from_mapping({}).worker
+    notify = Settings.from_mapping({"RECEIVER_NOTIFY_EVENT_BUS": "default", "RECEIVER_NOTIFY_HOSTS": "Jobs.Internal"}).notify
+    assert (notify.targets, notify.event_bus, notify.hosts, notify.url) == (("eventbridge",), "default", ("jobs.internal",), None)
+    assert Settings().notify == Settings.from_mapping({}).notify and Settings().notify.targets == ()
+
+
 def test_dotenv_is_read_and_environment_wins(tmp_path):
     dotenv = tmp_path / ".env"
     dotenv.write_text("PORT=9001\nRECEIVER_WORKER_CONCURRENCY=7\n")
     s = Settings.from_env({"PORT": "9002"}, dotenv_path=dotenv)
-    assert (s.port, s.worker_concurrency) == (9002, 7)
+    assert (s.port, s.worker.concurrency) == (9002, 7)
 
 
 def test_settings_repr_shows_no_secret() -> None:

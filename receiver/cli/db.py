@@ -93,10 +93,10 @@ def stats(as_json: bool) -> None:
 
     Counts every row: an operator's command, it reads each table once.
     """
-    from ..ledger.retention import RetentionPolicy, rules
+    from ..ledger.retention import rules
 
     settings = load_settings()
-    policy = RetentionPolicy.from_settings(settings)
+    policy = settings.retention
     ledger = open_ledger(settings, create=False)
     try:
         sizes = ledger.table_sizes()
@@ -125,10 +125,8 @@ def prune(dry_run: bool) -> None:
     worker carry on meanwhile. SQLite's file does not shrink: freed pages are reused (README,
     "Ledger growth and retention").
     """
-    from ..ledger.retention import RetentionPolicy
-
     settings = load_settings()
-    policy = RetentionPolicy.from_settings(settings)
+    policy = settings.retention
     ledger = open_ledger(settings, create=False)
     try:
         if dry_run:

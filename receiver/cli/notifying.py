@@ -43,7 +43,7 @@ def notify(batch_ids: tuple[str, ...], chosen: tuple[str, ...]) -> None:
     is not stored.
     """
     settings = load_settings()
-    if not settings.notify_targets:
+    if not settings.notify.targets:
         raise ConfigurationError(
             str(
                 ConfigError(
@@ -52,12 +52,12 @@ def notify(batch_ids: tuple[str, ...], chosen: tuple[str, ...]) -> None:
                 )
             )
         )
-    unset = [t for t in chosen if t not in settings.notify_targets]
+    unset = [t for t in chosen if t not in settings.notify.targets]
     if unset:
         raise click.BadParameter(
-            f"{', '.join(unset)} is not set (configured: {', '.join(settings.notify_targets)})", param_hint="--target"
+            f"{', '.join(unset)} is not set (configured: {', '.join(settings.notify.targets)})", param_hint="--target"
         )
-    targets = chosen or settings.notify_targets
+    targets = chosen or settings.notify.targets
     validate_batch_ids(batch_ids)
     ledger = open_ledger(settings)  # it writes: the event goes into the outbox
     storage = open_storage(settings)

@@ -277,10 +277,10 @@ def status(as_json: bool) -> None:
             }
             for s in secrets
         ],
-        "from_environment": len(settings.webhook_secrets),
+        "from_environment": len(settings.web.webhook_secrets),
         "encrypted": bool(settings.encryption_keys),
     }
-    stats["polling"] = {"interval_seconds": settings.poll_seconds, **ledger.polling_stats(now)}
+    stats["polling"] = {"interval_seconds": settings.worker.poll_seconds, **ledger.polling_stats(now)}
     if as_json:
         click.echo(json.dumps(stats, indent=2))
         return
@@ -293,7 +293,7 @@ def status(as_json: bool) -> None:
     click.echo(
         "last delivery: " + (f"{iso(last['received_at'])} {last['event_type']} {last['batch_id'] or ''}" if last else "none yet")
     )
-    total = len(secrets) + len(settings.webhook_secrets)
+    total = len(secrets) + len(settings.web.webhook_secrets)
     click.echo(
         f"accepted webhook secrets: {total}" + ("  (every delivery gets 401 until `receiver register`)" if not total else "")
     )
@@ -304,22 +304,22 @@ def status(as_json: bool) -> None:
             else f"retiring in {s['expires_in_seconds'] // 3600}h{s['expires_in_seconds'] % 3600 // 60:02d}m"
         )
         click.echo(f"  stored secret, age {s['age_seconds'] // 3600}h{s['age_seconds'] % 3600 // 60:02d}m, {expiry}")
-    if settings.webhook_secrets:
-        click.echo(f"  {len(settings.webhook_secrets)} from RECEIVER_WEBHOOK_SECRET")
+    if settings.web.webhook_secrets:
+        click.echo(f"  {len(settings.web.webhook_secrets)} from RECEIVER_WEBHOOK_SECRET")
     if not settings.encryption_keys:
         click.echo(f"  {UNENCRYPTED}")
     for row in stats["dead"]:
         click.echo(f"dead: {row['batch_id']} after {row['attempts']} attempts: {row['last_error']}")
     notes = stats["notifications"]
-    if settings.notify_targets or any(notes["states"].values()):
+    if settings.notify.targets or any(notes["states"].values()):
         oldest = notes["oldest_pending_at"]
         click.echo(
             f"notifications: pending {notes['states']['pending']}  sent {notes['states']['sent']}  "
             f"failed {notes['states']['failed']}" + (f"  (oldest pending since {iso(oldest)})" if oldest else "")
         )
-        for target in sorted(set(settings.notify_targets) | set(notes["targets"]), key=_target_order):
+        for target in sorted(set(settings.notify.targets) | set(notes["targets"]), key=_target_order):
             counts = notes["targets"].get(target, {"pending": 0, "sent": 0, "failed": 0})
-            unset = "" if target in settings.notify_targets else "  (not set any more)"
+            unset = "" if target in settings.notify.targets else "  (not set any more)"
             click.echo(f"  {target}: pending {counts['pending']}  sent {counts['sent']}  failed {counts['failed']}{unset}")
     for row in notes["failed"]:
         click.echo(

@@ -55,12 +55,12 @@ def register(url: str | None, rotate: bool, insecure: bool, ca_file: str | None)
         if step.status != FAIL:  # the failed step is the error message, on stderr
             click.echo(step.line())
 
-    if rotate and settings.secret_grace_seconds < BATCHROUTER_RETRY_WINDOW_SECONDS:
+    if rotate and settings.web.secret_grace_seconds < BATCHROUTER_RETRY_WINDOW_SECONDS:
         show(
             Step(
                 WARN,
                 "grace period",
-                f"RECEIVER_SECRET_GRACE_HOURS is {settings.secret_grace_seconds / 3600:g} h, shorter than "
+                f"RECEIVER_SECRET_GRACE_HOURS is {settings.web.secret_grace_seconds / 3600:g} h, shorter than "
                 "BatchRouter's 24 h of retries: a retried delivery signed with the previous secret may be refused",
             )
         )
@@ -76,7 +76,7 @@ def register(url: str | None, rotate: bool, insecure: bool, ca_file: str | None)
         summary = "the current signing secret was kept (--rotate makes a new one)"
     elif result.retired:
         summary = (
-            f"a new signing secret is current; the previous one stays accepted for {settings.secret_grace_seconds / 3600:g} h"
+            f"a new signing secret is current; the previous one stays accepted for {settings.web.secret_grace_seconds / 3600:g} h"
         )
     else:
         summary = "a new signing secret is current"

@@ -210,7 +210,7 @@ def run(
             return result
         if staged is not None:
             try:
-                result.retired = ledger.promote_secret(staged, grace_seconds=settings.secret_grace_seconds)
+                result.retired = ledger.promote_secret(staged, grace_seconds=settings.web.secret_grace_seconds)
             except ReceiverError as exc:
                 until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(time.time() + STAGED_SECRET_SECONDS))
                 result.fail(

@@ -169,7 +169,7 @@ def register_with_emulator(settings: Settings, hook_url: str) -> None:
         secret = ledger.current_secret()
         if secret is None:
             secret = secrets_module.token_urlsafe(32)
-            ledger.add_secret(secret, grace_seconds=settings.secret_grace_seconds)
+            ledger.add_secret(secret, grace_seconds=settings.web.secret_grace_seconds)
     finally:
         ledger.close()
     client = BatchRouterClient.from_settings(settings)
@@ -188,7 +188,7 @@ def write_emulator_env(settings: Settings, path: Path = EMULATOR_ENV_FILE) -> Pa
     values = {
         "BATCHROUTER_API_URL": settings.api_url,
         "BATCHROUTER_API_KEY": settings.api_key or EMULATOR_KEY,
-        "RECEIVER_ARTIFACT_HOSTS": ",".join(settings.artifact_hosts),
+        "RECEIVER_ARTIFACT_HOSTS": ",".join(settings.worker.artifact_hosts),
         "DATABASE_URL": _absolute_database_url(settings.database_url),
         "RECEIVER_STORAGE_URL": _absolute_storage_url(settings.storage_url),
         "RECEIVER_PUBLIC_URL": f"http://127.0.0.1:{settings.port}/hooks/batchrouter",

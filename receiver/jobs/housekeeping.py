@@ -17,7 +17,7 @@ import logging
 from ..config import Settings
 from ..errors import ReceiverError
 from ..ledger import Ledger
-from ..ledger.retention import STEP_ROWS, RetentionPolicy
+from ..ledger.retention import STEP_ROWS
 from ..storage import Storage
 from .duty import Duty
 
@@ -48,14 +48,14 @@ class Housekeeping(Duty):
         self.settings = settings
         self.ledger = ledger
         self.storage = storage
-        self.policy = RetentionPolicy.from_settings(settings)
+        self.policy = settings.retention
         self.step_rows = step_rows
 
     @property
     def partials_age_seconds(self) -> float:
         """A partial upload older than this belongs to no live attempt: even a slow one renews its
         lease and reads within these bounds."""
-        return max(600.0, 4 * self.settings.lease_seconds + 2 * self.settings.read_timeout_seconds)
+        return max(600.0, 4 * self.settings.worker.lease_seconds + 2 * self.settings.worker.read_timeout_seconds)
 
     def tick(self) -> bool:
         try:

@@ -120,7 +120,7 @@ def verify_peer(sock: socket.socket, host: str) -> None:
 
 
 class URLPolicy:
-    """The artifact URL policy, built from ``Settings.artifact_hosts``.
+    """The artifact URL policy, built from ``Settings.worker.artifact_hosts``.
 
     A listed host (a lowercase host name or IP literal) is trusted at any port and may use plain
     http: that is how the emulator on loopback is reached. Matching is literal, so a listed
@@ -132,7 +132,7 @@ class URLPolicy:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> URLPolicy:
-        return cls(settings.artifact_hosts)
+        return cls(settings.worker.artifact_hosts)
 
     def is_listed(self, host: str) -> bool:
         return _bare_host(host) in self.allowed_hosts

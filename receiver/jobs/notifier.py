@@ -47,7 +47,7 @@ class Notifier(Duty):
         self.target = self.sender.target
         self.name = f"notifier-{self.target}"
         # A claim outlives the longest attempt, so no second sender takes an event still in flight.
-        self.lease_seconds = self.sender.timeout_seconds + settings.lease_seconds
+        self.lease_seconds = self.sender.timeout_seconds + settings.worker.lease_seconds
 
     def started(self) -> None:
         log.info("notifier %s sending batch.stored events to %s", self.owner, self.target)
@@ -78,9 +78,9 @@ class Notifier(Duty):
         error = str(exc)
         delay = exc.retry_after
         if delay is None:
-            delay = backoff(attempts, base=self.settings.retry_base_seconds, cap=self.settings.retry_cap_seconds)
+            delay = backoff(attempts, base=self.settings.worker.retry_base_seconds, cap=self.settings.worker.retry_cap_seconds)
         retry_at = time.time() + min(delay, MAX_RETRY_AFTER_SECONDS)
-        if isinstance(exc, NotifyRejected) or retry_at >= retry_from + self.settings.notify_retry_seconds:
+        if isinstance(exc, NotifyRejected) or retry_at >= retry_from + self.settings.notify.retry_seconds:
             self.ledger.notification_failed(batch_id, self.owner, error, retry_at=None, target=self.target)
             log.error(
                 "batch %s: %s notification %s failed for good after %d attempts: %s",

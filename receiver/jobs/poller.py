@@ -58,11 +58,11 @@ class Poller(Duty):
     @classmethod
     def from_settings(cls, settings: Settings, ledger: Ledger, owner: str) -> Poller | None:
         """The worker's poller; None when polling is off (`RECEIVER_POLL_SECONDS=0`)."""
-        if not settings.poll_seconds:
+        if not settings.worker.poll_seconds:
             return None
         # One attempt per request: the poller paces itself (429, backoff) instead of blocking in retries.
         client = BatchRouterClient(settings.api_url, settings.require_api_key(), timeout=POLL_TIMEOUT_SECONDS, retries=1)
-        return cls(ledger, client, poll_seconds=settings.poll_seconds, owner=owner)
+        return cls(ledger, client, poll_seconds=settings.worker.poll_seconds, owner=owner)
 
     def started(self) -> None:
         log.info("polling known batches every %ds (RECEIVER_POLL_SECONDS)", self.poll_seconds)

@@ -124,7 +124,7 @@ class Worker:
         self.stopping = threading.Event()
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(settings.worker_concurrency)
+        self._slots = threading.BoundedSemaphore(settings.worker.concurrency)
         self._duties: list[Duty] = []
 
     @classmethod
@@ -139,9 +139,9 @@ class Worker:
             open_storage(settings),
             BatchRouterClient.from_settings(settings),
             Downloader(
-                URLPolicy(settings.artifact_hosts),
-                connect_timeout=settings.connect_timeout_seconds,
-                read_timeout=settings.read_timeout_seconds,
+                URLPolicy(settings.worker.artifact_hosts),
+                connect_timeout=settings.worker.connect_timeout_seconds,
+                read_timeout=settings.worker.read_timeout_seconds,
             ),
         )
 
@@ -150,33 +150,33 @@ class Worker:
     def duties(self) -> list[Duty]:
         """The background duties this worker runs beside its claim loop."""
         duties: list[Duty] = [
-            Heartbeat(self._renew_leases, self.settings.lease_seconds),
+            Heartbeat(self._renew_leases, self.settings.worker.lease_seconds),
             Housekeeping(self.settings, self.ledger, self.storage),
         ]
         poller = Poller.from_settings(self.settings, self.ledger, self.owner)
         if poller is not None:
             duties.append(poller)
-        if self.settings.notify_targets:
+        if self.settings.notify.targets:
             from .notifier import Notifier
 
             # One per target: each retries on its own, so a target that is down holds no other back.
-            duties += [Notifier(self.settings, self.ledger, self.owner, target) for target in self.settings.notify_targets]
+            duties += [Notifier(self.settings, self.ledger, self.owner, target) for target in self.settings.notify.targets]
         return duties
 
     def run_forever(self) -> None:
         """Claim and run jobs until :meth:`stop`; then release what is in hand and return."""
-        log.info("worker %s started, %d downloads in flight at most", self.owner, self.settings.worker_concurrency)
+        log.info("worker %s started, %d downloads in flight at most", self.owner, self.settings.worker.concurrency)
         self._duties = self.duties()
         for duty in self._duties:
             duty.start()
         claim_failures = 0
-        with ThreadPoolExecutor(self.settings.worker_concurrency, thread_name_prefix="job") as pool:
+        with ThreadPoolExecutor(self.settings.worker.concurrency, thread_name_prefix="job") as pool:
             while not self.stopping.is_set():
                 if not self._slots.acquire(timeout=self.poll_interval):
                     continue
                 claimed_at = time.monotonic()
                 try:
-                    job = self.ledger.claim(self.owner, self.settings.lease_seconds)
+                    job = self.ledger.claim(self.owner, self.settings.worker.lease_seconds)
                 except LedgerUnavailable as exc:
                     # Said once per outage, not twice a second; the pool reconnects by itself.
                     claim_failures += 1
@@ -243,7 +243,7 @@ class Worker:
             if row is None or row["state"] in (STORED, DEAD):
                 return row
             claimed_at = time.monotonic()
-            job = self.ledger.claim(self.owner, self.settings.lease_seconds, batch_id=batch_id)
+            job = self.ledger.claim(self.owner, self.settings.worker.lease_seconds, batch_id=batch_id)
             if job is None:  # another worker holds it, or its retry is not due yet
                 self.stopping.wait(self.poll_interval)
                 continue
@@ -291,10 +291,12 @@ class Worker:
             log.error("job %s: %s; forgotten", job.batch_id, message)
             return "forgotten"
         transient = getattr(exc, "transient", True)
-        if transient and job.attempts < self.settings.max_attempts:
+        if transient and job.attempts < self.settings.worker.max_attempts:
             delay = getattr(exc, "retry_after", None)
             if delay is None:
-                delay = backoff(job.attempts, base=self.settings.retry_base_seconds, cap=self.settings.retry_cap_seconds)
+                delay = backoff(
+                    job.attempts, base=self.settings.worker.retry_base_seconds, cap=self.settings.worker.retry_cap_seconds
+                )
             retry_at = time.time() + min(delay, 3600.0)
         else:
             retry_at = None
@@ -471,7 +473,7 @@ class Worker:
 
         Retried after a lost connection: when the first try committed but its answer was lost,
         the second finds the lease gone (mark_stored answers False) and writes nothing twice."""
-        notify = self.settings.notify_targets
+        notify = self.settings.notify.targets
         self._ledger_call(running, lambda: self.ledger.mark_stored(running.job.batch_id, self.owner, manifest, notify=notify))
 
     def _stored_already(self, batch: Batch, kind: str, day: str) -> StoredFile | None:
@@ -548,7 +550,7 @@ class Worker:
         log.warning("job %s: could not %s (%s); it is taken again when its lease runs out", job.batch_id, what, exc)
 
     def _trusted_lease(self) -> float:
-        return self.settings.lease_seconds * LEASE_TRUSTED
+        return self.settings.worker.lease_seconds * LEASE_TRUSTED
 
     def _check(self, running: _Running) -> None:
         if running.cancel.is_set():
@@ -568,7 +570,7 @@ class Worker:
         if not progress:
             return
         sent = time.monotonic()
-        lost = self.ledger.renew(progress, self.owner, self.settings.lease_seconds)
+        lost = self.ledger.renew(progress, self.owner, self.settings.worker.lease_seconds)
         with self._lock:
             for batch_id, running in self._running.items():
                 if batch_id in lost:

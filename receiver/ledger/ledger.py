@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 
 from .. import layout
-from ..config import WEBHOOK
+from ..config import WEBHOOK, RetentionSettings
 from ..cooperative import BlockingRunner, run_in_place
 from ..errors import LedgerConnectionLost, LedgerUnavailable
 from ..manifest import Manifest
@@ -36,7 +36,7 @@ from .leases import claim_due
 from .outbox import Outbox
 from .polling import PollingMixin
 from .refused import RefusedDeliveries
-from .retention import RetentionMixin, RetentionPolicy, rules
+from .retention import RetentionMixin, rules
 from .schema import (
     DEAD,
     FAILED,
@@ -406,7 +406,7 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, RetentionMixin, WebhookSec
     def prune_deliveries(self, retention_days: int, now: float | None = None) -> int:
         """Forget delivery records past their retention, in small steps (see ledger/retention.py)."""
         now = time.time() if now is None else now
-        rule = rules(RetentionPolicy(delivery_days=retention_days), now)[0]
+        rule = rules(RetentionSettings(delivery_days=retention_days), now)[0]
         removed = 0
         while (step := self.prune_step(rule)) > 0:
             removed += step

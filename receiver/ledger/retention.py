@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from ..config import RetentionSettings
 from .schema import (
     ENDED,
     NOT_FOUND,
@@ -49,9 +50,6 @@ from .schema import (
     refused_deliveries,
 )
 
-if TYPE_CHECKING:
-    from ..config import Settings
-
 DAY = 86400.0
 
 #: Rows per transaction: small enough that a step holds SQLite's write lock for milliseconds.
@@ -60,27 +58,6 @@ STEP_ROWS = 2000
 #: `length(body) > 0` as literal SQL, the same text as the partial index ix_notifications_body_kept,
 #: so both SQLite's and PostgreSQL's planners see that the index covers the query.
 _HOLDS_BODY = sa.text("length(body) > 0")
-
-
-@dataclasses.dataclass(frozen=True)
-class RetentionPolicy:
-    """Days each kind of row is kept (the settings of the same names)."""
-
-    delivery_days: int = 14
-    attempt_days: int = 30
-    notification_days: int = 7
-    job_days: int = 30
-    refused_days: int = 7
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> RetentionPolicy:
-        return cls(
-            delivery_days=settings.delivery_retention_days,
-            attempt_days=settings.attempt_retention_days,
-            notification_days=settings.notification_retention_days,
-            job_days=settings.job_retention_days,
-            refused_days=settings.refused_retention_days,
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +76,7 @@ class Rule:
     drop: dict[str, Any] | None = None
 
 
-def notification_rules(policy: RetentionPolicy, now: float) -> list[Rule]:
+def notification_rules(policy: RetentionSettings, now: float) -> list[Rule]:
     """The outbox's rules. An event's body goes after the notification retention once no target's
     delivery of it is pending; its settled deliveries after the job retention, and then the event
     itself (with its webhook-id). Nothing a target still has to send is touched."""
@@ -145,7 +122,7 @@ def notification_rules(policy: RetentionPolicy, now: float) -> list[Rule]:
     ]
 
 
-def rules(policy: RetentionPolicy, now: float) -> list[Rule]:
+def rules(policy: RetentionSettings, now: float) -> list[Rule]:
     """Every table's rule, in the order a prune runs them."""
     job_cutoff = now - policy.job_days * DAY
     return [
@@ -251,7 +228,7 @@ class RetentionMixin:
             return _reinsert_emptied(conn, rule, target)
 
     def prune_steps(
-        self, policy: RetentionPolicy, *, now: float | None = None, limit: int = STEP_ROWS
+        self, policy: RetentionSettings, *, now: float | None = None, limit: int = STEP_ROWS
     ) -> Iterator[tuple[Rule, int]]:
         """One step of every rule, then again while any rule had a full step: yields (rule, rows)
         after each step so the caller can pause between them (or stop)."""
@@ -268,7 +245,7 @@ class RetentionMixin:
 
     def prune(
         self,
-        policy: RetentionPolicy,
+        policy: RetentionSettings,
         *,
         now: float | None = None,
         limit: int = STEP_ROWS,
@@ -290,7 +267,7 @@ class RetentionMixin:
             started = time.monotonic()
         return removed
 
-    def prune_backlog(self, policy: RetentionPolicy, *, now: float | None = None) -> dict[str, int]:
+    def prune_backlog(self, policy: RetentionSettings, *, now: float | None = None) -> dict[str, int]:
         """What a prune would remove now, by rule name (`db prune --dry-run`, `db stats`)."""
         now = time.time() if now is None else now
         with self.connect() as conn:

@@ -17,10 +17,10 @@ def open_storage(settings: Settings) -> Storage:
     """The backend for `settings.storage_url` (validated by config: a path, file:// or s3://)."""
     return storage_from_url(
         settings.storage_url,
-        sse=settings.s3_sse,
-        kms_key_id=settings.s3_kms_key_id,
-        checksum=settings.s3_checksum,
-        buffer_bytes=settings.s3_buffer_bytes,
+        sse=settings.s3.sse,
+        kms_key_id=settings.s3.kms_key_id,
+        checksum=settings.s3.checksum,
+        buffer_bytes=settings.s3.buffer_bytes,
     )
 
 

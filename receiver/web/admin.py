@@ -60,7 +60,7 @@ SECURITY_HEADERS = {
 
 @bp.before_request
 def authenticate() -> Response | None:
-    user = _authenticated_user(_settings().admin_token or "")
+    user = _authenticated_user(_settings().web.admin_token or "")
     if user is None:
         return Response("authentication required\n", 401, {"WWW-Authenticate": 'Basic realm="receiver admin", charset="UTF-8"'})
     request.environ["receiver.admin_user"] = user
@@ -94,7 +94,7 @@ def _authenticated_user(token: str) -> str | None:
 
 def _csrf_key() -> bytes:
     # Derived from the admin token: every gunicorn worker (and host) agrees, no state to share.
-    return hashlib.sha256(b"receiver-admin-csrf\0" + (_settings().admin_token or "").encode()).digest()
+    return hashlib.sha256(b"receiver-admin-csrf\0" + (_settings().web.admin_token or "").encode()).digest()
 
 
 def csrf_token(now: float | None = None) -> str:

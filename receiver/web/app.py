@@ -48,14 +48,14 @@ def create_app(settings: Settings | None = None, test_config: dict[str, Any] | N
     app.extensions["receiver.ledger"] = ledger
     app.extensions["receiver.storage"] = open_storage(settings)
 
-    if settings.trusted_proxies:
+    if settings.web.trusted_proxies:
         from werkzeug.middleware.proxy_fix import ProxyFix
 
-        n = settings.trusted_proxies
+        n = settings.web.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=n, x_port=n)  # type: ignore[method-assign]
 
     app.register_blueprint(ingest_bp)
-    if settings.admin_token:
+    if settings.web.admin_token:
         from .admin import bp as admin_bp
 
         app.register_blueprint(admin_bp)  # without a token /admin stays a 404 (README, "The status page")

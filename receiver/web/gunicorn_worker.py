@@ -33,7 +33,7 @@ LINGER_SECONDS = 0.5
 class ReceiverGeventWorker(GeventWorker):
     def init_process(self) -> None:
         # gunicorn_conf validated the settings before any worker started.
-        self.client_timeout = Settings.from_env().client_timeout_seconds
+        self.client_timeout = Settings.from_env().web.client_timeout_seconds
         super().init_process()
 
     def handle_quit(self, sig, frame):

@@ -35,15 +35,15 @@ def receive() -> tuple[Response, int]:
     if not _is_json(request.mimetype):
         return _answer("unsupported_media_type", "Content-Type must be application/json", 415)
     length = request.content_length
-    if length is not None and length > settings.max_body_bytes:
-        return _closing(_answer("payload_too_large", f"body is over {settings.max_body_bytes} bytes", 413))
+    if length is not None and length > settings.web.max_body_bytes:
+        return _closing(_answer("payload_too_large", f"body is over {settings.web.max_body_bytes} bytes", 413))
     try:
-        raw = request.stream.read(settings.max_body_bytes + 1)
+        raw = request.stream.read(settings.web.max_body_bytes + 1)
     except OSError:  # the client stalled past its read deadline (gunicorn_worker.py) or vanished
         metrics.DELIVERIES.labels("invalid").inc()
         return _closing(_answer("request_timeout", "the request body did not arrive in time", 408))
-    if len(raw) > settings.max_body_bytes:
-        return _closing(_answer("payload_too_large", f"body is over {settings.max_body_bytes} bytes", 413))
+    if len(raw) > settings.web.max_body_bytes:
+        return _closing(_answer("payload_too_large", f"body is over {settings.web.max_body_bytes} bytes", 413))
 
     try:
         _verify(ledger, settings, request.headers.get(HEADER), raw)
@@ -94,11 +94,11 @@ def _verify(ledger: Ledger, settings: Settings, signature: str | None, raw: byte
     copy, so look again before refusing (at most every RECHECK_SECONDS, so bad signatures cannot make
     every request a database read).
     """
-    accepted = ledger.accepted_secrets() + settings.webhook_secrets
+    accepted = ledger.accepted_secrets() + settings.web.webhook_secrets
     try:
         verify(signature, raw, accepted)
     except SignatureError:
-        fresher = ledger.accepted_secrets(max_age=RECHECK_SECONDS) + settings.webhook_secrets
+        fresher = ledger.accepted_secrets(max_age=RECHECK_SECONDS) + settings.web.webhook_secrets
         if fresher == accepted:
             raise
         verify(signature, raw, fresher)

@@ -37,9 +37,9 @@ class EventBridgeSender:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EventBridgeSender:
-        if settings.notify_event_bus is None:
+        if settings.notify.event_bus is None:
             raise ValueError("the EventBridge sender needs RECEIVER_NOTIFY_EVENT_BUS")
-        return cls(settings.notify_event_bus, timeout=settings.connect_timeout_seconds)
+        return cls(settings.notify.event_bus, timeout=settings.worker.connect_timeout_seconds)
 
     def entry(self, event: Notification) -> dict[str, Any]:
         """The PutEvents entry of one event."""

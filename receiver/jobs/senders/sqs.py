@@ -38,9 +38,9 @@ class SQSSender:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SQSSender:
-        if settings.notify_sqs_url is None:
+        if settings.notify.sqs_url is None:
             raise ValueError("the SQS sender needs RECEIVER_NOTIFY_SQS_URL")
-        return cls(settings.notify_sqs_url, timeout=settings.connect_timeout_seconds)
+        return cls(settings.notify.sqs_url, timeout=settings.worker.connect_timeout_seconds)
 
     def message(self, event: Notification) -> dict[str, Any]:
         """The SendMessage parameters of one event."""

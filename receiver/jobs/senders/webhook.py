@@ -46,13 +46,13 @@ class WebhookSender:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WebhookSender:
-        if settings.notify_url is None or settings.notify_secret is None:
+        if settings.notify.url is None or settings.notify.secret is None:
             raise ValueError("the webhook sender needs RECEIVER_NOTIFY_URL and RECEIVER_NOTIFY_SECRET")
         return cls(
-            settings.notify_url,
-            settings.notify_secret,
-            connect_timeout=settings.connect_timeout_seconds,
-            read_timeout=min(30.0, settings.read_timeout_seconds),
+            settings.notify.url,
+            settings.notify.secret,
+            connect_timeout=settings.worker.connect_timeout_seconds,
+            read_timeout=min(30.0, settings.worker.read_timeout_seconds),
         )
 
     def send(self, event: Notification) -> None:
