@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -35,6 +36,17 @@ class _Flaky(Duty):
 
 
 def test_a_failing_round_is_logged_and_the_duty_goes_on_until_stopped(caplog) -> None:
+    # caplog listens on the root logger, which hears nothing once an earlier test in this process
+    # ran configure_logging() (the `receiver` logger stops propagating): listen on it directly.
+    receiver_log = logging.getLogger("receiver")
+    receiver_log.addHandler(caplog.handler)
+    try:
+        _fail_one_round_then_stop(caplog)
+    finally:
+        receiver_log.removeHandler(caplog.handler)
+
+
+def _fail_one_round_then_stop(caplog) -> None:
     duty = _Flaky()
     duty.start()
     # The failed round waits one interval (60 s) before the next: stop() must cut that wait short.
