@@ -13,13 +13,17 @@ one batch per step. The steps are hit deterministically, not by timing:
 
 and PostgreSQL restarts while the worker waits there (the lock goes with it). A last test keeps
 PostgreSQL down for longer than the lease while the results file is complete: the job stops
-without a traceback, and its next attempt adopts the stored file instead of downloading it again.
+without a traceback, and its next attempt adopts the stored file instead of downloading it again;
+another does the same for a batch with no signed download, whose results were paged through
+(the job queued by hand, so the lock on `deliveries` can be set before it starts), and whose next
+attempt asks for no page again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import threading
 import time
@@ -34,6 +38,7 @@ from receiver.config import Settings
 from receiver.errors import JobCancelled, LeaseLost, LedgerConnectionLost
 from receiver.jobs import worker as worker_module
 from receiver.jobs.worker import Stop, Worker, _Running
+from receiver.ledger import Ledger
 
 from . import _postgres
 from ._reliability import (
@@ -55,6 +60,10 @@ LEASE_SECONDS = 6
 #: Longer than the emulator's stall, so the stalled download is one request, not a resumed one.
 READ_TIMEOUT_SECONDS = 10
 STALL_SECONDS = 4
+#: The job's read of its batch's event ids (Ledger.event_ids), which comes right after its results
+#: file is committed. Housekeeping's retention picks `deliveries.event_id` too, by age: a freshly
+#: started worker's first round can wait on the same lock, so the batch_id condition tells them apart.
+EVENT_ID_READ = "SELECT deliveries.event_id%WHERE deliveries.batch_id"
 
 
 class Folder:
@@ -139,20 +148,36 @@ class Rig:
     def assert_once(self, batch_id: str) -> None:
         """Stored once (one results file, no part file, the emulator's bytes), downloaded once,
         announced once, and nothing logged a traceback."""
+        manifest = self.assert_stored_once(batch_id)
+        assert manifest["files"][0]["sha256"] == self.emulator.expected(batch_id)["results"]["sha256"]
+        assert self.emulator.stats()["artifact_requests"][batch_id] == 1
+        self.assert_announced_once(batch_id, manifest)
+
+    def assert_stored_once(self, batch_id: str) -> dict[str, Any]:
+        """One manifest naming the one results file (no part file beside it), whose bytes are
+        those the manifest gives; answers the manifest."""
         manifest = self.manifest(batch_id)
         assert manifest is not None
-        expected = self.emulator.expected(batch_id)["results"]
         [results] = self.results_files(batch_id)
         assert results.endswith("/results.jsonl")
-        assert manifest["files"][0]["sha256"] == expected["sha256"]
-        assert manifest["files"][0]["key"] == results
-        assert self.emulator.stats()["artifact_requests"][batch_id] == 1
+        [entry] = manifest["files"]
+        assert entry["key"] == results
+        assert entry["sha256"] == hashlib.sha256(self.storage.read(results) or b"").hexdigest()
+        return manifest
+
+    def assert_announced_once(self, batch_id: str, manifest: dict[str, Any]) -> None:
+        """Announced once, with the published manifest, and nothing logged a traceback."""
         wait_for(lambda: self._announced(batch_id), timeout=30, what=f"{batch_id} announced")
         time.sleep(0.5)  # a second announcement would follow the first at once
         [event] = self._announced(batch_id)
         assert event["data"] == manifest
         for service in (self.worker, self.web):
             assert "Traceback" not in service.output(), service.name
+
+    def logged(self, batch_id: str, text: str) -> bool:
+        """Whether the worker logged a line about `batch_id` that says `text` (the module's
+        batches share one worker log)."""
+        return any(f"job {batch_id}: " in line and text in line for line in self.worker.output().splitlines())
 
     def _announced(self, batch_id: str) -> list[dict[str, Any]]:
         events = [verify(r) for r in self.sink.delivered()]
@@ -214,7 +239,8 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 @contextlib.contextmanager
 def _locked(rig: Rig, table: str) -> Iterator[Any]:
     """Hold an exclusive lock on `table` in a transaction of our own (the restart ends it); yields
-    a function that waits until a statement beginning with its argument waits for the lock."""
+    a function that waits until a statement beginning with its argument (a LIKE pattern) waits
+    for the lock."""
     engine = rig.engine()
     conn = engine.connect()
 
@@ -272,7 +298,7 @@ def _uploaded_not_published(rig: Rig) -> Iterator[str]:
     it reads the batch's event ids, and we hold an exclusive lock on `deliveries`."""
     batch_id = _downloading(rig)
     with _locked(rig, "deliveries") as wait_for_waiter:
-        wait_for_waiter("SELECT deliveries.event_id")
+        wait_for_waiter(EVENT_ID_READ)
         [results] = rig.results_files(batch_id)
         assert results.endswith("/results.jsonl")
         assert rig.manifest(batch_id) is None
@@ -311,6 +337,40 @@ def test_an_outage_longer_than_the_lease_adopts_the_stored_results(rig: Rig) -> 
     assert f"job {batch_id}: adopting results/" in rig.worker.output()
     assert rig.job(batch_id) == ("stored", 2)
     rig.assert_once(batch_id)
+
+
+def test_an_outage_longer_than_the_lease_adopts_the_stored_results_pages(rig: Rig) -> None:
+    """The same outage for a batch with no signed download: its next attempt adopts the file its
+    results pages were written to instead of paging through the whole batch again."""
+    items = 2_500  # three pages of at most 1,000 rows
+    batch_id = str(rig.emulator.create_batch(status="completed", items=items, line_bytes=256, artifact_url=False)["id"])
+    pages = f"/v1/batches/{batch_id}/results"
+    with _locked(rig, "deliveries") as wait_for_waiter:
+        # Queued as `receiver fetch` queues it: a delivery would wait for the lock, and the job with it.
+        ledger = Ledger(rig.database_url)
+        try:
+            ledger.enqueue(batch_id)
+        finally:
+            ledger.close()
+        # Its event-id read comes after the pages file is committed: waiting there, the file is whole.
+        wait_for_waiter(EVENT_ID_READ)
+        [results] = rig.results_files(batch_id)
+        assert results.endswith("/results.jsonl")
+        assert rig.manifest(batch_id) is None
+        paged = rig.emulator.stats()["api_requests"][pages]
+        assert paged == 3
+        since = time.monotonic()
+        with _postgres.down(rig.cluster):
+            wait_for(lambda: rig.logged(batch_id, "the next worker takes it from here"), timeout=30, what="the job stopped")
+            assert rig.manifest(batch_id) is None
+    rig.wait_stored(batch_id, since, "outage_longer_than_lease_results_pages")
+    assert rig.emulator.stats()["api_requests"][pages] == paged
+    assert rig.logged(batch_id, f"adopting {results}, stored whole by an earlier attempt")
+    assert rig.job(batch_id) == ("stored", 2)
+    manifest = rig.assert_stored_once(batch_id)
+    assert manifest["source"] == "results_pages"
+    assert manifest["files"][0]["lines"] == items and manifest["counts_match"] is True
+    rig.assert_announced_once(batch_id, manifest)
 
 
 # --- one ledger call in a blip, stopped from another thread (no PostgreSQL needed) ---------------

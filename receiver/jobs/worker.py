@@ -340,19 +340,11 @@ class Worker:
             try:
                 links = self.client.get_artifact_links(batch_id)
             except ArtifactUnavailable as exc:
-                log.info("job %s: no signed download (%s); paging through its results", batch_id, exc)
+                log.info("job %s: no signed download (%s); storing its results pages", batch_id, exc)
                 source = "results_pages"
-                writer = self.storage.open_writer(layout.results_key(batch_id, day), token=token)
-                files.append(
-                    self._store(
-                        running,
-                        writer,
-                        lambda writer, on_progress: pages.write_pages(
-                            self.client, batch_id, writer, on_progress, expected_items=batch.expected_items
-                        ),
-                        progress,
-                    )
-                )
+                # Only the `.jsonl` the pages are written as: a `.jsonl.gz` is an artifact's.
+                results = self._stored_already(batch, "results", day, suffixes=(".jsonl",))
+                files.append(results or self._page(running, batch, day, token, progress))
             else:
                 source = "artifact"
                 results = self._stored_already(batch, "results", day)
@@ -416,6 +408,19 @@ class Worker:
             finally:
                 running.interrupt = None
 
+    def _page(self, running: _Running, batch: Batch, day: str, token: str, progress: Progress | None) -> StoredFile:
+        """Page through the batch's results (pages.py) into its final `.jsonl` key."""
+        log.info("job %s: paging through its results", batch.id)
+        writer = self.storage.open_writer(layout.results_key(batch.id, day), token=token)
+        return self._store(
+            running,
+            writer,
+            lambda writer, on_progress: pages.write_pages(
+                self.client, batch.id, writer, on_progress, expected_items=batch.expected_items
+            ),
+            progress,
+        )
+
     def _store(
         self,
         running: _Running,
@@ -476,27 +481,32 @@ class Worker:
         notify = self.settings.notify.targets
         self._ledger_call(running, lambda: self.ledger.mark_stored(running.job.batch_id, self.owner, manifest, notify=notify))
 
-    def _stored_already(self, batch: Batch, kind: str, day: str) -> StoredFile | None:
+    def _stored_already(
+        self, batch: Batch, kind: str, day: str, *, suffixes: tuple[str, ...] = (".jsonl", ".jsonl.gz")
+    ) -> StoredFile | None:
         """The `kind` file an earlier attempt committed at its final key, when it is safe to adopt
-        instead of downloading it again (docs/architecture.md, "Invariants"), else None.
+        instead of fetching it again (docs/architecture.md, "Invariants"), else None. An earlier
+        attempt that paged through the results is adopted the same way as one that downloaded
+        them: a large batch's pages are many API calls.
 
-        Safe means: the object is at this batch's final key for the day fixed at its first attempt,
-        where only a whole, length-checked transfer is ever committed; it reads back whole (a gzip
-        file decompresses to its end); and, for the results, its lines equal the item count
-        BatchRouter gives for the batch. Without an item count to check against, we download."""
+        Safe means: the object is at this batch's final key (one of `suffixes`) for the day fixed
+        at its first attempt, where only a whole, length-checked transfer (or the last page) is
+        ever committed; it reads back whole (a gzip file decompresses to its end); and, for the
+        results, its lines equal the item count BatchRouter gives for the batch. Without an item
+        count to check against, we fetch again."""
         key_for = layout.results_key if kind == "results" else layout.errors_key
-        for suffix in (".jsonl", ".jsonl.gz"):
+        for suffix in suffixes:
             key = key_for(batch.id, day, suffix)
             try:
                 if not self.storage.exists(key):
                     continue
                 result = tally(self.storage.open_read(key), suffix)
             except (StorageError, CorruptArtifact) as exc:
-                log.warning("job %s: not adopting %s (%s); downloading again", batch.id, key, exc)
+                log.warning("job %s: not adopting %s (%s); fetching it again", batch.id, key, exc)
                 return None
             if kind == "results" and (batch.expected_items is None or result.lines != batch.expected_items):
                 log.info(
-                    "job %s: %s has %d lines, not the %s items expected; downloading again",
+                    "job %s: %s has %d lines, not the %s items expected; fetching it again",
                     batch.id,
                     key,
                     result.lines,
