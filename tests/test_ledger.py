@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from receiver.config import RetentionSettings
 from receiver.ledger import DEAD, FAILED, QUEUED, RUNNING, STORED, Delivery, Ledger
 from receiver.manifest import Manifest, StoredFile
 
@@ -114,7 +115,7 @@ def test_delivery_records_are_pruned_but_jobs_kept(ledger):
     ledger.record_delivery(
         Delivery(event_id="evt_old", event_type="batch.completed", batch_id="bat_1", status="completed", terminal=True), now=old
     )
-    assert ledger.prune_deliveries(14) == 1
+    assert ledger.prune(RetentionSettings(delivery_days=14))["deliveries"] == 1
     assert ledger.job("bat_1") is not None
     assert deliver(ledger, "evt_old").outcome == "accepted"  # forgotten, but the job row still dedups the batch
     assert len(ledger.list_jobs()) == 1
@@ -334,7 +335,6 @@ def _stored(ledger, batch_id, *, notify=False):
 
 
 def test_retention_prunes_each_table_past_its_time_and_keeps_what_is_in_flight(ledger):
-    from receiver.config import RetentionSettings
     from receiver.ledger import reports
 
     policy = RetentionSettings()  # the defaults: 14, 30, 7, 30, 7 days
@@ -399,7 +399,6 @@ def test_retention_prunes_each_table_past_its_time_and_keeps_what_is_in_flight(l
 def test_a_batch_whose_rows_were_pruned_is_queued_again_by_its_next_delivery(ledger):
     """The ledger forgets; the worker then finds the manifest in storage and adopts it
     (tests/test_retention.py runs that whole path and counts the downloads)."""
-    from receiver.config import RetentionSettings
 
     _stored(ledger, "bat_1")
     ledger.end_known_with_jobs()
@@ -425,7 +424,6 @@ def test_a_batch_whose_rows_were_pruned_is_queued_again_by_its_next_delivery(led
 
 
 def test_prune_removes_a_backlog_in_small_steps(ledger):
-    from receiver.config import RetentionSettings
     from receiver.ledger.retention import rules
 
     old = time.time() - 20 * DAY
@@ -449,7 +447,6 @@ def test_prune_removes_a_backlog_in_small_steps(ledger):
 def test_prune_pauses_after_each_step_and_stops_when_the_pause_says_so(ledger):
     """The one prune loop: `pause` hears how long each step took (0 after an empty one) and ends
     the prune by answering False (the worker stopping); what was removed so far is reported."""
-    from receiver.config import RetentionSettings
     from receiver.ledger.retention import rules
 
     for i in range(35):
@@ -473,8 +470,6 @@ def test_prune_pauses_after_each_step_and_stops_when_the_pause_says_so(ledger):
 
 def test_a_replay_after_the_body_was_dropped_rebuilds_it_from_the_manifest(ledger):
     import json
-
-    from receiver.config import RetentionSettings
 
     _stored(ledger, "bat_1", notify=True)
     first = ledger.notification("bat_1")
@@ -505,7 +500,6 @@ def test_table_sizes_name_every_table_with_rows_and_bytes(ledger):
 def test_an_event_written_again_after_pruning_keeps_its_webhook_id(ledger):
     """A late delivery of a pruned batch makes the worker adopt its manifest, which writes its
     event again: with the webhook-id the consumer already saw, so it deduplicates it."""
-    from receiver.config import RetentionSettings
 
     _stored(ledger, "bat_1", notify=True)
     first = ledger.notification("bat_1")["webhook_id"]

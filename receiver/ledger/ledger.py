@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 
 from .. import layout
-from ..config import WEBHOOK, RetentionSettings
+from ..config import WEBHOOK
 from ..cooperative import BlockingRunner, run_in_place
 from ..errors import LedgerConnectionLost, LedgerUnavailable
 from ..manifest import Manifest
@@ -36,7 +36,7 @@ from .leases import claim_due
 from .outbox import Outbox
 from .polling import PollingMixin
 from .refused import RefusedDeliveries
-from .retention import RetentionMixin, rules
+from .retention import RetentionMixin
 from .schema import (
     DEAD,
     FAILED,
@@ -96,8 +96,6 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, RetentionMixin, WebhookSec
         self._secret_cache: tuple[float, tuple[str, ...]] | None = None
         self._secret_cache_seconds = secret_cache_seconds
         self._secret_refresh = threading.Lock()
-        # Built once: ingest runs this per delivery, and constructing the statement each time
-        # costs more than SQLite's insert itself.
         # Built once: ingest runs this per delivery, and constructing the statement each time
         # costs more than SQLite's insert itself.
         self._record_stmt = insert_deliveries(self._insert, {c: sa.bindparam(c) for c in DeliveryRow._fields})
@@ -403,15 +401,6 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, RetentionMixin, WebhookSec
             "notifications": self._notification_stats(conn, values),
         }
 
-    def prune_deliveries(self, retention_days: int, now: float | None = None) -> int:
-        """Forget delivery records past their retention, in small steps (see ledger/retention.py)."""
-        now = time.time() if now is None else now
-        rule = rules(RetentionSettings(delivery_days=retention_days), now)[0]
-        removed = 0
-        while (step := self.prune_step(rule)) > 0:
-            removed += step
-        return removed
-
     # --- connections ------------------------------------------------------------------------------
     # Public so that the ledger's read-side modules (reports.py) and its mixins use one way in, and a
     # database error always surfaces as LedgerUnavailable.
@@ -435,9 +424,8 @@ class Ledger(Outbox, PollingMixin, RefusedDeliveries, RetentionMixin, WebhookSec
         (counters.fold), so that reading them stays O(1)."""
 
         def run() -> T:
-            if fold and self.dialect == "postgresql":
-                with self.begin() as conn:
-                    counters.fold(conn)
+            if fold:
+                self.fold_counters()
             with self.connect(self._reader) as conn:
                 return fn(conn)
 
